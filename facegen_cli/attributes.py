@@ -1,0 +1,78 @@
+"""Attribute vocabulary: names, CelebA columns, CLI flag names and request vectors.
+
+A request gives each attribute +1 (asked for), -1 (asked against) or 0 (left free).
+"""
+
+import torch
+
+from .errors import FacegenError
+
+DEFAULT_ATTRIBUTES = [
+    "male",
+    "young",
+    "smiling",
+    "eyeglasses",
+    "beard",
+    "mustache",
+    "bald",
+    "bangs",
+    "black_hair",
+    "blond_hair",
+    "wearing_hat",
+    "pale_skin",
+]
+
+# CelebA stores "No_Beard"; every other name maps to its capitalised column (gray_hair -> Gray_Hair).
+_INVERTED_CELEBA_COLUMNS = {"beard": "No_Beard"}
+# The word for -1 where "no-<name>" reads badly.
+_OPPOSITES = {"male": "female", "young": "old"}
+
+
+def celeba_column(name):
+    """The CelebA column for an attribute, and whether its sign is inverted."""
+    if name in _INVERTED_CELEBA_COLUMNS:
+        return _INVERTED_CELEBA_COLUMNS[name], True
+    return "_".join(word.capitalize() for word in name.split("_")), False
+
+
+def flag_names(name):
+    """CLI flags (positive, negative) for an attribute: ('--male', '--female'), ('--beard', '--no-beard')."""
+    dashed = name.replace("_", "-")
+    negative = _OPPOSITES.get(name, f"no-{dashed}")
+    return f"--{dashed}", f"--{negative}"
+
+
+def check_names(vocabulary, names):
+    unknown = [n for n in names if n not in vocabulary]
+    if unknown:
+        raise FacegenError(
+            f"unknown attribute{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))}; "
+            f"this model knows: {', '.join(vocabulary)}"
+        )
+
+
+def request_vector(vocabulary, wanted=(), unwanted=()):
+    """Attribute vector (float, shape (A,)) with +1 for `wanted`, -1 for `unwanted`, 0 elsewhere."""
+    wanted = [n.replace("-", "_") for n in wanted]
+    unwanted = [n.replace("-", "_") for n in unwanted]
+    check_names(vocabulary, wanted + unwanted)
+    both = sorted(set(wanted) & set(unwanted))
+    if both:
+        raise FacegenError(f"attribute asked both for and against: {', '.join(both)}")
+    y = torch.zeros(len(vocabulary))
+    for n in wanted:
+        y[vocabulary.index(n)] = 1.0
+    for n in unwanted:
+        y[vocabulary.index(n)] = -1.0
+    return y
+
+
+def describe(vocabulary, y):
+    """'male, beard, no-smiling' for a request vector; 'unconditional' when nothing is asked."""
+    parts = []
+    for name, value in zip(vocabulary, y.tolist()):
+        if value > 0:
+            parts.append(name)
+        elif value < 0:
+            parts.append(flag_names(name)[1][2:])
+    return ", ".join(parts) or "unconditional"

@@ -1,0 +1,137 @@
+"""Latent caches: a data set encoded once by the VAE, so that training never runs the encoder.
+
+A cache is a folder:
+    cache.json               what made it (VAE source and fingerprint, image size, attributes),
+                             the per-channel latent mean/std, and whether it is complete
+    shard-00000.safetensors  "latents" (n, C, h, w) float16, "labels" (n, A) int8, "index" (n,) int64
+
+Shards are written atomically and skipped when present, so an interrupted `facegen encode`
+resumes where it stopped. A cache made with one VAE refuses latents from another.
+"""
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .data import ImageDataset, collate_readable, read_dataset, to_tensor
+from .errors import FacegenError
+from .files import atomic_path, write_json
+from .vae import encode, vae_fingerprint
+
+META_FILE = "cache.json"
+SHARD_SIZE = 4096
+
+
+def is_cache(path):
+    return (Path(path) / META_FILE).is_file()
+
+
+def _shard_path(out, k):
+    return Path(out) / f"shard-{k:05d}.safetensors"
+
+
+def encode_dataset(data_dir, vae, vae_source, out, image_size=128, split="all", batch_size=32,
+                   workers=2, progress=None, log=print):
+    """Encode a labelled data set into a latent cache at `out`; returns the cache's metadata."""
+    data = read_dataset(data_dir, split)
+    out = Path(out)
+    meta = {
+        "format": "facegen-latents",
+        "version": 1,
+        "data": str(Path(data_dir).resolve()),
+        "split": split,
+        "vae_source": str(Path(vae_source).resolve()) if Path(vae_source).exists() else str(vae_source),
+        "vae_fingerprint": vae_fingerprint(vae),
+        "image_size": image_size,
+        "attributes": data.attributes,
+        "num_listed": len(data.paths),
+        "shard_size": SHARD_SIZE,
+    }
+    if is_cache(out):
+        old = read_meta(out)
+        for key in ("vae_fingerprint", "image_size", "attributes", "data", "split", "shard_size"):
+            if old.get(key) != meta[key]:
+                raise FacegenError(f"{out} holds a cache made with another {key.replace('_', ' ')} "
+                                   f"({old.get(key)!r}, not {meta[key]!r}); refusing to mix latents: "
+                                   "choose a new --out")
+    elif out.exists() and any(out.iterdir()):
+        raise FacegenError(f"{out} exists and is not a latent cache; choose a new --out")
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / META_FILE, {**meta, "complete": False})
+
+    num_shards = (len(data.paths) + SHARD_SIZE - 1) // SHARD_SIZE
+    unreadable = []
+    task = progress.add_task("encoding", total=len(data.paths)) if progress else None
+    for k in range(num_shards):
+        start, stop = k * SHARD_SIZE, min((k + 1) * SHARD_SIZE, len(data.paths))
+        if _shard_path(out, k).is_file():
+            unreadable += [int(i) for i in load_file(_shard_path(out, k)).get("unreadable", torch.zeros(0)).tolist()]
+            progress and progress.advance(task, stop - start)
+            continue
+        loader = torch.utils.data.DataLoader(
+            ImageDataset(data.paths[start:stop], image_size), batch_size=batch_size,
+            num_workers=workers, collate_fn=collate_readable,
+        )
+        latents, index, bad = [], [], []
+        for local_indices, images, bad_indices in loader:
+            bad += [start + i for i in bad_indices]
+            if images is not None:
+                latents.append(encode(vae, to_tensor(images)).half())
+                index += [start + i for i in local_indices]
+            progress and progress.advance(task, len(local_indices) + len(bad_indices))
+        for i in bad:
+            log(f"skipped unreadable image {data.paths[i]}")
+        index = torch.tensor(index, dtype=torch.int64)
+        shard = {
+            "latents": torch.cat(latents) if latents else torch.zeros(0),
+            "labels": data.labels[index].contiguous(),
+            "index": index,
+            "unreadable": torch.tensor(bad, dtype=torch.int64),
+        }
+        with atomic_path(_shard_path(out, k)) as tmp:
+            save_file(shard, tmp)
+        unreadable += bad
+
+    latents, _ = load_latents(out, num_shards)
+    if len(latents) == 0:
+        raise FacegenError(f"{data_dir}: none of the {len(data.paths)} images could be read")
+    meta.update(
+        complete=True,
+        num_shards=num_shards,
+        num_images=len(latents),
+        num_unreadable=len(unreadable),
+        latent_shape=list(latents.shape[1:]),
+        latent_mean=latents.double().mean(dim=(0, 2, 3)).tolist(),
+        latent_std=latents.double().std(dim=(0, 2, 3)).tolist(),
+    )
+    write_json(out / META_FILE, meta)
+    return meta
+
+
+def read_meta(path):
+    try:
+        meta = json.loads((Path(path) / META_FILE).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise FacegenError(f"{path}: unreadable latent cache metadata ({e})") from None
+    if meta.get("format") != "facegen-latents":
+        raise FacegenError(f"{path}: not a facegen latent cache")
+    return meta
+
+
+def load_latents(path, num_shards):
+    shards = [load_file(_shard_path(path, k)) for k in range(num_shards)]
+    shards = [s for s in shards if s["latents"].numel()]
+    if not shards:
+        return torch.zeros(0), torch.zeros(0, dtype=torch.int8)
+    return torch.cat([s["latents"] for s in shards]).float(), torch.cat([s["labels"] for s in shards])
+
+
+def load_cache(path):
+    """(latents float32 (N, C, h, w), labels int8 (N, A), metadata) of a complete cache."""
+    meta = read_meta(path)
+    if not meta.get("complete"):
+        raise FacegenError(f"{path}: the latent cache is incomplete; run `facegen encode` again to finish it")
+    latents, labels = load_latents(path, meta["num_shards"])
+    return latents, labels, meta

@@ -1,0 +1,209 @@
+"""The `facegen` command line: thin wrappers over the library, results' paths on stdout,
+logs and progress bars on stderr, one-line errors and a non-zero exit code on bad input."""
+
+import functools
+import inspect
+import secrets
+from pathlib import Path
+from typing import List, Optional
+
+import torch
+import typer
+from PIL import Image
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeRemainingColumn
+from rich.text import Text
+from torchvision.utils import make_grid
+
+from .attributes import DEFAULT_ATTRIBUTES, describe, flag_names, request_vector
+from .config import load_preset, preset_names
+from .errors import FacegenError
+
+app = typer.Typer(help="Attribute-controlled faces from a latent Diffusion Transformer.", no_args_is_help=True,
+                  pretty_exceptions_show_locals=False)
+console = Console(stderr=True)
+
+
+def log(message):
+    console.print(message, highlight=False, markup=False)
+
+
+class FieldsColumn(ProgressColumn):
+    """Shows a task's extra fields (loss, speed, ...) with their formats; tasks without them show nothing."""
+
+    def __init__(self, formats):
+        super().__init__()
+        self.formats = formats
+
+    def render(self, task):
+        return Text(" ".join(f"{name} {task.fields[name]:{fmt}}" for name, fmt in self.formats.items()
+                             if name in task.fields))
+
+
+def progress_bar(**formats):
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), FieldsColumn(formats),
+                    TimeRemainingColumn(), console=console)
+
+
+def reports_errors(command):
+    """Turn a FacegenError into one line on stderr and exit code 1, with no traceback."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except FacegenError as e:
+            console.print(f"[bold red]error:[/] {e}", highlight=False)
+            raise typer.Exit(1) from None
+
+    return wrapper
+
+
+def with_attribute_flags(command):
+    """Add --male/--female, --beard/--no-beard ... (the default vocabulary) to a command.
+
+    The command receives them as `wanted` and `unwanted` lists, joined with any --with/--without.
+    """
+    params = [p for p in inspect.signature(command).parameters.values() if p.name not in ("wanted", "unwanted")]
+    flags = [
+        inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=Optional[bool],
+                          default=typer.Option(None, "/".join(flag_names(name)), show_default=False,
+                                               rich_help_panel="Attributes"))
+        for name in DEFAULT_ATTRIBUTES
+    ]
+    extra = [
+        inspect.Parameter("with_", inspect.Parameter.KEYWORD_ONLY, annotation=List[str],
+                          default=typer.Option([], "--with", help="Ask for an attribute by name (any vocabulary).",
+                                               rich_help_panel="Attributes")),
+        inspect.Parameter("without", inspect.Parameter.KEYWORD_ONLY, annotation=List[str],
+                          default=typer.Option([], "--without", help="Ask against an attribute by name.",
+                                               rich_help_panel="Attributes")),
+    ]
+
+    @functools.wraps(command)
+    def wrapper(**kwargs):
+        values = {name: kwargs.pop(name) for name in DEFAULT_ATTRIBUTES}
+        wanted = [n for n, v in values.items() if v is True] + list(kwargs.pop("with_"))
+        unwanted = [n for n, v in values.items() if v is False] + list(kwargs.pop("without"))
+        return command(wanted=wanted, unwanted=unwanted, **kwargs)
+
+    wrapper.__signature__ = inspect.Signature(params + flags + extra)
+    return wrapper
+
+
+def pick_device(device):
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise FacegenError("--device cuda asked for, but no CUDA device is available")
+    return device
+
+
+@app.command()
+@reports_errors
+def presets():
+    """List the model presets with their parameter counts."""
+    from .model import LatentDiT
+
+    for name in preset_names():
+        preset = load_preset(name)
+        with torch.device("meta"):
+            model = LatentDiT(attributes=DEFAULT_ATTRIBUTES, **preset.model)
+        count = sum(p.numel() for p in model.parameters())
+        print(f"{name}\t{count / 1e6:.1f}M\t{preset.description}")
+
+
+@app.command()
+@reports_errors
+def encode(
+    data: Path = typer.Argument(..., help="CelebA-layout folder or folder with attributes.csv."),
+    out: Path = typer.Option(..., "--out", "-o", help="Latent cache folder to write (or resume)."),
+    vae: str = typer.Option("stabilityai/sd-vae-ft-mse", help="AutoencoderKL: hub id or local folder."),
+    image_size: int = typer.Option(128, help="Square resolution the images are resized to."),
+    split: str = typer.Option("all", help="all, train, valid or test (CelebA partition file)."),
+    batch_size: int = typer.Option(32, min=1),
+    workers: int = typer.Option(2, min=0, help="Image-decoding worker processes."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+):
+    """Encode a labelled image data set into a latent cache that `facegen train` reads directly."""
+    from .cache import encode_dataset
+    from .vae import load_vae
+
+    model = load_vae(vae, pick_device(device))
+    with progress_bar() as progress:
+        meta = encode_dataset(data, model, vae, out, image_size, split, batch_size, workers, progress, log)
+    log(f"{meta['num_images']} latents of shape {meta['latent_shape']} in {out}"
+        + (f"; {meta['num_unreadable']} unreadable images skipped" if meta["num_unreadable"] else ""))
+    print(out)
+
+
+@app.command()
+@reports_errors
+def train(
+    data: Path = typer.Option(..., help="Latent cache (facegen encode) or labelled image folder."),
+    out: Path = typer.Option(..., "--out", "-o", help="Run folder: checkpoints, samples, model/."),
+    preset: str = typer.Option("dit-s", help=f"Preset name ({', '.join(preset_names())}) or .toml file."),
+    vae: Optional[str] = typer.Option(None, help="VAE for image folders (default stabilityai/sd-vae-ft-mse)."),
+    steps: Optional[int] = typer.Option(None, min=1, help="Train to this step (default: the preset's)."),
+    batch_size: Optional[int] = typer.Option(None, min=1, help="Global batch size (default: the preset's)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the run's last checkpoint."),
+):
+    """Train a LatentDiT; the usable model lands in OUT/model."""
+    from .train import train as run_training
+
+    with progress_bar(loss=".4f", speed=".1f") as progress:
+        model_path = run_training(load_preset(preset), data, out, vae, steps, batch_size, resume, log, progress)
+    print(model_path)
+
+
+@app.command()
+@reports_errors
+@with_attribute_flags
+def generate(
+    n: int = typer.Option(16, "-n", help="Number of faces."),
+    model: Optional[Path] = typer.Option(None, help="Model folder (default: the shipped demo model)."),
+    out: Path = typer.Option(Path("faces"), "--out", "-o", help="Output folder."),
+    seed: Optional[int] = typer.Option(None, help="Seed of the first face; face i uses seed + i."),
+    steps: Optional[int] = typer.Option(None, min=1, help="Sampling steps (default: the model's)."),
+    guidance: Optional[float] = typer.Option(None, help="Classifier-free guidance scale (default: the model's)."),
+    sampler: Optional[str] = typer.Option(None, help="euler or heun (default: the model's)."),
+    grid: bool = typer.Option(False, "--grid", help="Also write all faces as one grid image."),
+    batch_size: int = typer.Option(16, min=1),
+    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    wanted: List[str] = (),
+    unwanted: List[str] = (),
+):
+    """Generate faces with the asked-for attributes; the rest stay free."""
+    from .data import to_uint8
+    from .files import save_image
+    from .pipeline import FacegenModel
+
+    if n < 1:
+        raise FacegenError(f"-n must be at least 1, not {n}")
+    if sampler not in (None, "euler", "heun"):
+        raise FacegenError(f"unknown sampler {sampler!r}; use euler or heun")
+    pipe = FacegenModel.load(model, pick_device(device))
+    y = request_vector(pipe.attributes, wanted, unwanted)
+    seed = secrets.randbelow(2**31) if seed is None else seed
+    seeds = list(range(seed, seed + n))
+    settings = {**pipe.info.get("sample", {}), **{k: v for k, v in
+                dict(steps=steps, guidance=guidance, method=sampler).items() if v is not None}}
+    log(f"generating {n} faces: {describe(pipe.attributes, y)}; seeds {seed}..{seed + n - 1}; {settings}")
+    with progress_bar() as progress:
+        task = progress.add_task("generating", total=n)
+        images = pipe.generate(y, seeds, settings.get("steps"), settings.get("guidance"), settings.get("method"),
+                               batch_size, on_batch=lambda k: progress.advance(task, k))
+    pixels = to_uint8(images)
+    wanted_attributes = dict(zip(pipe.attributes, y.tolist()))
+    for s, image in zip(seeds, pixels):
+        meta = {"facegen": {"attributes": wanted_attributes, "seed": s, **settings,
+                            "model": str(model or "demo")}}
+        print(save_image(Image.fromarray(image), out / f"face-{s:010d}.png", meta), flush=True)
+    if grid:
+        tiles = make_grid(torch.from_numpy(pixels).permute(0, 3, 1, 2), nrow=int(n**0.5 + 0.999), padding=0)
+        meta = {"facegen": {"attributes": wanted_attributes, "seeds": seeds, **settings}}
+        print(save_image(Image.fromarray(tiles.permute(1, 2, 0).numpy()), out / f"grid-{seed:010d}.png", meta))
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,189 @@
+"""LatentDiT: a Diffusion Transformer over VAE latents, conditioned on attribute labels.
+
+The network predicts the rectified-flow velocity v = noise - x0 for a noisy latent x_t
+(see flow.py). It follows facebookresearch/DiT: patchify -> transformer blocks with
+adaLN-Zero modulation -> a modulated final layer -> unpatchify. The condition is
+
+    c = MLP(sinusoidal(t)) + SiLU(Linear(y))
+
+where y holds one value per attribute: +1 (asked for), -1 (asked against) or 0 (left free).
+The all-zero y is the unconditional branch used by classifier-free guidance.
+"""
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.modeling_utils import ModelMixin
+from torch import nn
+
+
+def modulate(x, shift, scale):
+    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+
+class TimestepEmbedder(nn.Module):
+    """Embeds a flow time t in [0, 1] with sinusoidal features followed by an MLP."""
+
+    def __init__(self, hidden_size, frequency_size=256):
+        super().__init__()
+        self.frequency_size = frequency_size
+        self.mlp = nn.Sequential(
+            nn.Linear(frequency_size, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size)
+        )
+
+    @staticmethod
+    def sinusoidal(t, dim, max_period=10000):
+        # Scale t to DiT's 0..1000 range so that the frequencies cover it as in the paper.
+        half = dim // 2
+        freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device) / half)
+        args = 1000 * t.float()[:, None] * freqs[None]
+        return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+    def forward(self, t):
+        return self.mlp(self.sinusoidal(t, self.frequency_size).to(self.mlp[0].weight.dtype))
+
+
+class AttributeEmbedder(nn.Module):
+    """Embeds the ternary attribute vector y: SiLU(Linear(y)). y = 0 embeds to SiLU(bias)."""
+
+    def __init__(self, num_attributes, hidden_size):
+        super().__init__()
+        self.proj = nn.Linear(num_attributes, hidden_size)
+
+    def forward(self, y):
+        return F.silu(self.proj(y.to(self.proj.weight.dtype)))
+
+
+class Attention(nn.Module):
+    def __init__(self, hidden_size, num_heads):
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(hidden_size, 3 * hidden_size)
+        self.proj = nn.Linear(hidden_size, hidden_size)
+
+    def forward(self, x):
+        B, N, D = x.shape
+        q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)
+        x = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(x.transpose(1, 2).reshape(B, N, D))
+
+
+class DiTBlock(nn.Module):
+    """Self-attention and MLP, each behind an adaLN-Zero modulated LayerNorm and a gate."""
+
+    def __init__(self, hidden_size, num_heads, mlp_size):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.attn = Attention(hidden_size, num_heads)
+        self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.mlp = nn.Sequential(
+            nn.Linear(hidden_size, mlp_size), nn.GELU(approximate="tanh"), nn.Linear(mlp_size, hidden_size)
+        )
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
+
+    def forward(self, x, c):
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
+        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
+        x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+        return x
+
+
+class FinalLayer(nn.Module):
+    def __init__(self, hidden_size, patch_size, out_channels):
+        super().__init__()
+        self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size))
+
+    def forward(self, x, c):
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
+        return self.linear(modulate(self.norm_final(x), shift, scale))
+
+
+def sincos_pos_embed_2d(hidden_size, grid_size):
+    """Fixed 2-D sine-cosine position embedding, shape (grid_size**2, hidden_size)."""
+
+    def embed_1d(dim, positions):
+        omega = 1.0 / 10000 ** (np.arange(dim // 2, dtype=np.float64) / (dim / 2))
+        angles = np.outer(positions.reshape(-1), omega)
+        return np.concatenate([np.sin(angles), np.cos(angles)], axis=1)
+
+    rows, cols = np.meshgrid(np.arange(grid_size, dtype=np.float64), np.arange(grid_size, dtype=np.float64), indexing="ij")
+    emb = np.concatenate([embed_1d(hidden_size // 2, rows), embed_1d(hidden_size // 2, cols)], axis=1)
+    return torch.from_numpy(emb).float()
+
+
+class LatentDiT(ModelMixin, ConfigMixin):
+    """Velocity model v(x_t, t, y). Config (and so `save_pretrained`) carries the attribute names."""
+
+    @register_to_config
+    def __init__(
+        self,
+        attributes=(),
+        latent_size=16,
+        latent_channels=4,
+        patch_size=2,
+        hidden_size=1024,
+        depth=15,
+        num_heads=16,
+        mlp_size=4096,
+    ):
+        super().__init__()
+        if hidden_size % num_heads or hidden_size % 4:
+            raise ValueError(f"hidden_size {hidden_size} must divide by num_heads {num_heads} and by 4")
+        if latent_size % patch_size:
+            raise ValueError(f"latent_size {latent_size} must divide by patch_size {patch_size}")
+        self.patch_size = patch_size
+        self.latent_channels = latent_channels
+        self.grid_size = latent_size // patch_size
+
+        self.x_embedder = nn.Conv2d(latent_channels, hidden_size, kernel_size=patch_size, stride=patch_size)
+        self.t_embedder = TimestepEmbedder(hidden_size)
+        self.y_embedder = AttributeEmbedder(len(attributes), hidden_size)
+        self.register_buffer("pos_embed", sincos_pos_embed_2d(hidden_size, self.grid_size)[None], persistent=False)
+        self.blocks = nn.ModuleList([DiTBlock(hidden_size, num_heads, mlp_size) for _ in range(depth)])
+        self.final_layer = FinalLayer(hidden_size, patch_size, latent_channels)
+        self.initialize_weights()
+
+    def initialize_weights(self):
+        def xavier_linear(module):
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                nn.init.zeros_(module.bias)
+
+        self.apply(xavier_linear)
+        w = self.x_embedder.weight.data
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.zeros_(self.x_embedder.bias)
+        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        nn.init.normal_(self.y_embedder.proj.weight, std=0.02)
+        # adaLN-Zero: every block starts as the identity and the output starts at zero.
+        for block in self.blocks:
+            nn.init.zeros_(block.adaLN_modulation[-1].weight)
+            nn.init.zeros_(block.adaLN_modulation[-1].bias)
+        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].weight)
+        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].bias)
+        nn.init.zeros_(self.final_layer.linear.weight)
+        nn.init.zeros_(self.final_layer.linear.bias)
+
+    @property
+    def attributes(self):
+        return list(self.config.attributes)
+
+    def unpatchify(self, x):
+        """(B, N, p*p*C) tokens -> (B, C, H, W) latents."""
+        p, c, g = self.patch_size, self.latent_channels, self.grid_size
+        x = x.reshape(x.shape[0], g, g, p, p, c)
+        return torch.einsum("bhwpqc->bchpwq", x).reshape(x.shape[0], c, g * p, g * p)
+
+    def forward(self, x, t, y):
+        """x: (B, C, H, W) noisy latents, t: (B,) times in [0, 1], y: (B, A) attributes -> velocity."""
+        tokens = self.x_embedder(x).flatten(2).transpose(1, 2) + self.pos_embed.to(x.dtype)
+        c = self.t_embedder(t) + self.y_embedder(y)
+        for block in self.blocks:
+            tokens = block(tokens, c)
+        return self.unpatchify(self.final_layer(tokens, c))

@@ -1,0 +1,101 @@
+"""A facegen model folder and what it does: latents <-> images and attribute-controlled sampling.
+
+    MODEL/facegen.json   image size, latent mean/std, preset name, sampler defaults
+    MODEL/dit/           LatentDiT.save_pretrained (config.json with the attribute vocabulary
+                         + diffusion_pytorch_model.safetensors, EMA weights)
+    MODEL/vae/           AutoencoderKL.save_pretrained
+"""
+
+import json
+from pathlib import Path
+
+import torch
+
+from . import flow, vae as vae_lib
+from .errors import FacegenError
+from .files import atomic_dir
+from .model import LatentDiT
+
+MODEL_FILE = "facegen.json"
+DEMO_MODEL = Path(__file__).parent / "demo"
+
+
+def default_model_path():
+    if (DEMO_MODEL / MODEL_FILE).is_file():
+        return DEMO_MODEL
+    raise FacegenError("no --model given and this installation ships no demo model; "
+                       "train one with `facegen train` and pass --model RUN/model")
+
+
+class FacegenModel:
+    def __init__(self, dit, vae, info):
+        self.dit, self.vae, self.info = dit, vae, info
+        shape = (1, -1, 1, 1)
+        self.latent_mean = torch.tensor(info["latent_mean"]).view(shape)
+        self.latent_std = torch.tensor(info["latent_std"]).view(shape)
+
+    @property
+    def attributes(self):
+        return self.dit.attributes
+
+    @property
+    def device(self):
+        return self.dit.device
+
+    @classmethod
+    def load(cls, path=None, device="cpu"):
+        path = Path(path) if path else default_model_path()
+        if not path.is_dir():
+            raise FacegenError(f"{path}: no such model folder")
+        if not (path / MODEL_FILE).is_file():
+            raise FacegenError(f"{path}: not a facegen model (no {MODEL_FILE}); "
+                               "give the model/ folder that `facegen train` writes")
+        try:
+            info = json.loads((path / MODEL_FILE).read_text())
+            dit = LatentDiT.from_pretrained(path / "dit")
+        except (OSError, ValueError, RuntimeError, KeyError, TypeError) as e:
+            message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise FacegenError(f"{path}: the DiT checkpoint does not load: {message}") from None
+        vae = vae_lib.load_vae(path / "vae", device)
+        return cls(dit.to(device).eval().requires_grad_(False), vae, info)
+
+    def save(self, path):
+        with atomic_dir(path) as tmp:
+            self.dit.save_pretrained(tmp / "dit")
+            self.vae.save_pretrained(tmp / "vae")
+            (tmp / MODEL_FILE).write_text(json.dumps(self.info, indent=2) + "\n")
+        return Path(path)
+
+    def normalize(self, latents):
+        return (latents - self.latent_mean.to(latents)) / self.latent_std.to(latents)
+
+    def encode(self, images):
+        """Images in [-1, 1] -> normalised latents, the DiT's data space."""
+        return self.normalize(vae_lib.encode(self.vae, images))
+
+    def decode(self, latents):
+        """Normalised latents -> images in [-1, 1]."""
+        return vae_lib.decode(self.vae, latents * self.latent_std.to(latents) + self.latent_mean.to(latents))
+
+    def noise(self, seeds):
+        """One Gaussian latent per seed, independent of batch composition."""
+        shape = (self.dit.config.latent_channels, self.dit.config.latent_size, self.dit.config.latent_size)
+        return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds])
+
+    def generate(self, y, seeds, steps=None, guidance=None, method=None, batch_size=16, on_batch=None):
+        """Images in [-1, 1], one per seed, for attribute request(s) y of shape (A,) or (len(seeds), A)."""
+        defaults = self.info.get("sample", {})
+        steps = steps or defaults.get("steps", 30)
+        guidance = defaults.get("guidance", 3.0) if guidance is None else guidance
+        method = method or defaults.get("method", "euler")
+        y = y.expand(len(seeds), -1) if y.ndim == 1 else y
+        images = []
+        for start in range(0, len(seeds), batch_size):
+            chunk = seeds[start:start + batch_size]
+            noise = self.noise(chunk).to(self.device)
+            latents = flow.sample(self.dit, noise, y[start:start + len(chunk)].to(self.device),
+                                  steps=steps, guidance=guidance, method=method)
+            images.append(self.decode(latents).cpu())
+            if on_batch:
+                on_batch(len(chunk))
+        return torch.cat(images)

@@ -1,0 +1,212 @@
+"""Training: a LatentDiT on a latent cache with the rectified-flow objective, on accelerate.
+
+    RUN/latents/                  the latent cache, when training started from images
+    RUN/checkpoints/step-NNNNNN/  model.safetensors, ema.pt, optimizer.pt, state.json
+    RUN/samples/step-NNNNNN.png   sample grids (EMA weights)
+    RUN/model/                    the usable model (EMA weights), refreshed at each checkpoint
+
+Every random choice of step s (the batch, the noise, the times, the label dropout) comes from a
+generator seeded by (seed, s, rank), so `--resume` continues bit for bit where a run stopped.
+One process, one GPU, or many with `accelerate launch -m facegen_cli.cli train ...`.
+"""
+
+import json
+import math
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from diffusers.training_utils import EMAModel
+from PIL import Image
+from safetensors.torch import load_file, save_file
+from torchvision.utils import make_grid
+
+from . import flow
+from .cache import encode_dataset, is_cache, load_cache
+from .data import to_uint8
+from .errors import FacegenError
+from .files import atomic_dir, save_image
+from .model import LatentDiT
+from .pipeline import FacegenModel
+from .vae import DEFAULT_VAE, load_vae, vae_fingerprint
+
+
+def seeded_generator(*keys):
+    """A torch generator whose stream depends on every key (non-negative integers)."""
+    return torch.Generator().manual_seed(int(np.random.SeedSequence(list(keys)).generate_state(1)[0]))
+
+
+STEP_STREAM, ORDER_STREAM = 0, 1
+
+
+def batch_indices(num_items, batch_size, step, seed, rank=0, world_size=1):
+    """This process's share of step `step`'s batch: epochs are fixed permutations of the data."""
+    per_epoch = max(num_items // batch_size, 1)
+    epoch, position = divmod(step, per_epoch)
+    order = torch.randperm(num_items, generator=seeded_generator(seed, ORDER_STREAM, epoch))
+    batch = order[position * batch_size:(position + 1) * batch_size]
+    return batch[rank::world_size]
+
+
+def drop_labels(labels, generator, attribute_dropout, condition_dropout):
+    """Set each attribute free (0) with one probability and the whole vector with another."""
+    keep = torch.rand(labels.shape, generator=generator) >= attribute_dropout
+    keep &= torch.rand(labels.shape[0], 1, generator=generator) >= condition_dropout
+    return labels.float() * keep
+
+
+def learning_rate(step, cfg):
+    return cfg.learning_rate * min(1.0, (step + 1) / max(cfg.warmup_steps, 1))
+
+
+def prepare_latents(data, out, vae_source, image_size, log, progress):
+    """Open a latent cache, or encode an image data set into RUN/latents first (resumably)."""
+    if is_cache(data):
+        latents, labels, meta = load_cache(data)
+        if vae_source and vae_fingerprint(load_vae(vae_source)) != meta["vae_fingerprint"]:
+            raise FacegenError(f"{data} was encoded with the VAE {meta['vae_source']}, not {vae_source}")
+        return latents, labels, meta
+    source = vae_source or DEFAULT_VAE
+    log(f"encoding {data} with the VAE {source} into {Path(out) / 'latents'}")
+    encode_dataset(data, load_vae(source), source, Path(out) / "latents", image_size, progress=progress, log=log)
+    return load_cache(Path(out) / "latents")
+
+
+def latest_checkpoint(out):
+    done = sorted(p for p in (Path(out) / "checkpoints").glob("step-*") if (p / "state.json").is_file())
+    return done[-1] if done else None
+
+
+def save_checkpoint(out, step, model, ema, optimizer, state, keep):
+    with atomic_dir(Path(out) / "checkpoints" / f"step-{step:06d}") as tmp:
+        save_file(model.state_dict(), tmp / "model.safetensors")
+        torch.save(ema.state_dict(), tmp / "ema.pt")
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        (tmp / "state.json").write_text(json.dumps({**state, "step": step}, indent=2))
+    for old in sorted((Path(out) / "checkpoints").glob("step-*"))[:-keep]:
+        shutil.rmtree(old)
+
+
+def load_checkpoint(path, model, ema, optimizer, state):
+    saved = json.loads((path / "state.json").read_text())
+    for key in ("preset", "model_config", "attributes"):
+        if saved.get(key) != state[key]:
+            raise FacegenError(f"{path} was made with {key.replace('_', ' ')} {saved.get(key)!r}, "
+                               f"not {state[key]!r}; resume with the same preset and data")
+    model.load_state_dict(load_file(path / "model.safetensors"))
+    ema.load_state_dict(torch.load(path / "ema.pt", weights_only=True))
+    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+    return saved["step"]
+
+
+def export_model(model, ema, vae, info, out):
+    """Write RUN/model with the EMA weights."""
+    ema_model = LatentDiT.from_config(model.config)
+    ema.copy_to(ema_model.parameters())
+    return FacegenModel(ema_model, vae, info).save(Path(out) / "model")
+
+
+def sample_grid(model, ema, vae, info, path, step):
+    """One face per attribute asked for alone, plus an unconditional one, from fixed seeds."""
+    ema_model = LatentDiT.from_config(model.config)
+    ema.copy_to(ema_model.parameters())
+    pipe = FacegenModel(ema_model.to(model.device).eval(), vae, info)
+    num_attributes = len(pipe.attributes)
+    y = torch.cat([torch.zeros(1, num_attributes), torch.eye(num_attributes)])
+    images = pipe.generate(y, seeds=list(range(len(y))))
+    grid = make_grid(torch.from_numpy(to_uint8(images)).permute(0, 3, 1, 2), nrow=int(math.ceil(len(y) ** 0.5)))
+    save_image(Image.fromarray(grid.permute(1, 2, 0).numpy()), path, {"facegen": {"step": step}})
+
+
+def train(preset, data, out, vae_source=None, max_steps=None, batch_size=None, resume=False,
+          log=print, progress=None):
+    """Train `preset` on `data` (a latent cache or a labelled image folder) into run folder `out`.
+
+    Returns the path of the exported model folder.
+    """
+    cfg = preset.train
+    max_steps = max_steps or cfg.max_steps
+    batch_size = batch_size or cfg.batch_size
+    out = Path(out)
+    if not resume and latest_checkpoint(out):
+        raise FacegenError(f"{out} already holds checkpoints; add --resume to continue it, or choose a new --out")
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision)
+    rank, world_size = accelerator.process_index, accelerator.num_processes
+
+    latents, labels, cache_meta = prepare_latents(data, out, vae_source, preset.image_size, log, progress)
+    model_config = {**preset.model, "attributes": cache_meta["attributes"]}
+    expected = [model_config["latent_channels"], model_config["latent_size"], model_config["latent_size"]]
+    if list(latents.shape[1:]) != expected:
+        raise FacegenError(f"the latents have shape {list(latents.shape[1:])} but preset {preset.name} "
+                           f"expects {expected}")
+    info = {
+        "format": "facegen-model",
+        "version": 1,
+        "preset": preset.name,
+        "image_size": cache_meta["image_size"],
+        "latent_mean": cache_meta["latent_mean"],
+        "latent_std": cache_meta["latent_std"],
+        "vae_source": cache_meta["vae_source"],
+        "sample": preset.to_dict()["sample"],
+    }
+    mean = torch.tensor(info["latent_mean"]).view(1, -1, 1, 1)
+    std = torch.tensor(info["latent_std"]).view(1, -1, 1, 1)
+    latents = (latents - mean) / std
+    vae = load_vae(cache_meta["vae_source"], accelerator.device)
+
+    torch.manual_seed(cfg.seed)
+    model = LatentDiT(**model_config)
+    ema = EMAModel(model.parameters(), decay=cfg.ema_decay)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    state = {"preset": preset.name, "model_config": model_config, "attributes": cache_meta["attributes"]}
+    start_step = 0
+    if resume and (checkpoint := latest_checkpoint(out)):
+        start_step = load_checkpoint(checkpoint, model, ema, optimizer, state)
+        log(f"resuming from {checkpoint} at step {start_step}")
+    model, optimizer = accelerator.prepare(model, optimizer)
+    ema.to(accelerator.device)
+    num_params = sum(p.numel() for p in model.parameters())
+    log(f"training {preset.name} ({num_params / 1e6:.2f}M parameters) on {len(latents)} latents, "
+        f"batch {batch_size}, steps {start_step}..{max_steps}, device {accelerator.device}, "
+        f"precision {cfg.mixed_precision}")
+
+    task = progress.add_task("training", total=max_steps, completed=start_step, loss=float("nan"), speed=0.0) \
+        if progress and accelerator.is_main_process else None
+    tick, images_since_tick = time.perf_counter(), 0
+    for step in range(start_step, max_steps):
+        generator = seeded_generator(cfg.seed, STEP_STREAM, step, rank)
+        index = batch_indices(len(latents), batch_size, step, cfg.seed, rank, world_size)
+        x0 = latents[index].to(accelerator.device)
+        y = drop_labels(labels[index], generator, cfg.attribute_dropout, cfg.condition_dropout).to(accelerator.device)
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(step, cfg)
+        with accelerator.autocast():
+            loss, parts = flow.flow_loss(model, x0, y, generator, cfg.laplacian_weight, cfg.t_mean, cfg.t_std)
+        accelerator.backward(loss)
+        if cfg.grad_clip:
+            accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        ema.step(model.parameters())
+        images_since_tick += len(index) * world_size
+
+        done = step + 1
+        if task is not None and (done % cfg.log_every == 0 or done == max_steps):
+            now = time.perf_counter()
+            progress.update(task, completed=done, loss=loss.item(), speed=images_since_tick / (now - tick))  # img/s
+            tick, images_since_tick = now, 0
+        if accelerator.is_main_process:
+            if cfg.sample_every and done % cfg.sample_every == 0:
+                sample_grid(accelerator.unwrap_model(model), ema, vae, info, out / "samples" / f"step-{done:06d}.png",
+                            done)
+            if done % cfg.checkpoint_every == 0 or done == max_steps:
+                unwrapped = accelerator.unwrap_model(model)
+                save_checkpoint(out, done, unwrapped, ema, optimizer, state, cfg.keep_checkpoints)
+                export_model(unwrapped, ema, vae, {**info, "trained_steps": done}, out)
+        accelerator.wait_for_everyone()
+    if start_step >= max_steps:
+        log(f"{out} is already trained to step {start_step}")
+    return out / "model"

@@ -1,0 +1,53 @@
+"""The image <-> latent autoencoder: a diffusers AutoencoderKL, from a hub id or a local folder.
+
+Images are float tensors in [-1, 1], shape (B, 3, H, W); latents are the posterior means,
+shape (B, 4, H/8, W/8). facegen normalises latents per channel with statistics measured on
+the training set (stored beside the latent cache and in the model's facegen.json), rather
+than with the VAE's single scaling factor.
+"""
+
+import hashlib
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL
+
+from .errors import FacegenError
+
+DEFAULT_VAE = "stabilityai/sd-vae-ft-mse"
+
+
+def load_vae(source, device="cpu"):
+    """AutoencoderKL from a local folder (save_pretrained layout) or a Hugging Face hub id."""
+    source = str(source)
+    path = Path(source).expanduser()
+    if path.exists() and not (path / "config.json").is_file():
+        raise FacegenError(f"{source}: not a diffusers AutoencoderKL folder (no config.json)")
+    try:
+        vae = AutoencoderKL.from_pretrained(path if path.exists() else source)
+    except (OSError, ValueError) as e:
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise FacegenError(f"cannot load the VAE {source!r}: {first_line}") from None
+    return vae.to(device).eval().requires_grad_(False)
+
+
+def vae_fingerprint(vae):
+    """A short hash of the VAE's weights, so that latents of two different VAEs never mix."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(vae.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().to("cpu", torch.float32).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+@torch.inference_mode()
+def encode(vae, images):
+    """Images in [-1, 1] -> unnormalised latents (posterior mean, deterministic)."""
+    images = images.to(vae.device, vae.dtype)
+    return vae.encode(images).latent_dist.mean.float().contiguous()
+
+
+@torch.inference_mode()
+def decode(vae, latents):
+    """Unnormalised latents -> images in [-1, 1]."""
+    return vae.decode(latents.to(vae.device, vae.dtype)).sample.float().clamp(-1, 1)
