@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 from .data import ImageDataset, collate_readable, read_dataset, to_tensor
 from .errors import FacegenError
 from .files import atomic_path, write_json
-from .vae import encode, vae_fingerprint
+from .vae import encode, load_vae, vae_fingerprint
 
 META_FILE = "cache.json"
 SHARD_SIZE = 4096
@@ -32,10 +32,14 @@ def _shard_path(out, k):
     return Path(out) / f"shard-{k:05d}.safetensors"
 
 
-def encode_dataset(data_dir, vae, vae_source, out, image_size=128, split="all", batch_size=32,
-                   workers=2, progress=None, log=print):
-    """Encode a labelled data set into a latent cache at `out`; returns the cache's metadata."""
+def encode_dataset(data_dir, vae_source, out, image_size=128, split="all", batch_size=32,
+                   workers=2, device="cpu", progress=None, log=print):
+    """Encode a labelled data set with the VAE `vae_source` (hub id or folder) into a latent cache at `out`.
+
+    Returns the cache's metadata.
+    """
     data = read_dataset(data_dir, split)
+    vae = load_vae(vae_source, device)
     out = Path(out)
     meta = {
         "format": "facegen-latents",

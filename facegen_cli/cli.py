@@ -21,7 +21,7 @@ from .errors import FacegenError
 
 app = typer.Typer(help="Attribute-controlled faces from a latent Diffusion Transformer.", no_args_is_help=True,
                   pretty_exceptions_show_locals=False)
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)  # one log line stays one line in pipelines
 
 
 def log(message):
@@ -127,11 +127,10 @@ def encode(
 ):
     """Encode a labelled image data set into a latent cache that `facegen train` reads directly."""
     from .cache import encode_dataset
-    from .vae import load_vae
 
-    model = load_vae(vae, pick_device(device))
     with progress_bar() as progress:
-        meta = encode_dataset(data, model, vae, out, image_size, split, batch_size, workers, progress, log)
+        meta = encode_dataset(data, vae, out, image_size, split, batch_size, workers, pick_device(device),
+                              progress, log)
     log(f"{meta['num_images']} latents of shape {meta['latent_shape']} in {out}"
         + (f"; {meta['num_unreadable']} unreadable images skipped" if meta["num_unreadable"] else ""))
     print(out)

@@ -12,7 +12,6 @@ The all-zero y is the unconditional branch used by classifier-free guidance.
 
 import math
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers.configuration_utils import ConfigMixin, register_to_config
@@ -104,16 +103,17 @@ class FinalLayer(nn.Module):
 
 
 def sincos_pos_embed_2d(hidden_size, grid_size):
-    """Fixed 2-D sine-cosine position embedding, shape (grid_size**2, hidden_size)."""
+    """Fixed 2-D sine-cosine position embedding, shape (grid_size**2, hidden_size).
 
-    def embed_1d(dim, positions):
-        omega = 1.0 / 10000 ** (np.arange(dim // 2, dtype=np.float64) / (dim / 2))
-        angles = np.outer(positions.reshape(-1), omega)
-        return np.concatenate([np.sin(angles), np.cos(angles)], axis=1)
-
-    rows, cols = np.meshgrid(np.arange(grid_size, dtype=np.float64), np.arange(grid_size, dtype=np.float64), indexing="ij")
-    emb = np.concatenate([embed_1d(hidden_size // 2, rows), embed_1d(hidden_size // 2, cols)], axis=1)
-    return torch.from_numpy(emb).float()
+    Half of the channels encode the row, half the column, each as sin/cos at geometric frequencies.
+    """
+    quarter = hidden_size // 4
+    omega = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float64) / quarter)
+    rows, cols = torch.meshgrid(torch.arange(grid_size, dtype=torch.float64),
+                                torch.arange(grid_size, dtype=torch.float64), indexing="ij")
+    angles_r, angles_c = rows.reshape(-1, 1) * omega, cols.reshape(-1, 1) * omega
+    emb = torch.cat([angles_r.sin(), angles_r.cos(), angles_c.sin(), angles_c.cos()], dim=1)
+    return emb.float()
 
 
 class LatentDiT(ModelMixin, ConfigMixin):

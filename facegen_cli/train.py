@@ -71,7 +71,7 @@ def prepare_latents(data, out, vae_source, image_size, log, progress):
         return latents, labels, meta
     source = vae_source or DEFAULT_VAE
     log(f"encoding {data} with the VAE {source} into {Path(out) / 'latents'}")
-    encode_dataset(data, load_vae(source), source, Path(out) / "latents", image_size, progress=progress, log=log)
+    encode_dataset(data, source, Path(out) / "latents", image_size, progress=progress, log=log)
     return load_cache(Path(out) / "latents")
 
 

@@ -53,3 +53,19 @@ def write_labelled_folder(root, count, attributes=DEFAULT_ATTRIBUTES, size=128, 
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory):
     return write_labelled_folder(tmp_path_factory.mktemp("data") / "faces", 24)
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, tiny_data, tiny_vae_dir):
+    """A tiny model trained for a few steps through the library (fast; quality irrelevant)."""
+    from facegen_cli.config import load_preset
+    from facegen_cli.train import train
+
+    out = tmp_path_factory.mktemp("run")
+    train(load_preset("tiny"), tiny_data, out, vae_source=str(tiny_vae_dir), max_steps=6, log=lambda m: None)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tiny_run):
+    return tiny_run / "model"

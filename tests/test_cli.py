@@ -1,0 +1,119 @@
+import json
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from facegen_cli.cli import app
+
+runner = CliRunner()
+
+
+def run(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def assert_clean_error(result, message):
+    assert result.exit_code != 0
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+    assert result.stdout == ""
+
+
+def test_train_then_generate_through_the_cli(tmp_path, tiny_data, tiny_vae_dir):
+    result = run("train", "--data", tiny_data, "--vae", tiny_vae_dir, "--preset", "tiny", "--out", tmp_path / "run",
+                 "--steps", 4)
+    assert result.exit_code == 0, result.stderr
+    model = tmp_path / "run" / "model"
+    assert result.stdout.strip() == str(model)
+
+    result = run("generate", "--model", model, "--male", "--no-beard", "-n", 3, "--seed", 5, "--steps", 2,
+                 "--out", tmp_path / "faces", "--grid")
+    assert result.exit_code == 0, result.stderr
+    paths = result.stdout.split()
+    assert len(paths) == 4 and paths[-1].endswith("grid-0000000005.png")
+    with Image.open(paths[0]) as image:
+        assert image.size == (128, 128)
+        meta = json.loads(image.text["facegen"])
+    assert meta["seed"] == 5 and meta["steps"] == 2
+    assert meta["attributes"]["male"] == 1 and meta["attributes"]["beard"] == -1 and meta["attributes"]["bald"] == 0
+    with Image.open(paths[-1]) as grid:
+        assert grid.size == (256, 256)  # 3 faces on a 2x2 grid
+
+    # The same command gives the same pixels; a face alone matches it in a batch up to float rounding.
+    same = run("generate", "--model", model, "--male", "--no-beard", "-n", 3, "--seed", 5, "--steps", 2,
+               "--out", tmp_path / "same")
+    assert np.array_equal(np.asarray(Image.open(same.stdout.split()[0])), np.asarray(Image.open(paths[0])))
+    alone = run("generate", "--model", model, "--male", "--no-beard", "-n", 1, "--seed", 5, "--steps", 2,
+                "--out", tmp_path / "alone")
+    difference = np.asarray(Image.open(alone.stdout.strip())).astype(int) - np.asarray(Image.open(paths[0]))
+    assert np.abs(difference).max() <= 1
+
+
+def test_generate_names_unknown_attributes(tiny_model_dir, tmp_path):
+    result = run("generate", "--model", tiny_model_dir, "--with", "beards", "--out", tmp_path)
+    assert_clean_error(result, "unknown attribute 'beards'; this model knows: male, young")
+    result = run("generate", "--model", tiny_model_dir, "--beards", "--out", tmp_path)
+    assert result.exit_code == 2 and "No such option: --beards" in result.stderr
+
+
+@pytest.mark.parametrize("n", [0, -3])
+def test_generate_refuses_non_positive_counts(tiny_model_dir, tmp_path, n):
+    assert_clean_error(run("generate", "--model", tiny_model_dir, "-n", n, "--out", tmp_path / "o"), "-n must be")
+    assert not (tmp_path / "o").exists()
+
+
+def test_generate_refuses_missing_and_foreign_models(tmp_path, tiny_model_dir):
+    assert_clean_error(run("generate", "--model", tmp_path / "nope", "--out", tmp_path / "o"), "no such model folder")
+    (tmp_path / "empty").mkdir()
+    assert_clean_error(run("generate", "--model", tmp_path / "empty", "--out", tmp_path / "o"), "not a facegen model")
+
+    # The weights of one preset under the config of another.
+    other = tmp_path / "other"
+    shutil.copytree(tiny_model_dir, other)
+    config = json.loads((other / "dit/config.json").read_text())
+    config.update(hidden_size=128, mlp_size=512)
+    (other / "dit/config.json").write_text(json.dumps(config))
+    assert_clean_error(run("generate", "--model", other, "--out", tmp_path / "o"), "checkpoint does not load")
+    assert not (tmp_path / "o").exists()
+
+
+def test_train_refuses_empty_and_missing_data(tmp_path, tiny_vae_dir):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "attributes.csv").write_text("filename,male\n")
+    assert_clean_error(run("train", "--data", empty, "--vae", tiny_vae_dir, "--preset", "tiny", "--out",
+                           tmp_path / "run"), "lists no images")
+    assert_clean_error(run("train", "--data", tmp_path / "missing", "--preset", "tiny", "--out", tmp_path / "r"),
+                       "no such data folder")
+    assert_clean_error(run("train", "--data", empty, "--preset", "dit-xxl", "--out", tmp_path / "r"),
+                       "unknown preset 'dit-xxl'")
+
+
+def test_train_refuses_a_missing_vae(tmp_path, tiny_data):
+    assert_clean_error(run("train", "--data", tiny_data, "--vae", tmp_path, "--preset", "tiny", "--out",
+                           tmp_path / "run"), "not a diffusers AutoencoderKL folder")
+
+
+def test_encode_reports_corrupt_images_and_writes_a_cache(tmp_path, tiny_vae_dir):
+    from conftest import write_labelled_folder
+
+    root = write_labelled_folder(tmp_path / "data", 4)
+    (root / "img_0001.png").write_bytes(b"\x89PNG broken")
+    result = run("encode", root, "--vae", tiny_vae_dir, "--out", tmp_path / "cache", "--workers", 0)
+    assert result.exit_code == 0, result.stderr
+    assert result.stdout.strip() == str(tmp_path / "cache")
+    assert "img_0001.png" in result.stderr and "1 unreadable images skipped" in result.stderr
+
+    train = run("train", "--data", tmp_path / "cache", "--preset", "tiny", "--out", tmp_path / "run", "--steps", 2)
+    assert train.exit_code == 0, train.stderr
+    assert "on 3 latents" in train.stderr
+
+
+def test_presets_lists_parameter_counts():
+    result = run("presets")
+    assert result.exit_code == 0
+    rows = dict(line.split("\t")[:2] for line in result.stdout.strip().splitlines())
+    assert rows["dit-l-face128"] == "286.8M" and rows["tiny"] == "0.2M"

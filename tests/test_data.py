@@ -1,0 +1,120 @@
+import numpy as np
+import pytest
+from PIL import Image
+
+from facegen_cli.attributes import DEFAULT_ATTRIBUTES, celeba_column, flag_names, request_vector
+from facegen_cli.cache import encode_dataset, load_cache
+from facegen_cli.data import load_image, read_dataset
+from facegen_cli.errors import FacegenError
+
+CELEBA_COLUMNS = ("5_o_Clock_Shadow Arched_Eyebrows Attractive Bags_Under_Eyes Bald Bangs Big_Lips Big_Nose "
+                  "Black_Hair Blond_Hair Blurry Brown_Hair Bushy_Eyebrows Chubby Double_Chin Eyeglasses Goatee "
+                  "Gray_Hair Heavy_Makeup High_Cheekbones Male Mouth_Slightly_Open Mustache Narrow_Eyes No_Beard "
+                  "Oval_Face Pale_Skin Pointy_Nose Receding_Hairline Rosy_Cheeks Sideburns Smiling Straight_Hair "
+                  "Wavy_Hair Wearing_Earrings Wearing_Hat Wearing_Lipstick Wearing_Necklace Wearing_Necktie "
+                  "Young").split()
+
+
+def write_celeba(root, rows, partition=None):
+    """rows: {filename: {column: +1}}; unspecified columns are -1. Images are 178x218 like CelebA's."""
+    (root / "img_align_celeba").mkdir(parents=True)
+    lines = [str(len(rows)), " ".join(CELEBA_COLUMNS)]
+    for name, positives in rows.items():
+        values = ["1" if c in positives else "-1" for c in CELEBA_COLUMNS]
+        lines.append(f"{name} " + " ".join(values))
+        Image.new("RGB", (178, 218), (100, 150, 200)).save(root / "img_align_celeba" / name)
+    (root / "list_attr_celeba.txt").write_text("\n".join(lines) + "\n")
+    if partition:
+        (root / "list_eval_partition.txt").write_text("".join(f"{n} {p}\n" for n, p in partition.items()))
+    return root
+
+
+def test_celeba_columns_and_flags():
+    assert celeba_column("beard") == ("No_Beard", True)
+    assert celeba_column("black_hair") == ("Black_Hair", False)
+    assert flag_names("male") == ("--male", "--female")
+    assert flag_names("wearing_hat") == ("--wearing-hat", "--no-wearing-hat")
+
+
+def test_request_vector_and_unknown_names():
+    y = request_vector(DEFAULT_ATTRIBUTES, ["male", "beard"], ["smiling"])
+    assert y[DEFAULT_ATTRIBUTES.index("male")] == 1 and y[DEFAULT_ATTRIBUTES.index("smiling")] == -1
+    assert int(y.abs().sum()) == 3
+    with pytest.raises(FacegenError, match="unknown attribute 'beards'.*male, young"):
+        request_vector(DEFAULT_ATTRIBUTES, ["beards"])
+    with pytest.raises(FacegenError, match="both"):
+        request_vector(DEFAULT_ATTRIBUTES, ["male"], ["male"])
+
+
+def test_celeba_layout_parses_with_inverted_beard_and_partition(tmp_path):
+    root = write_celeba(tmp_path / "celeba", {
+        "000001.jpg": {"Male", "No_Beard", "Smiling"},
+        "000002.jpg": {"Male", "Eyeglasses"},
+        "000003.jpg": {"Young", "No_Beard"},
+    }, partition={"000001.jpg": 0, "000002.jpg": 0, "000003.jpg": 2})
+    data = read_dataset(root)
+    assert data.attributes == DEFAULT_ATTRIBUTES and len(data.paths) == 3
+    col = {name: i for i, name in enumerate(DEFAULT_ATTRIBUTES)}
+    assert data.labels[0, col["male"]] == 1 and data.labels[0, col["beard"]] == -1
+    assert data.labels[1, col["beard"]] == 1 and data.labels[1, col["eyeglasses"]] == 1
+    assert data.labels[2, col["young"]] == 1 and data.labels[2, col["male"]] == -1
+    train = read_dataset(root, split="train")
+    assert [p.name for p in train.paths] == ["000001.jpg", "000002.jpg"]
+    assert load_image(train.paths[0], 128).shape == (128, 128, 3)
+
+
+def test_csv_layout_keeps_its_own_vocabulary(tiny_data):
+    data = read_dataset(tiny_data)
+    assert data.attributes == DEFAULT_ATTRIBUTES and data.labels.shape == (24, 12)
+    assert set(data.labels.unique().tolist()) <= {-1, 0, 1}
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, "no such data folder"),
+    ("", "no list_attr_celeba.txt"),
+    ("filename,male\n", "lists no images"),
+    ("name,male\na.png,1\n", "'filename' column"),
+    ("filename,male\na.png,2\n", "1, -1 or 0"),
+])
+def test_bad_data_sets_are_refused(tmp_path, content, message):
+    root = tmp_path / "data"
+    if content is not None:
+        root.mkdir()
+        if content:
+            (root / "attributes.csv").write_text(content)
+    with pytest.raises(FacegenError, match=message):
+        read_dataset(root)
+
+
+def test_encode_skips_corrupt_images_counts_them_and_refuses_another_vae(tmp_path, tiny_vae_dir):
+    from conftest import make_tiny_vae, write_labelled_folder
+
+    root = write_labelled_folder(tmp_path / "data", 5)
+    (root / "img_0002.png").write_bytes(b"not an image")
+    warnings = []
+    meta = encode_dataset(root, tiny_vae_dir, tmp_path / "cache", workers=0, log=warnings.append)
+    assert meta["num_images"] == 4 and meta["num_unreadable"] == 1
+    assert any("img_0002.png" in w for w in warnings)
+    latents, labels, meta = load_cache(tmp_path / "cache")
+    assert latents.shape == (4, 4, 16, 16) and labels.shape == (4, 12)
+    assert np.allclose(meta["latent_mean"], latents.double().mean(dim=(0, 2, 3)).numpy(), atol=1e-3)
+
+    # Running again resumes (nothing to do) and gives the same cache.
+    again = encode_dataset(root, tiny_vae_dir, tmp_path / "cache", workers=0, log=warnings.append)
+    assert again["latent_mean"] == meta["latent_mean"]
+
+    other = make_tiny_vae()
+    with __import__("torch").no_grad():
+        other.encoder.conv_in.weight.mul_(2)
+    other.save_pretrained(tmp_path / "other-vae")
+    with pytest.raises(FacegenError, match="refusing to mix"):
+        encode_dataset(root, tmp_path / "other-vae", tmp_path / "cache", workers=0)
+
+
+def test_encode_of_only_unreadable_images_fails(tmp_path, tiny_vae_dir):
+    root = tmp_path / "data"
+    root.mkdir()
+    (root / "a.png").write_bytes(b"junk")
+    (root / "attributes.csv").write_text("filename,male\na.png,1\n")
+    with pytest.raises(FacegenError, match="none of the 1 images"):
+        encode_dataset(root, tiny_vae_dir, tmp_path / "cache", workers=0, log=lambda m: None)

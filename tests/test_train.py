@@ -1,0 +1,67 @@
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from facegen_cli.config import load_preset
+from facegen_cli.errors import FacegenError
+from facegen_cli.pipeline import FacegenModel
+from facegen_cli.train import batch_indices, drop_labels, train
+
+
+def quiet(message):
+    pass
+
+
+def test_batches_cover_each_epoch_once():
+    seen = torch.cat([batch_indices(20, 5, step, seed=0) for step in range(4)])
+    assert sorted(seen.tolist()) == list(range(20))
+    assert not torch.equal(batch_indices(20, 5, 0, seed=0), batch_indices(20, 5, 4, seed=0))  # reshuffled
+    shares = [batch_indices(20, 8, 3, seed=0, rank=r, world_size=2) for r in range(2)]
+    assert sorted(torch.cat(shares).tolist()) == sorted(batch_indices(20, 8, 3, seed=0).tolist())
+
+
+def test_label_dropout_only_frees_attributes():
+    labels = torch.randint(0, 2, (1000, 12)) * 2 - 1
+    dropped = drop_labels(labels, torch.Generator().manual_seed(0), 0.3, 0.1)
+    assert ((dropped == labels) | (dropped == 0)).all()
+    assert 0.3 < (dropped == 0).float().mean() < 0.45  # 0.3 + 0.1 * 0.7
+    assert 0.05 < (dropped == 0).all(dim=1).float().mean() < 0.15
+
+
+def test_resume_continues_bit_for_bit(tmp_path, tiny_run):
+    cache = tiny_run / "latents"
+    preset = load_preset("tiny")
+    train(preset, cache, tmp_path / "straight", max_steps=8, log=quiet)
+    train(preset, cache, tmp_path / "split", max_steps=4, log=quiet)
+    train(preset, cache, tmp_path / "split", max_steps=8, resume=True, log=quiet)
+    a = load_file(tmp_path / "straight/checkpoints/step-000008/model.safetensors")
+    b = load_file(tmp_path / "split/checkpoints/step-000008/model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    ema_a = torch.load(tmp_path / "straight/checkpoints/step-000008/ema.pt", weights_only=True)
+    ema_b = torch.load(tmp_path / "split/checkpoints/step-000008/ema.pt", weights_only=True)
+    assert all(torch.equal(x, y) for x, y in zip(ema_a["shadow_params"], ema_b["shadow_params"]))
+    # Training moved the weights away from the zero-initialised output layer.
+    assert a["final_layer.linear.weight"].abs().sum() > 0
+
+
+def test_a_run_is_not_overwritten_and_resumes_only_with_its_preset(tmp_path, tiny_run):
+    cache = tiny_run / "latents"
+    train(load_preset("tiny"), cache, tmp_path / "run", max_steps=2, log=quiet)
+    with pytest.raises(FacegenError, match="--resume"):
+        train(load_preset("tiny"), cache, tmp_path / "run", max_steps=4, log=quiet)
+    with pytest.raises(FacegenError, match="preset 'tiny'"):
+        train(load_preset("dit-s"), cache, tmp_path / "run", max_steps=4, resume=True, log=quiet)
+
+
+def test_exported_model_carries_config_and_statistics(tiny_model_dir, tiny_run):
+    info = json.loads((tiny_model_dir / "facegen.json").read_text())
+    cache_meta = json.loads((tiny_run / "latents/cache.json").read_text())
+    assert info["latent_mean"] == cache_meta["latent_mean"] and info["preset"] == "tiny"
+    pipe = FacegenModel.load(tiny_model_dir)
+    assert pipe.attributes == cache_meta["attributes"]
+    images = pipe.generate(torch.zeros(12), seeds=[0, 1], steps=2)
+    assert images.shape == (2, 3, 128, 128) and images.min() >= -1 and images.max() <= 1
+    # Each face depends on its own seed only, not on what else is in the batch.
+    assert torch.allclose(pipe.generate(torch.zeros(12), seeds=[1], steps=2)[0], images[1], atol=1e-4)
