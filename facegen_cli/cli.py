@@ -7,6 +7,7 @@ import secrets
 from pathlib import Path
 from typing import List, Optional
 
+import numpy as np
 import torch
 import typer
 from PIL import Image
@@ -119,6 +120,84 @@ def data_synth(
         print(write_dataset(out, count, size, seed, workers, progress))
 
 
+vae_app = typer.Typer(help="The image autoencoder.", no_args_is_help=True)
+app.add_typer(vae_app, name="vae")
+
+
+@vae_app.command("train")
+@reports_errors
+def vae_train(
+    data: Path = typer.Argument(..., help="Labelled image folder (its train and valid splits are used)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Folder for OUT/vae and OUT/checkpoint."),
+    steps: int = typer.Option(4000, min=1),
+    batch_size: int = typer.Option(16, min=1),
+    learning_rate: float = typer.Option(1e-3),
+    resume: bool = typer.Option(False, "--resume"),
+):
+    """Train a compact f8 AutoencoderKL (128 px -> 16x16x4) on a data set; prints OUT/vae."""
+    from .vae import train_vae
+
+    with progress_bar(loss=".4f") as progress:
+        train_vae(data, out, steps, batch_size, learning_rate, resume=resume, log=log, progress=progress)
+    print(out / "vae")
+
+
+def process_files(files, problems, action, describe):
+    """Run action(path, relative) -> output path for every file with a progress bar; print outputs.
+
+    A file that fails is reported on stderr and skipped. Returns the number of failures
+    (problems found while collecting the inputs included).
+    """
+    from PIL import UnidentifiedImageError
+
+    for problem in problems:
+        log(problem)
+    failures = len(problems)
+    with progress_bar() as progress:
+        task = progress.add_task(describe, total=len(files))
+        for path, relative in files:
+            try:
+                print(action(path, relative), flush=True)
+            except (FacegenError, OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as e:
+                log(f"{path}: {e if isinstance(e, FacegenError) else f'cannot read the image ({e})'}")
+                failures += 1
+            progress.advance(task)
+    log(f"{len(files) + len(problems) - failures} done, {failures} failed")
+    return failures
+
+
+@app.command()
+@reports_errors
+def upscale(
+    inputs: List[str] = typer.Argument(..., help="Images, folders, or - for paths on stdin."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output folder (same names and formats)."),
+    scale: float = typer.Option(4.0, min=0.25, max=8.0, help="Output scale; x4plus runs at 4, then resizes."),
+    tile: int = typer.Option(256, min=0, help="Tile size in input pixels (0: whole image at once)."),
+    tile_pad: int = typer.Option(10, min=0, help="Context pixels around each tile."),
+    weights: Optional[Path] = typer.Option(None, help="RRDBNet weights (.pth or .safetensors)."),
+    recursive: bool = typer.Option(False, "--recursive", "-r", help="Descend into sub-folders."),
+    bf16: bool = typer.Option(False, "--bf16", help="bfloat16 autocast (faster where supported)."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+):
+    """4x super-resolution with Real-ESRGAN x4plus (basicsr RRDBNet); prints each output's path."""
+    from .files import collect_inputs, save_image
+    from .upscale import load_upscaler, upscale_image
+
+    files, problems = collect_inputs(inputs, recursive)
+    net = load_upscaler(weights, pick_device(device), log)
+
+    def action(path, relative):
+        target = out / relative
+        if target.resolve() == path.resolve():
+            raise FacegenError("the output would overwrite the input; choose another --out")
+        with Image.open(path) as image:
+            image.load()
+        return save_image(upscale_image(net, image, scale, tile, tile_pad, bf16), target)
+
+    if process_files(files, problems, action, "upscaling"):
+        raise typer.Exit(1)
+
+
 @app.command()
 @reports_errors
 def presets():
@@ -187,6 +266,8 @@ def generate(
     guidance: Optional[float] = typer.Option(None, help="Classifier-free guidance scale (default: the model's)."),
     sampler: Optional[str] = typer.Option(None, help="euler or heun (default: the model's)."),
     grid: bool = typer.Option(False, "--grid", help="Also write all faces as one grid image."),
+    upscale: Optional[float] = typer.Option(None, "--upscale", min=1.0, max=8.0,
+                                            help="Super-resolve the faces (e.g. 4: 128 -> 512 px)."),
     batch_size: int = typer.Option(16, min=1),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
     wanted: List[str] = (),
@@ -212,13 +293,20 @@ def generate(
         task = progress.add_task("generating", total=n)
         images = pipe.generate(y, seeds, settings.get("steps"), settings.get("guidance"), settings.get("method"),
                                batch_size, on_batch=lambda k: progress.advance(task, k))
-    pixels = to_uint8(images)
+    faces = [Image.fromarray(image) for image in to_uint8(images)]
+    if upscale:
+        from .upscale import load_upscaler, upscale_image
+
+        net = load_upscaler(device=pipe.device, log=log)
+        faces = [upscale_image(net, face, upscale) for face in faces]
+        settings["upscale"] = upscale
     wanted_attributes = dict(zip(pipe.attributes, y.tolist()))
-    for s, image in zip(seeds, pixels):
+    for s, face in zip(seeds, faces):
         meta = {"facegen": {"attributes": wanted_attributes, "seed": s, **settings,
                             "model": str(model or "demo")}}
-        print(save_image(Image.fromarray(image), out / f"face-{s:010d}.png", meta), flush=True)
+        print(save_image(face, out / f"face-{s:010d}.png", meta), flush=True)
     if grid:
+        pixels = np.stack([np.asarray(face) for face in faces])
         tiles = make_grid(torch.from_numpy(pixels).permute(0, 3, 1, 2), nrow=int(n**0.5 + 0.999), padding=0)
         meta = {"facegen": {"attributes": wanted_attributes, "seeds": seeds, **settings}}
         print(save_image(Image.fromarray(tiles.permute(1, 2, 0).numpy()), out / f"grid-{seed:010d}.png", meta))

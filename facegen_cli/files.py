@@ -4,6 +4,7 @@ so that an interrupted run never leaves a half-written image, checkpoint or cach
 import json
 import os
 import shutil
+import sys
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -60,3 +61,30 @@ def save_image(image, path, metadata=None):
     with atomic_path(path) as tmp:
         image.save(tmp, format=fmt, **kwargs)
     return path
+
+
+def collect_inputs(inputs, recursive=False, stdin=None):
+    """Expand command-line inputs into (files, problems).
+
+    A folder gives its files (not hidden ones; with `recursive`, its sub-folders' too) as
+    (file, path relative to that folder); a file gives (file, its name); "-" reads one path a line
+    from `stdin`. A missing path becomes a problem line instead of stopping the run.
+    """
+    files, problems = [], []
+    for item in inputs:
+        if str(item) == "-":
+            lines = [line.strip() for line in (stdin or sys.stdin).read().splitlines() if line.strip()]
+            found, missing = collect_inputs(lines, recursive)
+            files += found
+            problems += missing
+            continue
+        path = Path(item)
+        if path.is_dir():
+            pattern = path.rglob("*") if recursive else path.iterdir()
+            files += sorted((p, p.relative_to(path)) for p in pattern
+                            if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts))
+        elif path.is_file():
+            files.append((path, Path(path.name)))
+        else:
+            problems.append(f"{path}: no such file or folder")
+    return files, problems

@@ -22,6 +22,7 @@ from .attributes import DEFAULT_ATTRIBUTES, celeba_column
 from .files import atomic_path
 
 SUPERSAMPLE = 4
+STREAMS = ("labels", "geometry", "colours", "beard", "glasses", "hat", "hair", "nuisance")
 MARGIN = 0.15  # drawn beyond the frame on each side, so that rotating and shifting never shows an edge
 LANDMARK_NAMES = [
     "left_eye", "right_eye", "left_eye_outer", "left_eye_inner", "right_eye_inner", "right_eye_outer",
@@ -180,27 +181,31 @@ def _shaded(base, px, light_dir, strength):
 
 def render_face(seed, size=128, labels=None):
     """Render one face: (uint8 (size, size, 3), {attribute: bool}, {landmark: (x, y) in pixels})."""
-    rng = np.random.default_rng(seed)
-    labels = dict(sample_labels(rng)) if labels is None else dict(labels)
-    g = FaceGeometry(rng, labels)
+    # One random stream per concern, so that changing one attribute changes only what it draws.
+    streams = [np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(len(STREAMS))]
+    labels_rng, geometry_rng, rng, beard_rng, glasses_rng, hat_rng, hair_rng, nuisance_rng = streams
+    labels = dict(sample_labels(labels_rng)) if labels is None else dict(labels)
+    g = FaceGeometry(geometry_rng, labels)
     canvas = Canvas(size, rng)
     px, full = canvas.px, canvas.full
 
-    tone = PALE_SKIN[rng.integers(len(PALE_SKIN))] if labels["pale_skin"] else SKIN_TONES[rng.integers(len(SKIN_TONES))]
-    skin = _jitter(rng, tuple(tone), 6)
+    # Every draw is made whatever the labels, so that the colours of a seed stay put when a label flips.
+    pale, other = PALE_SKIN[rng.integers(len(PALE_SKIN))], SKIN_TONES[rng.integers(len(SKIN_TONES))]
+    skin = _jitter(rng, tuple(pale if labels["pale_skin"] else other), 6)
+    grey_when_old, red = rng.random() < 0.7, rng.random() < 0.2
     if labels["black_hair"]:
         hair_name = "black"
     elif labels["blond_hair"]:
         hair_name = "blond"
-    elif not labels["young"] and rng.random() < 0.7:
+    elif not labels["young"] and grey_when_old:
         hair_name = "gray"
     else:
-        hair_name = ["brown", "red"][int(rng.random() < 0.2)]
+        hair_name = "red" if red else "brown"
     palette = HAIR[hair_name]
-    hair = _jitter(rng, palette[rng.integers(len(palette))], 6)
+    hair = _jitter(rng, palette[int(rng.integers(6)) % len(palette)], 6)
     light_dir = (rng.uniform(-0.8, 0.8), rng.uniform(-0.6, 0.2))
     lighting = rng.uniform(0.15, 0.45)
-    long_hair = not labels["male"] and not labels["bald"] and rng.random() < 0.85
+    long_hair = rng.random() < 0.85 and not labels["male"] and not labels["bald"]
 
     # Hair behind the head (long hair falls to the shoulders).
     if not labels["bald"]:
@@ -244,7 +249,7 @@ def render_face(seed, size=128, labels=None):
                  [(g.cx + g.face_w * 0.98, g.eye_y + 0.07), (g.cx + g.mouth_w * 1.1, top),
                   (g.cx - g.mouth_w * 1.1, top)]
         mask = canvas.layer_mask(lambda d: d.polygon(canvas.xy(region), fill=255))
-        texture = (rng.random((full // 4, full // 4)) * 90 + 165).astype(np.uint8)
+        texture = (beard_rng.random((full // 4, full // 4)) * 90 + 165).astype(np.uint8)
         texture = Image.fromarray(texture).resize((full, full), Image.Resampling.NEAREST)
         mask = Image.fromarray((np.asarray(mask, dtype=np.uint16) * np.asarray(texture) // 255).astype(np.uint8))
         mask = Image.fromarray(np.minimum(np.asarray(mask), np.asarray(face_mask)))
@@ -327,15 +332,15 @@ def render_face(seed, size=128, labels=None):
             hairline = [(g.cx - g.face_w * 0.9, fringe_y), (g.cx, fringe_y), (g.cx + g.face_w * 0.9, fringe_y)]
     if not labels["bald"] and hair_name != "black":
         for k in range(14):  # strands for texture
-            x = g.cx + rng.uniform(-0.8, 0.8) * g.face_w
-            canvas.line(_curve((x, g.top_y + 0.02), (x + rng.uniform(-0.03, 0.03), g.top_y + 0.05),
-                               (x + rng.uniform(-0.04, 0.04), g.hairline_y)), _mix(hair, (0, 0, 0), 0.2), 0.003)
+            x = g.cx + hair_rng.uniform(-0.8, 0.8) * g.face_w
+            canvas.line(_curve((x, g.top_y + 0.02), (x + hair_rng.uniform(-0.03, 0.03), g.top_y + 0.05),
+                               (x + hair_rng.uniform(-0.04, 0.04), g.hairline_y)), _mix(hair, (0, 0, 0), 0.2), 0.003)
 
     # Eyeglasses: two frames, a bridge and the temples, with a faint lens tint.
     if labels["eyeglasses"]:
-        frame = tuple(int(c) for c in rng.choice([(20, 20, 20), (90, 60, 30), (150, 150, 160), (120, 20, 30)]))
+        frame = tuple(int(c) for c in glasses_rng.choice([(20, 20, 20), (90, 60, 30), (150, 150, 160), (120, 20, 30)]))
         rx, ry = g.eye_w + 0.022, g.eye_h + 0.025
-        round_frames = rng.random() < 0.4
+        round_frames = glasses_rng.random() < 0.4
         for side in (-1, 1):
             ex = g.cx + side * g.eye_dx
             box = canvas.box(ex, g.eye_y + 0.004, rx, ry)
@@ -350,8 +355,8 @@ def render_face(seed, size=128, labels=None):
 
     # Hat: a crown over the head and a brim at the forehead.
     if labels["wearing_hat"]:
-        hat = tuple(int(c) for c in rng.integers(20, 235, 3))
-        brim_y = g.hairline_y + rng.uniform(-0.01, 0.02)
+        hat = tuple(int(c) for c in hat_rng.integers(20, 235, 3))
+        brim_y = g.hairline_y + hat_rng.uniform(-0.01, 0.02)
         canvas.draw.chord(canvas.box(g.cx, brim_y, g.face_w * 1.18, brim_y - g.top_y + 0.09), 180, 360, fill=hat)
         canvas.draw.rounded_rectangle(canvas.box(g.cx, brim_y, g.face_w * 1.3, 0.022), radius=int(0.02 * px),
                                       fill=_mix(hat, (0, 0, 0), 0.3))
@@ -372,9 +377,9 @@ def render_face(seed, size=128, labels=None):
     }
 
     # Nuisance: head size, position and a small rotation, applied to pixels and landmarks alike.
-    angle = math.radians(rng.normal(0, 3))
-    scale = rng.uniform(0.93, 1.07)
-    shift = rng.normal(0, 0.015, 2)
+    angle = math.radians(nuisance_rng.normal(0, 3))
+    scale = nuisance_rng.uniform(0.93, 1.07)
+    shift = nuisance_rng.normal(0, 0.015, 2)
     a, b = scale * math.cos(angle), scale * math.sin(angle)
 
     def forward(p):  # canonical [0,1] -> output [0,1], about the centre
@@ -391,9 +396,10 @@ def render_face(seed, size=128, labels=None):
     image = canvas.image.transform(canvas.image.size, Image.Transform.AFFINE, coeffs, resample=Image.Resampling.BILINEAR)
     image = image.crop((int(canvas.offset), int(canvas.offset), int(canvas.offset) + px, int(canvas.offset) + px))
     image = image.resize((size, size), Image.Resampling.LANCZOS)
-    if rng.random() < 0.3:
-        image = image.filter(ImageFilter.GaussianBlur(rng.uniform(0.2, 0.7) * size / 128))
-    pixels = np.asarray(image, dtype=np.float32) + rng.normal(0, rng.uniform(0.5, 2.5), (size, size, 3))
+    if nuisance_rng.random() < 0.3:
+        image = image.filter(ImageFilter.GaussianBlur(nuisance_rng.uniform(0.2, 0.7) * size / 128))
+    noise_level = nuisance_rng.uniform(0.5, 2.5)
+    pixels = np.asarray(image, dtype=np.float32) + nuisance_rng.normal(0, noise_level, (size, size, 3))
     pixels = np.clip(pixels, 0, 255).astype(np.uint8)
     points = {name: tuple(float(v) * size for v in forward(p)) for name, p in landmarks.items()}
     return pixels, {k: bool(labels[k]) for k in DEFAULT_ATTRIBUTES}, points

@@ -1,0 +1,75 @@
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from facegen_cli.attributes import DEFAULT_ATTRIBUTES
+from facegen_cli.cli import app
+from facegen_cli.data import read_dataset
+from facegen_cli.synthfaces import LANDMARK_NAMES, render_face, sample_labels
+
+
+def test_same_seed_same_pixels_labels_and_landmarks():
+    a, b = render_face(7, 64), render_face(7, 64)
+    assert np.array_equal(a[0], b[0]) and a[1] == b[1] and a[2] == b[2]
+    assert not np.array_equal(a[0], render_face(8, 64)[0])
+    image, labels, points = a
+    assert image.shape == (64, 64, 3) and image.dtype == np.uint8
+    assert list(labels) == DEFAULT_ATTRIBUTES and list(points) == LANDMARK_NAMES
+
+
+def test_landmarks_are_where_a_face_has_them():
+    for seed in range(20):
+        _, _, p = render_face(seed, 128)
+        assert p["left_eye"][0] < p["nose_tip"][0] < p["right_eye"][0]
+        assert p["left_brow_inner"][1] < p["left_eye"][1] < p["nose_tip"][1] < p["nose_base"][1]
+        assert p["nose_base"][1] < p["upper_lip"][1] < p["lower_lip"][1] < p["jaw_4"][1]
+        assert p["mouth_left"][0] < p["upper_lip"][0] < p["mouth_right"][0]
+        assert p["hairline_center"][1] < p["left_brow_inner"][1]
+        eye_distance = p["right_eye"][0] - p["left_eye"][0]
+        assert 22 < eye_distance < 34  # CelebA's aligned framing: eyes 22% of the width apart at 128 px
+        assert all(0 <= v < 128 for xy in p.values() for v in xy)
+
+
+def test_labels_drive_the_pixels():
+    """Forcing one attribute on and off (same seed otherwise) changes the pixels where it belongs."""
+    base = sample_labels(np.random.default_rng(3))
+    base = {**base, "bald": False, "wearing_hat": False, "eyeglasses": False, "mustache": False}
+    for attribute, region in {"eyeglasses": ("left_eye", 10), "mustache": ("upper_lip", 6),
+                              "smiling": ("upper_lip", 8)}.items():
+        off, _, points = render_face(3, 128, {**base, attribute: False})
+        on, labels, _ = render_face(3, 128, {**base, attribute: True})
+        assert labels[attribute]
+        x, y = (int(round(v)) for v in points[region[0]])
+        r = region[1]
+        near = np.abs(on[y - r:y + r, x - r:x + r].astype(int) - off[y - r:y + r, x - r:x + r]).mean()
+        far = np.abs(on[:12, :12].astype(int) - off[:12, :12]).mean()  # background corner
+        assert near > 10 and far < 1, (attribute, near, far)
+
+
+def test_frequencies_are_celeba_like_and_every_attribute_occurs():
+    rng = np.random.default_rng(0)
+    labels = np.array([[d[a] for a in DEFAULT_ATTRIBUTES] for d in (sample_labels(rng) for _ in range(4000))])
+    rate = dict(zip(DEFAULT_ATTRIBUTES, labels.mean(0)))
+    assert 0.35 < rate["male"] < 0.55 and 0.6 < rate["young"] < 0.85 and 0.4 < rate["smiling"] < 0.56
+    assert all(rate[a] > 0.02 for a in DEFAULT_ATTRIBUTES)
+    male = labels[:, 0]
+    beard = labels[:, DEFAULT_ATTRIBUTES.index("beard")]
+    assert beard[male].mean() > 10 * beard[~male].mean() > 0  # beards mostly on men, but not only
+
+
+def test_synth_writes_a_celeba_layout_that_the_celeba_loader_reads(tmp_path):
+    result = CliRunner().invoke(app, ["data", "synth", str(tmp_path / "synth"), "-n", "40", "--size", "64",
+                                      "--workers", "1", "--seed", "5"])
+    assert result.exit_code == 0, result.stderr
+    assert result.stdout.strip() == str(tmp_path / "synth")
+    data = read_dataset(tmp_path / "synth")
+    assert len(data.paths) == 40 and data.attributes == DEFAULT_ATTRIBUTES
+    train = read_dataset(tmp_path / "synth", split="train")
+    assert len(train.paths) == 36
+    # The labels on disk are the renderer's (No_Beard inverted back to beard).
+    _, labels, points = render_face(5 + 3, 64)
+    assert data.labels[3].tolist() == [1 if labels[a] else -1 for a in DEFAULT_ATTRIBUTES]
+    lines = (tmp_path / "synth" / "list_landmarks.txt").read_text().splitlines()
+    assert lines[1].split() == LANDMARK_NAMES
+    values = [float(v) for v in lines[2 + 3].split()[1:]]
+    assert values[:2] == pytest.approx(points["left_eye"], abs=0.01)
