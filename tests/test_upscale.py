@@ -120,17 +120,30 @@ def camera_downscale(face):
     return Image.open(io.BytesIO(buffer.getvalue())).convert("RGB")
 
 
+def edge_energy(image):
+    a = np.asarray(image.convert("L"), dtype=float)[8:-8, 8:-8]
+    return np.hypot(np.diff(a, axis=0)[:, :-1], np.diff(a, axis=1)[:-1]).mean()
+
+
 @needs_ncnn
 @pytest.mark.skipif(not PHOTOS.is_dir(), reason="../shared/fixtures/photos is not beside this checkout")
-def test_x4plus_beats_bicubic_on_real_faces(tmp_path, monkeypatch):
+def test_x4plus_restores_the_detail_bicubic_loses_on_real_faces(tmp_path, monkeypatch):
+    """x4plus is GAN-trained: it scores 2-4 dB *below* bicubic in PSNR on downscaled faces (measured in
+    benchmarks/bench_upscale.py), as perceptual super-resolution models do, but it restores edges:
+    its edge energy is far closer to the original's than bicubic's blur, while staying faithful."""
     monkeypatch.setenv("FACEGEN_CACHE", str(tmp_path))
     net = load_upscaler(log=lambda m: None)
-    gains = []
+    with torch.no_grad():  # flat regions and smooth ramps pass through unchanged: no colour or scale error
+        ramp = torch.linspace(0, 1, 32).view(1, 1, 1, 32).expand(1, 3, 32, 32).contiguous()
+        smooth = torch.nn.functional.interpolate(ramp, scale_factor=4, mode="bilinear")
+        assert (net(ramp) - smooth)[..., 16:-16, 16:-16].abs().max() < 0.05
     for name, (left, top) in {"single_face.jpg": (100, 60), "45-m7-di-ph.jpg": (128, 100)}.items():
         face = Image.open(PHOTOS / name).convert("RGB").crop((left, top, left + 256, top + 256))
         small = camera_downscale(face)
-        gains.append(psnr(upscale_image(net, small), face) - psnr(small.resize((256, 256), Image.Resampling.BICUBIC), face))
-    assert min(gains) > 0, gains
+        restored, bicubic = upscale_image(net, small), small.resize((256, 256), Image.Resampling.BICUBIC)
+        reference = edge_energy(face)
+        assert abs(np.log(edge_energy(restored) / reference)) < abs(np.log(edge_energy(bicubic) / reference)) / 2
+        assert psnr(restored, face) > psnr(bicubic, face) - 5
 
 
 def test_cli_processes_a_folder_reports_bad_files_and_reads_stdin(tmp_path, small_weights):
