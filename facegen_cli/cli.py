@@ -132,14 +132,70 @@ def vae_train(
     steps: int = typer.Option(4000, min=1),
     batch_size: int = typer.Option(16, min=1),
     learning_rate: float = typer.Option(1e-3),
+    crop_size: int = typer.Option(128, min=8, help="Train on random crops of this size (faster; must be a multiple of 8)."),
     resume: bool = typer.Option(False, "--resume"),
 ):
     """Train a compact f8 AutoencoderKL (128 px -> 16x16x4) on a data set; prints OUT/vae."""
     from .vae import train_vae
 
     with progress_bar(loss=".4f") as progress:
-        train_vae(data, out, steps, batch_size, learning_rate, resume=resume, log=log, progress=progress)
+        train_vae(data, out, steps, batch_size, learning_rate, crop_size=crop_size, resume=resume, log=log, progress=progress)
     print(out / "vae")
+
+
+eval_app = typer.Typer(help="Measure models: the attribute classifier and the evaluation report.",
+                       no_args_is_help=True)
+app.add_typer(eval_app, name="eval")
+
+
+@eval_app.callback(invoke_without_command=True)
+@reports_errors
+def eval_report(
+    ctx: typer.Context,
+    model: Optional[Path] = typer.Option(None, help="Model folder (default: the shipped demo model)."),
+    classifier: Optional[Path] = typer.Option(None, help="Attribute classifier folder (facegen eval train-classifier)."),
+    out: Path = typer.Option(Path("eval-report"), "--out", "-o", help="Report folder."),
+    faces: int = typer.Option(32, "--faces", "-k", min=1, help="Faces per condition (seeds 0..K-1)."),
+    guidance: List[float] = typer.Option([1.0, 3.0, 5.0], help="Guidance scales to measure (repeatable)."),
+    steps: Optional[int] = typer.Option(None, min=1, help="Sampling steps (default: the model's)."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+):
+    """Measure a model's attribute control and leakage; writes OUT/report.json, report.md and grids."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from .classifier import load_classifier
+    from .evaluate import evaluate_model
+    from .pipeline import FacegenModel
+
+    if classifier is None:
+        raise FacegenError("give --classifier (train one with `facegen eval train-classifier --data D`)")
+    pipe = FacegenModel.load(model, pick_device(device))
+    reader, reader_report = load_classifier(classifier, pipe.device)
+    if reader.attributes != pipe.attributes:
+        raise FacegenError(f"{classifier} reads {', '.join(reader.attributes)}, but the model asks "
+                           f"{', '.join(pipe.attributes)}")
+    with progress_bar() as progress:
+        evaluate_model(pipe, reader, reader_report, out, faces, guidance, steps, progress=progress)
+    print(out / "report.md")
+
+
+@eval_app.command("train-classifier")
+@reports_errors
+def eval_train_classifier(
+    data: Path = typer.Option(..., help="Labelled image folder (train split to fit, test split to measure)."),
+    out: Path = typer.Option(Path("classifier"), "--out", "-o", help="Folder to write the classifier to."),
+    epochs: int = typer.Option(12, min=1),
+    batch_size: int = typer.Option(64, min=1),
+    image_size: int = typer.Option(64, min=16, help="The classifier reads faces at this size."),
+):
+    """Train the attribute classifier that measures generated and edited faces; prints its folder."""
+    from .classifier import train_classifier
+
+    with progress_bar() as progress:
+        scores = train_classifier(data, out, epochs, batch_size, image_size, log=log, progress=progress)
+    for name, value in scores.items():
+        log(f"{name:>12}  {100 * value:5.1f}% held-out accuracy")
+    print(out)
 
 
 def process_files(files, problems, action, describe):
@@ -252,6 +308,20 @@ def train(
     with progress_bar(loss=".4f", speed=".1f") as progress:
         model_path = run_training(load_preset(preset), data, out, vae, steps, batch_size, resume, log, progress)
     print(model_path)
+
+
+@app.command()
+@reports_errors
+def export(
+    model: Path = typer.Argument(..., help="Model folder (RUN/model from facegen train)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Folder to write."),
+    half: bool = typer.Option(False, "--half", help="Store the weights in float16 (half the size)."),
+):
+    """Copy a model folder, optionally in float16 (how the shipped demo model was made); prints OUT."""
+    from .pipeline import FacegenModel
+
+    FacegenModel.load(model).save(out, torch.float16 if half else None)
+    print(out)
 
 
 @app.command()

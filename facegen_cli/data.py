@@ -136,3 +136,18 @@ def collate_readable(items):
     bad = [i for i, image in items if image is None]
     images = np.stack([image for _, image in good]) if good else None
     return [i for i, _ in good], images, bad
+
+
+def load_images_and_labels(data_dir, split, size, workers=2):
+    """Every readable image of a split in memory: (uint8 (N, size, size, 3), labels (N, A), attributes)."""
+    data = read_dataset(data_dir, split)
+    loader = torch.utils.data.DataLoader(ImageDataset(data.paths, size), batch_size=256, num_workers=workers,
+                                         collate_fn=collate_readable)
+    images, index = [], []
+    for indices, batch, _ in loader:
+        if batch is not None:
+            images.append(batch)
+            index += indices
+    if not images:
+        raise FacegenError(f"{data_dir}: no readable images in split {split!r}")
+    return np.concatenate(images), data.labels[index], data.attributes

@@ -6,6 +6,7 @@
     MODEL/vae/           AutoencoderKL.save_pretrained
 """
 
+import copy
 import json
 from pathlib import Path
 
@@ -59,10 +60,11 @@ class FacegenModel:
         vae = vae_lib.load_vae(path / "vae", device)
         return cls(dit.to(device).eval().requires_grad_(False), vae, info)
 
-    def save(self, path):
+    def save(self, path, dtype=None):
+        """Write the model folder; dtype=torch.float16 halves its size (loading casts back to float32)."""
         with atomic_dir(path) as tmp:
-            self.dit.save_pretrained(tmp / "dit")
-            self.vae.save_pretrained(tmp / "vae")
+            for name, module in (("dit", self.dit), ("vae", self.vae)):
+                (module if dtype is None else copy.deepcopy(module).to(dtype)).save_pretrained(tmp / name)
             (tmp / MODEL_FILE).write_text(json.dumps(self.info, indent=2) + "\n")
         return Path(path)
 

@@ -192,7 +192,7 @@ def render_face(seed, size=128, labels=None):
     # Every draw is made whatever the labels, so that the colours of a seed stay put when a label flips.
     pale, other = PALE_SKIN[rng.integers(len(PALE_SKIN))], SKIN_TONES[rng.integers(len(SKIN_TONES))]
     skin = _jitter(rng, tuple(pale if labels["pale_skin"] else other), 6)
-    grey_when_old, red = rng.random() < 0.7, rng.random() < 0.2
+    grey_when_old, red = rng.random() < 0.85, rng.random() < 0.2
     if labels["black_hair"]:
         hair_name = "black"
     elif labels["blond_hair"]:
@@ -227,18 +227,21 @@ def render_face(seed, size=128, labels=None):
     canvas.paste(_shaded(skin, full, light_dir, lighting), face_mask)
 
     # Wrinkles of age.
-    line_colour = _mix(skin, (60, 30, 20), 0.35)
+    line_colour = _mix(skin, (60, 30, 20), 0.5)
     if not labels["young"]:
         for k in range(3):
             y = g.hairline_y + 0.035 + 0.022 * k
-            canvas.line(_curve((g.cx - 0.09, y), (g.cx, y - 0.012), (g.cx + 0.09, y)), line_colour, 0.004)
+            canvas.line(_curve((g.cx - 0.09, y), (g.cx, y - 0.012), (g.cx + 0.09, y)), line_colour, 0.006)
         for side in (-1, 1):
             x0 = g.cx + side * 0.035
             canvas.line(_curve((x0, g.nose_tip_y - 0.01), (x0 + side * 0.035, g.mouth_y - 0.03),
-                               (x0 + side * 0.04, g.mouth_y + 0.03)), line_colour, 0.005)
+                               (x0 + side * 0.04, g.mouth_y + 0.03)), line_colour, 0.008)
             ex = g.cx + side * (g.eye_dx + g.eye_w + 0.01)
             for dy in (-0.012, 0.0, 0.012):
-                canvas.line([(ex, g.eye_y + dy * 0.5), (ex + side * 0.025, g.eye_y + dy * 1.6)], line_colour, 0.003)
+                canvas.line([(ex, g.eye_y + dy * 0.5), (ex + side * 0.025, g.eye_y + dy * 1.6)], line_colour, 0.005)
+            bag_x = g.cx + side * g.eye_dx  # bags under the eyes
+            canvas.line(_curve((bag_x - g.eye_w, g.eye_y + 0.03), (bag_x, g.eye_y + 0.05), (bag_x + g.eye_w, g.eye_y + 0.03)),
+                        line_colour, 0.005)
 
     # Beard: the jaw, chin and lower cheeks below the mouth line, textured.
     beard_colour = _mix(hair, (0, 0, 0), 0.15)

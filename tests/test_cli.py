@@ -117,3 +117,14 @@ def test_presets_lists_parameter_counts():
     assert result.exit_code == 0
     rows = dict(line.split("\t")[:2] for line in result.stdout.strip().splitlines())
     assert rows["dit-l-face128"] == "286.8M" and rows["tiny"] == "0.2M"
+
+
+def test_export_half_halves_the_size_and_generates_the_same_faces(tiny_model_dir, tmp_path):
+    result = run("export", tiny_model_dir, "--out", tmp_path / "half", "--half")
+    assert result.exit_code == 0, result.stderr
+    size = lambda folder: sum(p.stat().st_size for p in folder.rglob("*.safetensors"))
+    assert size(tmp_path / "half") < 0.55 * size(tiny_model_dir)
+    faces = [run("generate", "--model", m, "-n", 1, "--seed", 3, "--steps", 3, "--out", tmp_path / name).stdout.strip()
+             for m, name in ((tiny_model_dir, "full"), (tmp_path / "half", "halved"))]
+    difference = np.asarray(Image.open(faces[0])).astype(int) - np.asarray(Image.open(faces[1]))
+    assert np.abs(difference).mean() < 2

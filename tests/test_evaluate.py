@@ -1,0 +1,84 @@
+import json
+
+import pytest
+import torch
+
+from facegen_cli.classifier import fit_classifier, save_classifier
+from facegen_cli.evaluate import (control_rates, leakage_matrix, off_diagonal_mean, read_single_attribute_faces,
+                                  single_attribute_requests)
+
+A, K = 5, 200
+
+
+def seed_bits(seeds):
+    """Each seed's own random reading of every attribute: what a face shows when nothing is asked."""
+    return torch.stack([torch.randint(0, 2, (A,), generator=torch.Generator().manual_seed(s)) * 2 - 1 for s in seeds])
+
+
+def faithful_generator(y, seeds):
+    """Shows what was asked and, for free attributes, what the seed gives; 'images' carry the attributes."""
+    shown = torch.where(y != 0, y.sign().long(), seed_bits(seeds))
+    return shown.float().view(len(seeds), 1, A, 1).expand(-1, 3, -1, A)
+
+
+def careless_generator(y, seeds):
+    """Ignores the request entirely."""
+    return faithful_generator(torch.zeros_like(y), seeds)
+
+
+def perfect_classifier(images):
+    return images[:, 0, :, 0].sign().long()
+
+
+def test_single_attribute_requests_ask_each_attribute_alone_both_ways():
+    requests = single_attribute_requests(3)
+    assert requests.tolist() == [[1, 0, 0], [-1, 0, 0], [0, 1, 0], [0, -1, 0], [0, 0, 1], [0, 0, -1]]
+
+
+def test_a_faithful_generator_has_full_control_and_no_leakage():
+    readings, images = read_single_attribute_faces(faithful_generator, perfect_classifier, A, list(range(K)))
+    assert readings.shape == (A, 2, K, A) and images.shape == (A, 2, K, 3, A, A)
+    assert torch.equal(control_rates(readings), torch.ones(A, 2))
+    leakage = leakage_matrix(readings)
+    assert torch.equal(leakage, torch.eye(A))  # only the flipped attribute changes, always
+    assert torch.equal(off_diagonal_mean(leakage), torch.zeros(A))
+
+
+def test_a_generator_that_ignores_labels_scores_chance():
+    readings, _ = read_single_attribute_faces(careless_generator, perfect_classifier, A, list(range(K)))
+    control = control_rates(readings)
+    assert ((control - 0.5).abs() < 0.12).all(), control
+    assert torch.equal(leakage_matrix(readings), torch.zeros(A, A))  # nothing flips, not even the asked one
+
+
+def test_eval_report_through_the_cli(tmp_path, tiny_model_dir):
+    from typer.testing import CliRunner
+
+    from facegen_cli.attributes import DEFAULT_ATTRIBUTES
+    from facegen_cli.cli import app
+
+    images = torch.randint(0, 256, (16, 64, 64, 3), dtype=torch.uint8).numpy()
+    labels = torch.randint(0, 2, (16, len(DEFAULT_ATTRIBUTES))) * 2 - 1
+    save_classifier(fit_classifier(images, labels, DEFAULT_ATTRIBUTES, epochs=1), tmp_path / "clf",
+                    {"test_accuracy": dict.fromkeys(DEFAULT_ATTRIBUTES, 0.5)})
+    result = CliRunner().invoke(app, ["eval", "--model", str(tiny_model_dir), "--classifier", str(tmp_path / "clf"),
+                                      "-k", "2", "--guidance", "1", "--guidance", "3", "--steps", "2",
+                                      "--out", str(tmp_path / "report")])
+    assert result.exit_code == 0, result.stderr
+    assert result.stdout.strip() == str(tmp_path / "report" / "report.md")
+    report = json.loads((tmp_path / "report" / "report.json").read_text())
+    assert set(report["guidance"]) == {"1.0", "3.0"}
+    result_g3 = report["guidance"]["3.0"]
+    assert len(result_g3["leakage_matrix"]) == len(DEFAULT_ATTRIBUTES)
+    assert all(0 <= v["for"] <= 1 and 0 <= v["against"] <= 1 for v in result_g3["control"].values())
+    assert "| smiling |" in (tmp_path / "report" / "report.md").read_text()
+    assert (tmp_path / "report" / "grids" / "beard-g3.png").is_file()
+
+
+def test_eval_without_a_classifier_is_a_clear_error(tiny_model_dir):
+    from typer.testing import CliRunner
+
+    from facegen_cli.cli import app
+
+    result = CliRunner().invoke(app, ["eval", "--model", str(tiny_model_dir)])
+    assert result.exit_code == 1 and "--classifier" in result.stderr

@@ -1,0 +1,37 @@
+import json
+
+import pytest
+import torch
+
+from facegen_cli.errors import FacegenError
+from facegen_cli.vae import encode, load_vae, psnr, random_crops, train_vae
+
+
+def test_psnr_of_known_errors():
+    x = torch.zeros(2, 3, 8, 8)
+    assert psnr(x + 0.2, x) == pytest.approx(20.0, abs=1e-4)  # error 0.1 of the [0, 1] range
+    assert psnr(x, x) == pytest.approx(100.0)  # clamped, not infinite
+
+
+def test_random_crops_are_windows_of_the_images_on_the_latent_grid():
+    images = torch.arange(2 * 3 * 32 * 32, dtype=torch.float32).view(2, 3, 32, 32)
+    crops = random_crops(images, 16, torch.Generator().manual_seed(0))
+    assert crops.shape == (2, 3, 16, 16)
+    for image, crop in zip(images, crops):
+        y, x = divmod(int(crop[0, 0, 0]) - int(image[0, 0, 0]), 32)
+        assert y % 8 == 0 and x % 8 == 0 and torch.equal(image[:, y:y + 16, x:x + 16], crop)
+    assert random_crops(images, 32, None) is images
+
+
+def test_train_vae_checkpoints_resumes_and_saves_an_f8_autoencoder(tmp_path, tiny_data):
+    out = tmp_path / "vae-run"
+    quiet = dict(batch_size=4, crop_size=64, checkpoint_every=2, log=lambda m: None)
+    train_vae(tiny_data, out, steps=2, **quiet)
+    assert json.loads((out / "checkpoint" / "state.json").read_text())["step"] == 2
+    with pytest.raises(FacegenError, match="--resume"):
+        train_vae(tiny_data, out, steps=4, **quiet)
+    value = train_vae(tiny_data, out, steps=4, resume=True, **quiet)
+    assert json.loads((out / "checkpoint" / "state.json").read_text())["step"] == 4
+    vae = load_vae(out / "vae")
+    assert encode(vae, torch.zeros(1, 3, 128, 128)).shape == (1, 4, 16, 16)
+    assert 0 < value < 100
