@@ -30,7 +30,7 @@ def conv_block(in_channels, out_channels):
 
 class AttributeClassifier(ModelMixin, ConfigMixin):
     @register_to_config
-    def __init__(self, attributes=(), image_size=64, widths=(32, 64, 128, 256)):
+    def __init__(self, attributes=(), image_size=64, widths=(16, 32, 64, 128)):
         super().__init__()
         channels = [3, *widths]
         self.body = nn.Sequential(*[conv_block(a, b) for a, b in zip(channels, channels[1:])])
@@ -67,13 +67,13 @@ def accuracy(predictions, labels):
 
 
 def fit_classifier(images, labels, attributes, epochs=8, batch_size=64, learning_rate=2e-3, image_size=64,
-                   seed=0, progress=None):
+                   widths=(16, 32, 64, 128), seed=0, progress=None):
     """Train an AttributeClassifier on uint8 images (N, H, W, 3) and labels (N, A) in {-1, 0, 1}.
 
     Unknown labels (0) do not count in the loss. Horizontal flips augment (no attribute is sided).
     """
     torch.manual_seed(seed)
-    model = AttributeClassifier(attributes=list(attributes), image_size=image_size)
+    model = AttributeClassifier(attributes=list(attributes), image_size=image_size, widths=tuple(widths))
     optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=1e-4)
     steps = epochs * math.ceil(len(images) / batch_size)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, learning_rate, total_steps=steps)

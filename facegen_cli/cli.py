@@ -16,7 +16,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColum
 from rich.text import Text
 from torchvision.utils import make_grid
 
-from .attributes import DEFAULT_ATTRIBUTES, describe, flag_names, request_vector
+from .attributes import DEFAULT_ATTRIBUTES, check_names, describe, flag_names, request_vector
 from .config import load_preset, preset_names
 from .errors import FacegenError
 
@@ -153,7 +153,8 @@ app.add_typer(eval_app, name="eval")
 def eval_report(
     ctx: typer.Context,
     model: Optional[Path] = typer.Option(None, help="Model folder (default: the shipped demo model)."),
-    classifier: Optional[Path] = typer.Option(None, help="Attribute classifier folder (facegen eval train-classifier)."),
+    classifier: Optional[Path] = typer.Option(None, help="Attribute classifier folder (facegen eval train-classifier; "
+                                                   "default: the model folder's classifier/, as the demo has)."),
     out: Path = typer.Option(Path("eval-report"), "--out", "-o", help="Report folder."),
     faces: int = typer.Option(32, "--faces", "-k", min=1, help="Faces per condition (seeds 0..K-1)."),
     guidance: List[float] = typer.Option([1.0, 3.0, 5.0], help="Guidance scales to measure (repeatable)."),
@@ -167,9 +168,12 @@ def eval_report(
     from .evaluate import evaluate_model
     from .pipeline import FacegenModel
 
-    if classifier is None:
-        raise FacegenError("give --classifier (train one with `facegen eval train-classifier --data D`)")
     pipe = FacegenModel.load(model, pick_device(device))
+    if classifier is None:
+        classifier = pipe.path / "classifier"  # a model folder may carry the classifier it was measured with
+        if not classifier.is_dir():
+            raise FacegenError(f"{pipe.path} carries no classifier: give --classifier "
+                               "(train one with `facegen eval train-classifier --data D`)")
     reader, reader_report = load_classifier(classifier, pipe.device)
     if reader.attributes != pipe.attributes:
         raise FacegenError(f"{classifier} reads {', '.join(reader.attributes)}, but the model asks "
@@ -251,6 +255,85 @@ def upscale(
         return save_image(upscale_image(net, image, scale, tile, tile_pad, bf16), target)
 
     if process_files(files, problems, action, "upscaling"):
+        raise typer.Exit(1)
+
+
+@app.command()
+@reports_errors
+def edit(
+    inputs: List[str] = typer.Argument(..., help="Photos, folders, or - for paths on stdin."),
+    add: List[str] = typer.Option([], "--add", help="Attribute to give the face (repeatable)."),
+    remove: List[str] = typer.Option([], "--remove", help="Attribute to take away (repeatable)."),
+    out: Path = typer.Option(Path("edited"), "--out", "-o", help="Output folder (same names and formats)."),
+    in_place: bool = typer.Option(False, "--in-place", help="Overwrite the input photos instead."),
+    model: Optional[Path] = typer.Option(None, help="Model folder (default: the shipped demo model)."),
+    strength: float = typer.Option(0.8, min=0.05, max=1.0, help="How much to repaint: the sampler's start time."),
+    steps: Optional[int] = typer.Option(None, min=1, help="Sampling steps (default: the model's)."),
+    guidance: Optional[float] = typer.Option(None, help="Classifier-free guidance (default: the model's)."),
+    resample: int = typer.Option(2, min=1, help="RePaint resampling rounds per step (coherence at the mask edge)."),
+    mask_grow: int = typer.Option(4, min=0, help="Grow the region mask by this many pixels (of the 128 crop)."),
+    save_mask: bool = typer.Option(False, "--save-mask", help="Also write NAME.mask.png beside each output."),
+    face: Optional[int] = typer.Option(None, min=0, help="Edit only face K (0 = leftmost); default: every face."),
+    free_others: bool = typer.Option(False, "--free-others",
+                                     help="Leave the other attributes free instead of as the classifier reads them."),
+    seed: int = typer.Option(0, help="Seed of the noise; same seed, same result."),
+    batch_size: int = typer.Option(8, min=1, help="Photos per batch on the model's device."),
+    recursive: bool = typer.Option(False, "--recursive", "-r", help="Descend into sub-folders."),
+    allow_missing: bool = typer.Option(False, "--allow-missing", help="Exit 0 even when some photos have no face."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+):
+    """Change one feature of the faces in photos (--add mustache, --remove eyeglasses, ...); prints each output."""
+    from PIL import UnidentifiedImageError
+
+    from .classifier import load_classifier
+    from .edit import EditRequest, NoFaceFound, edit_prepared, prepare_photo, save_edited
+    from .files import collect_inputs
+    from .landmarks import FaceFinder
+    from .pipeline import FacegenModel
+
+    if not add and not remove:
+        raise FacegenError("nothing to change: give --add ATTRIBUTE and/or --remove ATTRIBUTE")
+    pipe = FacegenModel.load(model, pick_device(device))
+    defaults = pipe.info.get("sample", {})
+    request = EditRequest(tuple(a.replace("-", "_") for a in add), tuple(r.replace("-", "_") for r in remove),
+                          strength, steps or defaults.get("steps", 25),
+                          defaults.get("guidance", 3.0) if guidance is None else guidance, resample, mask_grow, seed)
+    check_names(pipe.attributes, request.changed)
+    reader = None
+    if not free_others and (pipe.path / "classifier").is_dir():
+        reader = load_classifier(pipe.path / "classifier", pipe.device)[0]
+    files, problems = collect_inputs(inputs, recursive)
+    for problem in problems:
+        log(problem)
+    counts = {"edited": 0, "no face": 0, "unreadable": len(problems), "failed": 0}
+    finder = FaceFinder()
+    with progress_bar() as progress:
+        task = progress.add_task("editing", total=len(files))
+        for start in range(0, len(files), batch_size):
+            prepared = []
+            for path, relative in files[start:start + batch_size]:
+                target = path if in_place else out / relative
+                try:
+                    if not in_place and target.resolve() == path.resolve():
+                        raise FacegenError("the output would overwrite the input; choose another --out or --in-place")
+                    prepared.append(prepare_photo(path, target, finder, request, pipe.info["image_size"], face))
+                except NoFaceFound:
+                    log(f"{path}: no face found")
+                    counts["no face"] += 1
+                except FacegenError as e:
+                    log(f"{path}: {e}")
+                    counts["failed"] += 1
+                except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as e:
+                    log(f"{path}: cannot read the image ({e})")
+                    counts["unreadable"] += 1
+            if prepared:
+                for photo, (pixels, mask) in zip(prepared, edit_prepared(pipe, prepared, request, reader)):
+                    print(save_edited(photo, pixels, mask, save_mask), flush=True)
+                    counts["edited"] += 1
+            progress.advance(task, len(files[start:start + batch_size]))
+    finder.close()
+    log(", ".join(f"{n} {name}" for name, n in counts.items()))
+    if counts["unreadable"] + counts["failed"] or (counts["no face"] and not allow_missing):
         raise typer.Exit(1)
 
 

@@ -72,7 +72,8 @@ def guided_velocity(model, x, t, y, guidance):
 
 
 @torch.inference_mode()
-def sample(model, noise, y, steps=30, guidance=3.0, method="euler", start=1.0, known=None, mask=None):
+def sample(model, noise, y, steps=30, guidance=3.0, method="euler", start=1.0, known=None, mask=None,
+           resample=1, generator=None):
     """Integrate from t = `start` to t = 0 and return the clean latent.
 
     noise:  (B, C, H, W) Gaussian noise; it fixes the result (a seed makes sampling reproducible).
@@ -81,6 +82,9 @@ def sample(model, noise, y, steps=30, guidance=3.0, method="euler", start=1.0, k
     known:  (B, C, H, W) clean latent to keep (required when start < 1 or a mask is given).
     mask:   (B, 1 or C, H, W) in [0, 1]; 1 = generate, 0 = keep `known`. The known part is
             re-noised to each new time, x_t = (1 - t) known + t noise, as flow inpainting does.
+    resample: RePaint's resampling with a mask: each step is taken `resample` times, going back
+            from t_next to t with fresh noise (from `generator`) in between, so that the generated
+            region settles against the known one.
     """
     if method not in ("euler", "heun"):
         raise ValueError(f"unknown sampler {method!r}; use 'euler' or 'heun'")
@@ -89,13 +93,17 @@ def sample(model, noise, y, steps=30, guidance=3.0, method="euler", start=1.0, k
     times = torch.linspace(start, 0.0, steps + 1, device=noise.device)
     x = noise if known is None else interpolate(known, noise, times[:1].expand(noise.shape[0]))
     for t, t_next in zip(times[:-1], times[1:]):
-        t_batch = t.expand(x.shape[0])
-        v = guided_velocity(model, x, t_batch, y, guidance)
-        x_next = x + (t_next - t) * v
-        if method == "heun" and t_next > 0:
-            v_next = guided_velocity(model, x_next, t_next.expand(x.shape[0]), y, guidance)
-            x_next = x + (t_next - t) * (v + v_next) / 2
-        if mask is not None:
-            x_next = mask * x_next + (1 - mask) * interpolate(known, noise, t_next.expand(x.shape[0]))
-        x = x_next
+        for round_ in range(resample if mask is not None else 1):
+            if round_ > 0:  # back from t_next to t: x_t = a x_next + b eps keeps the noise level t
+                a = (1 - t) / (1 - t_next)
+                x = a * x + (t.square() - (a * t_next).square()).clamp(min=0).sqrt() * torch.randn(
+                    x.shape, generator=generator, device=x.device, dtype=x.dtype)
+            v = guided_velocity(model, x, t.expand(x.shape[0]), y, guidance)
+            x_next = x + (t_next - t) * v
+            if method == "heun" and t_next > 0:
+                v_next = guided_velocity(model, x_next, t_next.expand(x.shape[0]), y, guidance)
+                x_next = x + (t_next - t) * (v + v_next) / 2
+            if mask is not None:
+                x_next = mask * x_next + (1 - mask) * interpolate(known, noise, t_next.expand(x.shape[0]))
+            x = x_next
     return x

@@ -29,8 +29,8 @@ def default_model_path():
 
 
 class FacegenModel:
-    def __init__(self, dit, vae, info):
-        self.dit, self.vae, self.info = dit, vae, info
+    def __init__(self, dit, vae, info, path=None):
+        self.dit, self.vae, self.info, self.path = dit, vae, info, path
         shape = (1, -1, 1, 1)
         self.latent_mean = torch.tensor(info["latent_mean"]).view(shape)
         self.latent_std = torch.tensor(info["latent_std"]).view(shape)
@@ -58,7 +58,7 @@ class FacegenModel:
             message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise FacegenError(f"{path}: the DiT checkpoint does not load: {message}") from None
         vae = vae_lib.load_vae(path / "vae", device)
-        return cls(dit.to(device).eval().requires_grad_(False), vae, info)
+        return cls(dit.to(device).eval().requires_grad_(False), vae, info, path)
 
     def save(self, path, dtype=None):
         """Write the model folder; dtype=torch.float16 halves its size (loading casts back to float32)."""

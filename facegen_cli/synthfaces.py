@@ -286,15 +286,15 @@ def render_face(seed, size=128, labels=None):
     lip = _mix(skin, (150, 40, 50), 0.45)
     ml, mr = (g.cx - g.mouth_w, g.mouth_y), (g.cx + g.mouth_w, g.mouth_y)
     if labels["smiling"]:
-        ml, mr = (ml[0] - 0.01, ml[1] - 0.018), (mr[0] + 0.01, mr[1] - 0.018)
+        ml, mr = (ml[0] - 0.02, ml[1] - 0.03), (mr[0] + 0.02, mr[1] - 0.03)
         upper = _curve(ml, (g.cx, g.mouth_y - 0.004), mr)
-        lower = _curve(mr, (g.cx, g.mouth_y + 0.06), ml)
+        lower = _curve(mr, (g.cx, g.mouth_y + 0.1), ml)
         canvas.polygon(upper + lower, (70, 20, 25))
-        teeth = _curve(ml, (g.cx, g.mouth_y - 0.004), mr) + _curve(mr, (g.cx, g.mouth_y + 0.025), ml)
+        teeth = _curve(ml, (g.cx, g.mouth_y - 0.004), mr) + _curve(mr, (g.cx, g.mouth_y + 0.045), ml)
         canvas.polygon(teeth, (245, 242, 230))
         canvas.line(upper, lip, 0.006)
         canvas.line(lower, lip, 0.008)
-        upper_lip_y, lower_lip_y = g.mouth_y - 0.006, g.mouth_y + 0.034
+        upper_lip_y, lower_lip_y = g.mouth_y - 0.02, g.mouth_y + 0.04
     else:
         canvas.polygon(_curve(ml, (g.cx, g.mouth_y - 0.02), mr) + _curve(mr, (g.cx, g.mouth_y + 0.028), ml), lip)
         canvas.line(_curve(ml, (g.cx, g.mouth_y + 0.004), mr), _mix(lip, (0, 0, 0), 0.45), 0.004)

@@ -81,4 +81,4 @@ def test_eval_without_a_classifier_is_a_clear_error(tiny_model_dir):
     from facegen_cli.cli import app
 
     result = CliRunner().invoke(app, ["eval", "--model", str(tiny_model_dir)])
-    assert result.exit_code == 1 and "--classifier" in result.stderr
+    assert result.exit_code == 1 and "carries no classifier" in result.stderr

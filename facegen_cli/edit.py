@@ -1,0 +1,293 @@
+"""Local repainting of faces in photos by attribute: landmarks -> aligned crop -> region mask ->
+masked latent diffusion -> composite -> inverse warp into the photo.
+
+Pixels where the (feathered, grown) mask is 0 come back exactly as they were; inside it the model
+redraws the face with the requested attributes, the rest of the face held fixed around it.
+"""
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw, ImageFilter, ImageOps
+
+from . import flow
+from .attributes import check_names
+from .data import to_tensor, to_uint8
+from .errors import FacegenError
+from .files import save_image
+from .landmarks import alignment, invert, transform_points, warp
+
+
+# ---------------------------------------------------------------------------------------------
+# Region masks, from named landmarks in the aligned frame
+# ---------------------------------------------------------------------------------------------
+
+def _xy(p):
+    return np.asarray(p, dtype=np.float64)
+
+
+def _face_oval(p):
+    """Jaw from temple to temple, closed over the forehead through the hairline points."""
+    return [p[f"jaw_{i}"] for i in range(9)] + [p["hairline_right"], p["hairline_center"], p["hairline_left"]]
+
+
+def _mustache(p):
+    left, right = _xy(p["mouth_left"]), _xy(p["mouth_right"])
+    pad = 0.25 * (right[0] - left[0])
+    top, bottom = p["nose_base"][1], p["upper_lip"][1] + 0.15 * (p["lower_lip"][1] - p["upper_lip"][1])
+    return [[(left[0] - pad, top), (right[0] + pad, top), (right[0] + pad, bottom), (left[0] - pad, bottom)]]
+
+
+def _beard(p):
+    """Cheeks from the nose base down, the jaw and the chin; the top dips to the upper lip in the middle."""
+    top = p["nose_base"][1]
+    jaw = [p[f"jaw_{i}"] for i in range(1, 8)]
+    left, right = _xy(p["mouth_left"]), _xy(p["mouth_right"])
+    pad = 0.15 * (right[0] - left[0])
+    return [[(jaw[0][0], top)] + jaw + [(jaw[-1][0], top), (right[0] + pad, p["upper_lip"][1]),
+                                        (left[0] - pad, p["upper_lip"][1])]]
+
+
+def _eyeglasses(p):
+    brow = min(p["left_brow_inner"][1], p["right_brow_inner"][1], p["left_brow_outer"][1], p["right_brow_outer"][1])
+    eye = (p["left_eye"][1] + p["right_eye"][1]) / 2
+    bottom = eye + 0.9 * (eye - brow)
+    return [[(p["jaw_0"][0], brow), (p["jaw_8"][0], brow), (p["jaw_8"][0], bottom), (p["jaw_0"][0], bottom)]]
+
+
+def _smiling(p):
+    left, right = _xy(p["mouth_left"]), _xy(p["mouth_right"])
+    pad = 0.45 * (right[0] - left[0])
+    top = (p["nose_tip"][1] + p["nose_base"][1]) / 2
+    bottom = p["lower_lip"][1] + 0.6 * (p["lower_lip"][1] - p["upper_lip"][1])
+    return [[(left[0] - pad, top), (right[0] + pad, top), (right[0] + pad, bottom), (left[0] - pad, bottom)]]
+
+
+def _forehead(p):
+    brow = min(p["left_brow_inner"][1], p["right_brow_inner"][1])
+    hair = p["hairline_center"][1]
+    top = hair - 0.6 * (brow - hair)
+    return [[(p["jaw_0"][0], top), (p["jaw_8"][0], top), (p["jaw_8"][0], brow), (p["jaw_0"][0], brow)]]
+
+
+def _hair(p):
+    """Everything around the head down to the chin, the face oval excluded (see region_mask)."""
+    width = p["jaw_8"][0] - p["jaw_0"][0]
+    left, right = p["jaw_0"][0] - 0.45 * width, p["jaw_8"][0] + 0.45 * width
+    top = p["hairline_center"][1] - 1.2 * (p["jaw_4"][1] - p["hairline_center"][1])
+    bottom = p["jaw_4"][1]
+    return [[(left, top), (right, top), (right, bottom), (left, bottom)]]
+
+
+def _hat(p):
+    """The head above the brows, brim included."""
+    (left, top), (right, _), *_ = _hair(p)[0]
+    brow = max(p["left_brow_inner"][1], p["right_brow_inner"][1])
+    return [[(left, top), (right, top), (right, brow), (left, brow)]]
+
+
+def _whole_face(p):
+    return [_face_oval(p)]
+
+
+# attribute -> (polygons to add, whether the face oval is cut out of them)
+REGIONS = {
+    "mustache": (_mustache, False),
+    "beard": (_beard, False),
+    "eyeglasses": (_eyeglasses, False),
+    "smiling": (_smiling, False),
+    "bangs": (_forehead, False),
+    "wearing_hat": (_hat, False),
+    "bald": (_hair, True),
+    "black_hair": (_hair, True),
+    "blond_hair": (_hair, True),
+    "pale_skin": (_whole_face, False),
+    "young": (_whole_face, False),
+    "male": (lambda p: _whole_face(p) + _hair(p), False),
+}
+
+
+def region_mask(attributes, points, size, grow=4, feather=3):
+    """Float (size, size) mask in [0, 1] covering the regions of `attributes` for a face with `points`
+    (named landmarks in the size x size frame), grown by `grow` pixels and feathered by `feather`."""
+    check_names(list(REGIONS), attributes)
+    scale = 4  # drawn supersampled for smooth edges
+    canvas = Image.new("L", (size * scale, size * scale), 0)
+    for attribute in attributes:
+        polygons, cut_face = REGIONS[attribute]
+        layer = Image.new("L", canvas.size, 0)
+        layer_draw = ImageDraw.Draw(layer)
+        for polygon in polygons(points):
+            layer_draw.polygon([(x * scale, y * scale) for x, y in polygon], fill=255)
+        if cut_face:
+            ImageDraw.Draw(layer).polygon([(x * scale, y * scale) for x, y in _face_oval(points)], fill=0)
+        canvas.paste(255, mask=layer)
+    mask = canvas.resize((size, size), Image.Resampling.BOX)
+    if grow > 0:
+        mask = mask.filter(ImageFilter.MaxFilter(2 * int(grow) + 1))
+    if feather > 0:
+        # Feather outwards only: blur, then keep the full mask inside, so the region is never weakened.
+        mask = Image.fromarray(np.maximum(np.asarray(mask), np.asarray(
+            mask.filter(ImageFilter.MaxFilter(2 * int(feather) + 1)).filter(ImageFilter.GaussianBlur(feather)))))
+    return np.asarray(mask, dtype=np.float32) / 255
+
+
+def latent_mask(mask, latent_size):
+    """A pixel mask (H, W) -> a soft latent mask (1, 1, h, w): any latent cell the pixel mask touches is
+    repainted, plus a one-cell soft border, since each latent cell decodes into a wider patch."""
+    m = torch.from_numpy(mask)[None, None]
+    cells = F.adaptive_max_pool2d(m, latent_size)
+    grown = F.max_pool2d(cells, 3, stride=1, padding=1)
+    return torch.maximum(cells, 0.5 * grown)
+
+
+# ---------------------------------------------------------------------------------------------
+# Editing aligned crops and photos
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class EditRequest:
+    add: tuple = ()
+    remove: tuple = ()
+    strength: float = 0.8  # start time of the sampler: 1 = from pure noise inside the mask
+    steps: int = 25
+    guidance: float = 3.0
+    resample: int = 1
+    mask_grow: int = 4
+    seed: int = 0
+
+    @property
+    def changed(self):
+        return list(self.add) + list(self.remove)
+
+
+def request_vectors(pipe, request, current=None):
+    """(B, A) conditions: the current readings (or free) with the requested attributes set."""
+    attributes = pipe.attributes
+    check_names(attributes, request.changed)
+    y = torch.zeros(1 if current is None else len(current), len(attributes)) if current is None \
+        else current.clone().float()
+    for name in request.add:
+        y[:, attributes.index(name)] = 1.0
+    for name in request.remove:
+        y[:, attributes.index(name)] = -1.0
+    return y
+
+
+@torch.inference_mode()
+def edit_crops(pipe, crops, masks, request, current=None):
+    """Repaint aligned crops (uint8 (B, S, S, 3)) inside `masks` ((B, S, S) in [0, 1]).
+
+    Returns uint8 crops whose pixels equal the input wherever the mask is 0.
+    """
+    x = to_tensor(crops).to(pipe.device)
+    known = pipe.encode(x)
+    y = request_vectors(pipe, request, current).expand(len(crops), -1).to(pipe.device)
+    latent = torch.cat([latent_mask(m, known.shape[-1]) for m in masks]).to(pipe.device)
+    noise = pipe.noise([request.seed] * len(crops)).to(pipe.device)
+    generator = torch.Generator(pipe.device).manual_seed(request.seed)
+    latents = flow.sample(pipe.dit, noise, y, steps=request.steps, guidance=request.guidance,
+                          start=request.strength, known=known, mask=latent, resample=request.resample,
+                          generator=generator)
+    decoded = to_uint8(pipe.decode(latents).cpu())
+    m = masks[..., None]
+    out = np.rint(crops * (1 - m) + decoded * m).astype(np.uint8)
+    return np.where(m > 0, out, crops)
+
+
+def align_face(photo, points, size):
+    """(aligned uint8 crop, 2x3 matrix photo -> crop, the points in the crop's frame)."""
+    matrix = alignment(points, size)
+    crop = np.asarray(warp(photo, matrix, (size, size)))
+    return crop, matrix, transform_points(points, matrix)
+
+
+def paste_back(photo, edited, mask, matrix):
+    """Warp an edited crop and its mask back into the photo (PIL RGB) and blend; pixels whose warped
+    mask is 0 are the photo's own, exactly. Returns (uint8 photo, uint8 mask in photo space)."""
+    inverse = invert(matrix)
+    size = photo.size
+    back = np.asarray(warp(Image.fromarray(edited), inverse, size), dtype=np.float32)
+    weight = np.asarray(warp(Image.fromarray(np.rint(mask * 255).astype(np.uint8)), inverse, size,
+                             Image.Resampling.BILINEAR), dtype=np.float32)[..., None] / 255
+    original = np.asarray(photo)
+    blended = np.rint(original * (1 - weight) + back * weight).astype(np.uint8)
+    return np.where(weight > 0, blended, original), np.rint(weight[..., 0] * 255).astype(np.uint8)
+
+
+# ---------------------------------------------------------------------------------------------
+# Photos and folders
+# ---------------------------------------------------------------------------------------------
+
+class NoFaceFound(FacegenError):
+    pass
+
+
+@dataclass
+class PreparedPhoto:
+    path: Path
+    target: Path
+    photo: Image.Image  # RGB, EXIF orientation applied
+    alpha: Image.Image | None
+    crops: np.ndarray  # (F, S, S, 3) one aligned crop per face to edit
+    matrices: list
+    masks: np.ndarray  # (F, S, S) in [0, 1]
+
+
+def read_photo(path):
+    """(RGB image with EXIF orientation applied, alpha or None, format name)."""
+    with Image.open(path) as image:
+        image.load()
+        image_format = image.format
+        image = ImageOps.exif_transpose(image)
+    alpha = image.getchannel("A") if image.mode in ("RGBA", "LA") else None
+    return image.convert("RGB"), alpha, image_format
+
+
+def prepare_photo(path, target, finder, request, size, face=None):
+    photo, alpha, _ = read_photo(path)
+    faces = finder(np.asarray(photo))
+    if not faces:
+        raise NoFaceFound("no face found")
+    if face is not None:
+        if face >= len(faces):
+            raise FacegenError(f"--face {face} asked for, but only {len(faces)} face(s) found")
+        faces = [faces[face]]
+    crops, matrices, masks = [], [], []
+    for points in faces:
+        crop, matrix, aligned_points = align_face(photo, points, size)
+        crops.append(crop)
+        matrices.append(matrix)
+        masks.append(region_mask(request.changed, aligned_points, size, grow=request.mask_grow))
+    return PreparedPhoto(Path(path), Path(target), photo, alpha, np.stack(crops), matrices, np.stack(masks))
+
+
+def edit_prepared(pipe, prepared, request, classifier=None):
+    """Edit every face of several prepared photos in one batch; returns [(uint8 photo, uint8 mask)]."""
+    crops = np.concatenate([p.crops for p in prepared])
+    masks = np.concatenate([p.masks for p in prepared])
+    current = classifier.predict(to_tensor(crops).to(classifier.device)) if classifier is not None else None
+    edited = edit_crops(pipe, crops, masks, request, current)
+    results, start = [], 0
+    for p in prepared:
+        photo, total_mask = p.photo, np.zeros(p.photo.size[::-1], dtype=np.uint8)
+        for crop, mask, matrix in zip(edited[start:start + len(p.crops)], p.masks, p.matrices):
+            pixels, photo_mask = paste_back(photo, crop, mask, matrix)
+            photo, total_mask = Image.fromarray(pixels), np.maximum(total_mask, photo_mask)
+        start += len(p.crops)
+        results.append((np.asarray(photo), total_mask))
+    return results
+
+
+def save_edited(prepared, pixels, mask, save_mask=False):
+    """Write the edited photo (same format; alpha kept) atomically, and its mask beside it if asked."""
+    image = Image.fromarray(pixels)
+    if prepared.alpha is not None:
+        image.putalpha(prepared.alpha)
+    save_image(image, prepared.target)
+    if save_mask:
+        save_image(Image.fromarray(mask), prepared.target.with_name(prepared.target.stem + ".mask.png"))
+    return prepared.target

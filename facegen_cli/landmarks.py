@@ -1,0 +1,97 @@
+"""Faces in photos: MediaPipe landmarks, named like the built-in faces', and the alignment to the
+model's canonical 128x128 framing (CelebA's aligned crop, which the built-in faces reproduce).
+
+Points are (x, y) in pixels. MediaPipe 0.10.14 ships its face-detection and face-mesh models inside
+the wheel, so nothing is downloaded. The full-range detector finds faces of any size; the mesh then
+runs on a square crop around each, which is what makes small faces in large photos work.
+"""
+
+import numpy as np
+from PIL import Image
+
+CANONICAL_SIZE = 128
+# Where the built-in renderer puts the eyes and mouth corners (its geometry's means), in pixels of a
+# 128-pixel frame; the similarity transform to these four points defines the framing.
+CANONICAL_POINTS = {"left_eye": (49.92, 64.0), "right_eye": (78.08, 64.0),
+                    "mouth_left": (54.4, 94.08), "mouth_right": (73.6, 94.08)}
+
+# Face-mesh indices for each named point ("left" = the image's left); several indices are averaged.
+MESH_POINTS = {
+    "left_eye": (33, 133, 159, 145), "right_eye": (362, 263, 386, 374),
+    "left_eye_outer": (33,), "left_eye_inner": (133,), "right_eye_inner": (362,), "right_eye_outer": (263,),
+    "left_brow_outer": (70,), "left_brow_inner": (107,), "right_brow_inner": (336,), "right_brow_outer": (300,),
+    "nose_tip": (1,), "nose_base": (2,), "mouth_left": (61,), "mouth_right": (291,),
+    "upper_lip": (0,), "lower_lip": (17,),
+    **{f"jaw_{i}": (index,) for i, index in enumerate((234, 132, 172, 150, 152, 379, 397, 361, 454))},
+    "hairline_left": (103,), "hairline_center": (10,), "hairline_right": (332,),
+}
+
+
+class FaceFinder:
+    """MediaPipe face detection + face mesh; call it on an RGB uint8 image, get named points per face."""
+
+    def __init__(self, max_faces=10, min_confidence=0.5):
+        from mediapipe.python.solutions import face_detection, face_mesh
+
+        self.detector = face_detection.FaceDetection(model_selection=1, min_detection_confidence=min_confidence)
+        self.mesh = face_mesh.FaceMesh(static_image_mode=True, max_num_faces=1, refine_landmarks=False,
+                                       min_detection_confidence=min_confidence)
+        self.max_faces = max_faces
+
+    def __call__(self, image):
+        """A list of {name: (x, y)}, left to right, one per face found (empty when none)."""
+        height, width = image.shape[:2]
+        detections = self.detector.process(np.ascontiguousarray(image)).detections or []
+        faces = []
+        for detection in detections[:self.max_faces]:
+            box = detection.location_data.relative_bounding_box
+            cx, cy = (box.xmin + box.width / 2) * width, (box.ymin + box.height / 2) * height
+            side = 2.0 * max(box.width * width, box.height * height)  # the mesh wants the whole head
+            x0, y0 = int(round(cx - side / 2)), int(round(cy - side / 2))
+            crop = np.asarray(Image.fromarray(image).crop((x0, y0, x0 + int(side), y0 + int(side))))
+            result = self.mesh.process(np.ascontiguousarray(crop)).multi_face_landmarks
+            if not result:
+                continue
+            mesh = np.array([(p.x * crop.shape[1] + x0, p.y * crop.shape[0] + y0) for p in result[0].landmark])
+            faces.append({name: tuple(mesh[list(indices)].mean(0)) for name, indices in MESH_POINTS.items()})
+        return sorted(faces, key=lambda f: f["nose_tip"][0])
+
+    def close(self):
+        self.detector.close()
+        self.mesh.close()
+
+
+def similarity_transform(source, target):
+    """Least-squares rotation + uniform scale + shift taking points `source` to `target` (both (N, 2)):
+    the 2x3 matrix M with target ~ M @ [x, y, 1]."""
+    source, target = np.asarray(source, dtype=np.float64), np.asarray(target, dtype=np.float64)
+    # Unknowns (a, b, tx, ty): x' = a x - b y + tx, y' = b x + a y + ty.
+    rows_x = np.column_stack([source[:, 0], -source[:, 1], np.ones(len(source)), np.zeros(len(source))])
+    rows_y = np.column_stack([source[:, 1], source[:, 0], np.zeros(len(source)), np.ones(len(source))])
+    (a, b, tx, ty), *_ = np.linalg.lstsq(np.vstack([rows_x, rows_y]), np.concatenate([target[:, 0], target[:, 1]]),
+                                         rcond=None)
+    return np.array([[a, -b, tx], [b, a, ty]])
+
+
+def invert(matrix):
+    linear_inverse = np.linalg.inv(matrix[:, :2])
+    return np.column_stack([linear_inverse, -linear_inverse @ matrix[:, 2]])
+
+
+def transform_points(points, matrix):
+    """Apply a 2x3 matrix to a {name: (x, y)} dict."""
+    return {name: tuple(matrix @ np.array([x, y, 1.0])) for name, (x, y) in points.items()}
+
+
+def alignment(points, size=CANONICAL_SIZE):
+    """The 2x3 matrix from photo pixels to the canonical size x size frame, from a face's named points."""
+    names = list(CANONICAL_POINTS)
+    target = np.array([CANONICAL_POINTS[n] for n in names]) * size / CANONICAL_SIZE
+    return similarity_transform([points[n] for n in names], target)
+
+
+def warp(image, matrix, size, resample=Image.Resampling.BICUBIC):
+    """Warp a PIL image (any mode) by a 2x3 matrix into an output of `size` (w, h); outside is 0."""
+    inverse = invert(matrix)  # PIL asks, for each output pixel, where to read in the input
+    # PIL samples pixel centres at +0.5; the matrices work on the same pixel-centre coordinates.
+    return image.transform(size, Image.Transform.AFFINE, tuple(inverse.ravel()), resample=resample, fillcolor=0)

@@ -1,0 +1,44 @@
+import numpy as np
+import pytest
+import torch
+
+from facegen_cli.attributes import DEFAULT_ATTRIBUTES
+from facegen_cli.classifier import accuracy, fit_classifier, load_classifier, save_classifier
+from facegen_cli.data import to_tensor
+from facegen_cli.synthfaces import render_face
+
+
+@pytest.fixture(scope="module")
+def rendered_faces():
+    """2,500 built-in faces at 64 px with their exact labels (+1/-1)."""
+    faces = [render_face(seed, 64) for seed in range(2500)]
+    images = np.stack([image for image, _, _ in faces])
+    labels = torch.tensor([[1 if labels[a] else -1 for a in DEFAULT_ATTRIBUTES] for _, labels, _ in faces])
+    return images, labels
+
+
+def test_labels_are_learnable_to_95_percent_per_attribute(rendered_faces):
+    """The renderer's labels are what the pixels show: a small CNN trained on 2,000 faces reads
+    every attribute of 500 others right at least 95% of the time."""
+    images, labels = rendered_faces
+    model = fit_classifier(images[:2000], labels[:2000], DEFAULT_ATTRIBUTES, epochs=16)
+    scores = accuracy(model.predict(to_tensor(images[2000:])), labels[2000:])
+    report = dict(zip(DEFAULT_ATTRIBUTES, scores.tolist()))
+    assert min(report.values()) >= 0.95, report
+
+
+def test_accuracy_ignores_unknown_labels():
+    predictions = torch.tensor([[1, -1], [1, 1]])
+    labels = torch.tensor([[1, 0], [-1, 1]])
+    assert accuracy(predictions, labels).tolist() == [0.5, 1.0]
+
+
+def test_save_load_round_trip(tmp_path, rendered_faces):
+    images, labels = rendered_faces
+    model = fit_classifier(images[:64], labels[:64], DEFAULT_ATTRIBUTES, epochs=1)
+    save_classifier(model, tmp_path / "clf", {"test_accuracy": {}})
+    loaded, report = load_classifier(tmp_path / "clf")
+    x = to_tensor(images[64:80])
+    with torch.inference_mode():
+        assert torch.equal(model(x), loaded(x))
+    assert loaded.attributes == DEFAULT_ATTRIBUTES and report == {"test_accuracy": {}}

@@ -1,0 +1,199 @@
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageDraw
+from typer.testing import CliRunner
+
+from facegen_cli.cli import app
+from facegen_cli.edit import REGIONS, EditRequest, align_face, edit_crops, latent_mask, paste_back, region_mask
+from facegen_cli.errors import FacegenError
+from facegen_cli.landmarks import CANONICAL_POINTS, alignment, invert, similarity_transform, transform_points, warp
+from facegen_cli.pipeline import FacegenModel
+from facegen_cli.synthfaces import render_face
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def face():
+    image, labels, points = render_face(11, 128)
+    return image, points
+
+
+def inside(mask, point):
+    return mask[int(round(point[1])), int(round(point[0]))] > 0.5
+
+
+def between(p, q, w=0.5):
+    return (p[0] + w * (q[0] - p[0]), p[1] + w * (q[1] - p[1]))
+
+
+def test_each_region_covers_its_feature_and_not_the_others(face):
+    _, p = face
+    eye, mouth = p["left_eye"], between(p["mouth_left"], p["mouth_right"])
+    above_hair = (p["hairline_center"][0], p["hairline_center"][1] - 12)
+    expect = {  # attribute: (points inside, points outside)
+        "mustache": ([between(p["nose_base"], p["upper_lip"])], [eye, p["jaw_4"]]),
+        "beard": ([between(p["lower_lip"], p["jaw_4"]), between(p["jaw_2"], mouth)], [eye, p["nose_tip"]]),
+        "eyeglasses": ([p["left_eye"], p["right_eye"], between(p["left_eye"], p["right_eye"])], [mouth, p["jaw_4"]]),
+        "smiling": ([p["mouth_left"], p["mouth_right"], mouth], [eye, above_hair]),
+        "bangs": ([between(p["hairline_center"], p["left_brow_inner"])], [eye, mouth]),
+        "wearing_hat": ([above_hair], [mouth]),
+        "bald": ([above_hair], [p["nose_tip"], eye, mouth]),
+        "black_hair": ([above_hair, (p["jaw_0"][0] - 8, p["jaw_0"][1])], [p["nose_tip"], eye]),
+        "blond_hair": ([above_hair], [p["nose_tip"], eye]),
+        "pale_skin": ([p["nose_tip"], eye, mouth], [(2, 2), (2, 125)]),
+        "young": ([p["nose_tip"], eye, mouth], [(2, 2)]),
+        "male": ([p["nose_tip"], above_hair], [(2, 125)]),
+    }
+    assert set(expect) == set(REGIONS)
+    for attribute, (ins, outs) in expect.items():
+        mask = region_mask([attribute], p, 128, grow=2, feather=2)
+        assert mask.shape == (128, 128) and mask.min() >= 0 and mask.max() == 1
+        for point in ins:
+            assert inside(mask, point), (attribute, "misses", point)
+        for point in outs:
+            assert not inside(mask, point), (attribute, "covers", point)
+
+
+def test_mask_grow_feathers_outwards_and_unknown_regions_are_refused(face):
+    _, p = face
+    small, big = region_mask(["mustache"], p, 128, grow=0, feather=0), region_mask(["mustache"], p, 128, grow=6)
+    assert (big >= small).all() and big.sum() > small.sum() * 1.5
+    with pytest.raises(FacegenError, match="unknown attribute"):
+        region_mask(["freckles"], p, 128)
+
+
+def test_latent_mask_covers_every_touched_cell_with_a_soft_border():
+    mask = np.zeros((128, 128), dtype=np.float32)
+    mask[60:70, 60:62] = 1
+    latent = latent_mask(mask, 16)
+    assert latent.shape == (1, 1, 16, 16)
+    assert latent[0, 0, 7:9, 7].eq(1).all() and latent[0, 0, 7, 6] == 0.5 and latent[0, 0, 0, 0] == 0
+
+
+def test_alignment_round_trip_maps_landmarks_back_within_a_pixel(face):
+    image, points = face
+    # A "photo": the face scaled 2.3x, rotated 12 degrees and shifted into a 400x360 frame.
+    angle, scale = np.radians(12), 2.3
+    place = np.array([[scale * np.cos(angle), -scale * np.sin(angle), 90],
+                      [scale * np.sin(angle), scale * np.cos(angle), 40]])
+    photo = warp(Image.fromarray(image), place, (400, 360))
+    photo_points = transform_points(points, place)
+    matrix = alignment(photo_points)
+    crop, matrix, crop_points = align_face(photo, photo_points, 128)
+    for name, (x, y) in CANONICAL_POINTS.items():  # the anchors land near the framing's (faces differ a little)
+        assert abs(crop_points[name][0] - x) < 4 and abs(crop_points[name][1] - y) < 4
+    back = transform_points(crop_points, invert(matrix))
+    assert max(np.hypot(back[n][0] - photo_points[n][0], back[n][1] - photo_points[n][1]) for n in points) < 1e-6
+    # ...and pixels follow the points: a dot drawn at a landmark is found at its aligned position.
+    dotted = photo.copy()
+    x, y = photo_points["nose_tip"]
+    ImageDraw.Draw(dotted).ellipse([x - 3, y - 3, x + 3, y + 3], fill=(255, 0, 255))
+    crop = np.asarray(warp(dotted, matrix, (128, 128))).astype(int)
+    magenta = (crop[..., 0] > 200) & (crop[..., 2] > 200) & (crop[..., 1] < 80)
+    ys, xs = np.nonzero(magenta)
+    assert abs(xs.mean() + 0.5 - crop_points["nose_tip"][0]) < 1 and abs(ys.mean() + 0.5 - crop_points["nose_tip"][1]) < 1
+
+
+def test_similarity_transform_recovers_a_known_one():
+    source = np.random.default_rng(0).uniform(0, 100, (6, 2))
+    known = np.array([[1.2, -0.3, 5.0], [0.3, 1.2, -7.0]])
+    target = source @ known[:, :2].T + known[:, 2]
+    assert np.allclose(similarity_transform(source, target), known)
+
+
+def test_masked_edit_keeps_every_pixel_outside_the_mask(tiny_model_dir, face):
+    pipe = FacegenModel.load(tiny_model_dir)
+    image, points = face
+    crops = np.stack([image, image[:, ::-1]])
+    masks = np.stack([region_mask(["mustache"], points, 128), region_mask(["eyeglasses"], points, 128)])
+    request = EditRequest(add=("mustache",), steps=2, resample=2, seed=1)
+    edited = edit_crops(pipe, crops, masks, request)
+    outside = masks[..., None].repeat(3, -1) == 0
+    assert np.array_equal(edited[outside], crops[outside])
+    assert not np.array_equal(edited[~outside], crops[~outside])
+    assert np.array_equal(edited, edit_crops(pipe, crops, masks, request))  # same seed, same result
+
+
+def test_paste_back_changes_only_the_masked_pixels_of_the_photo(face):
+    image, points = face
+    photo = Image.fromarray(np.random.default_rng(0).integers(0, 256, (300, 420, 3), dtype=np.uint8))
+    matrix = alignment({n: (x * 1.5 + 100, y * 1.5 + 20) for n, (x, y) in points.items()})
+    mask = region_mask(["beard"], transform_points({n: (x * 1.5 + 100, y * 1.5 + 20) for n, (x, y) in points.items()},
+                                                   matrix), 128)
+    result, photo_mask = paste_back(photo, image, mask, matrix)
+    original = np.asarray(photo)
+    assert result.shape == original.shape and photo_mask.shape == original.shape[:2]
+    assert np.array_equal(result[photo_mask == 0], original[photo_mask == 0])
+    assert (photo_mask > 0).mean() > 0.02 and not np.array_equal(result[photo_mask > 0], original[photo_mask > 0])
+
+
+def write_face_photo(path, seed=3):
+    """A built-in face placed in a larger photo (MediaPipe finds these reliably)."""
+    face = Image.fromarray(render_face(seed, 256)[0])
+    photo = Image.new("RGB", (360, 320), (90, 120, 150))
+    photo.paste(face, (60, 30))
+    photo.save(path)
+    return path
+
+
+def test_edit_a_folder_reports_bad_files_and_loses_nothing(tmp_path, tiny_model_dir):
+    pytest.importorskip("mediapipe")
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    write_face_photo(photos / "good.png")
+    (photos / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    (photos / "notes.txt").write_text("not an image")
+    Image.new("RGB", (200, 200), (30, 160, 60)).save(photos / "grass.png")
+    before = {p.name: p.read_bytes() for p in photos.iterdir()}
+    result = runner.invoke(app, ["edit", str(photos), "--add", "mustache", "--model", str(tiny_model_dir),
+                                 "--steps", "2", "--out", str(tmp_path / "out"), "--save-mask"])
+    assert result.exit_code == 1
+    assert result.stdout.split() == [str(tmp_path / "out" / "good.png")]
+    assert "grass.png: no face found" in result.stderr
+    assert "corrupt.jpg: cannot read the image" in result.stderr and "notes.txt: cannot read" in result.stderr
+    assert "1 edited, 1 no face, 2 unreadable" in result.stderr
+    assert {p.name: p.read_bytes() for p in photos.iterdir()} == before  # inputs untouched
+    edited = np.asarray(Image.open(tmp_path / "out" / "good.png"))
+    mask = np.asarray(Image.open(tmp_path / "out" / "good.mask.png"))
+    original = np.asarray(Image.open(photos / "good.png"))
+    assert edited.shape == original.shape and mask.shape == original.shape[:2]
+    assert np.array_equal(edited[mask == 0], original[mask == 0]) and (mask > 0).any()
+
+    allowed = runner.invoke(app, ["edit", str(photos / "good.png"), str(photos / "grass.png"), "--add", "beard",
+                                  "--model", str(tiny_model_dir), "--steps", "1", "--out", str(tmp_path / "out2"),
+                                  "--allow-missing"])
+    assert allowed.exit_code == 0, allowed.stderr
+
+
+def test_edit_reads_paths_from_stdin_and_refuses_bad_requests(tmp_path, tiny_model_dir):
+    pytest.importorskip("mediapipe")
+    photo = write_face_photo(tmp_path / "a.png")
+    result = runner.invoke(app, ["edit", "-", "--remove", "eyeglasses", "--model", str(tiny_model_dir), "--steps", "1",
+                                 "--out", str(tmp_path / "out")], input=f"{photo}\n")
+    assert result.exit_code == 0, result.stderr
+    assert result.stdout.strip() == str(tmp_path / "out" / "a.png")
+    unknown = runner.invoke(app, ["edit", str(photo), "--add", "freckles", "--model", str(tiny_model_dir)])
+    assert unknown.exit_code == 1 and "unknown attribute 'freckles'" in unknown.stderr
+    nothing = runner.invoke(app, ["edit", str(photo), "--model", str(tiny_model_dir)])
+    assert nothing.exit_code == 1 and "nothing to change" in nothing.stderr
+    same = runner.invoke(app, ["edit", str(photo), "--add", "beard", "--model", str(tiny_model_dir),
+                               "--out", str(tmp_path)])
+    assert same.exit_code == 1 and "would overwrite the input" in same.stderr
+
+
+def test_mediapipe_finds_a_face_in_a_real_photo():
+    pytest.importorskip("mediapipe")
+    skimage_data = pytest.importorskip("skimage.data")
+    from facegen_cli.landmarks import FaceFinder
+
+    finder = FaceFinder()
+    faces = finder(skimage_data.astronaut())
+    finder.close()
+    assert len(faces) == 1
+    p = faces[0]
+    assert p["left_eye"][0] < p["nose_tip"][0] < p["right_eye"][0]
+    assert p["left_eye"][1] < p["nose_tip"][1] < p["upper_lip"][1] < p["lower_lip"][1] < p["jaw_4"][1]
