@@ -52,6 +52,13 @@ class AttributeClassifier(ModelMixin, ConfigMixin):
         return self.head(self.features(images))
 
     @torch.inference_mode()
+    def embed(self, images, batch_size=256):
+        """Pooled features (N, widths[-1]) of images in [-1, 1], batched: the space of diversity and
+        Fréchet-distance measurements."""
+        self.eval()
+        return torch.cat([self.features(chunk.to(self.device)).cpu() for chunk in images.split(batch_size)])
+
+    @torch.inference_mode()
     def predict(self, images, batch_size=256):
         """+1 / -1 per attribute for images in [-1, 1]."""
         self.eval()

@@ -158,6 +158,9 @@ def eval_report(
     out: Path = typer.Option(Path("eval-report"), "--out", "-o", help="Report folder."),
     faces: int = typer.Option(32, "--faces", "-k", min=1, help="Faces per condition (seeds 0..K-1)."),
     guidance: List[float] = typer.Option([1.0, 3.0, 5.0], help="Guidance scales to measure (repeatable)."),
+    combinations: int = typer.Option(8, min=0, help="Random requests of 2-4 attributes to measure."),
+    data: Optional[Path] = typer.Option(None, help="Labelled image folder: its test split is the real side of "
+                                                     "the Fréchet distance."),
     steps: Optional[int] = typer.Option(None, min=1, help="Sampling steps (default: the model's)."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
 ):
@@ -178,8 +181,13 @@ def eval_report(
     if reader.attributes != pipe.attributes:
         raise FacegenError(f"{classifier} reads {', '.join(reader.attributes)}, but the model asks "
                            f"{', '.join(pipe.attributes)}")
+    real = None
+    if data is not None:
+        from .data import load_images_and_labels
+
+        real = load_images_and_labels(data, "test", pipe.info["image_size"])[0]
     with progress_bar() as progress:
-        evaluate_model(pipe, reader, reader_report, out, faces, guidance, steps, progress=progress)
+        evaluate_model(pipe, reader, reader_report, out, faces, guidance, steps, real, combinations, progress=progress)
     print(out / "report.md")
 
 

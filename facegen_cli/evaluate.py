@@ -14,7 +14,8 @@ import torch
 from PIL import Image
 from torchvision.utils import make_grid
 
-from .data import to_uint8
+from .attributes import describe
+from .data import to_tensor, to_uint8
 from .files import atomic_path, save_image, write_json
 
 SIGNS = (1, -1)
@@ -61,6 +62,57 @@ def off_diagonal_mean(matrix):
     return (matrix * off).sum(1) / off.sum(1)
 
 
+# Pairs that cannot both be asked for (+1, +1): the combination test skips them.
+EXCLUSIVE = {frozenset(p) for p in [("black_hair", "blond_hair"), ("bald", "bangs"), ("bald", "black_hair"),
+                                    ("bald", "blond_hair"), ("bald", "wearing_hat")]}
+
+
+def combination_requests(attributes, count, seed=0):
+    """`count` random requests of 2-4 attributes with random signs (fixed by `seed`), none contradictory."""
+    rng = torch.Generator().manual_seed(seed)
+    requests = []
+    while len(requests) < count:
+        size = int(torch.randint(2, 5, (1,), generator=rng))
+        chosen = torch.randperm(len(attributes), generator=rng)[:size]
+        signs = torch.randint(0, 2, (size,), generator=rng) * 2 - 1
+        wanted = {attributes[i] for i, s in zip(chosen.tolist(), signs.tolist()) if s > 0}
+        if any(pair <= wanted for pair in EXCLUSIVE):
+            continue
+        y = torch.zeros(len(attributes))
+        y[chosen] = signs.float()
+        requests.append(y)
+    return torch.stack(requests)
+
+
+def combination_control(readings, requests):
+    """readings (C, K, A), requests (C, A): (fraction of faces showing every asked attribute,
+    fraction of asked attribute readings that match)."""
+    asked = requests != 0
+    matches = (readings == requests.sign().long()[:, None]) | ~asked[:, None]
+    return matches.all(-1).float().mean().item(), (matches & asked[:, None]).sum().item() / (
+        asked.sum().item() * readings.shape[1])
+
+
+def mean_pairwise_distance(features):
+    """Mean L2 distance between the feature vectors (N, D) of different faces: diversity within a condition."""
+    distances = torch.cdist(features.double(), features.double())
+    n = len(features)
+    return (distances.sum() / (n * (n - 1))).item()
+
+
+def frechet_distance(a, b):
+    """Fréchet distance between Gaussians fitted to features a (N, D) and b (M, D):
+    |mu_a - mu_b|^2 + tr(S_a + S_b - 2 (S_a S_b)^1/2). In the classifier's feature space, this is
+    an FID-like number, not Inception FID."""
+    a, b = a.double(), b.double()
+    mu_a, mu_b = a.mean(0), b.mean(0)
+    cov_a, cov_b = torch.cov(a.T), torch.cov(b.T)
+    values, vectors = torch.linalg.eigh(cov_a)
+    root_a = vectors @ torch.diag(values.clamp(min=0).sqrt()) @ vectors.T
+    cross = torch.linalg.eigvalsh(root_a @ cov_b @ root_a).clamp(min=0).sqrt().sum()  # tr((S_a S_b)^1/2)
+    return ((mu_a - mu_b).square().sum() + cov_a.trace() + cov_b.trace() - 2 * cross).item()
+
+
 def attribute_grid(images, columns=8):
     """One attribute's faces (2, K, 3, H, W) in [-1, 1] -> uint8 (H', W', 3): row 1 asked for, row 2 against."""
     faces = images[:, :columns].reshape(-1, *images.shape[2:])
@@ -69,37 +121,96 @@ def attribute_grid(images, columns=8):
 
 
 def evaluate_model(pipe, classifier, classifier_report, out, num_seeds=32, guidances=(3.0,), steps=None,
-                   first_seed=0, progress=None):
-    """Control and leakage of `pipe` at each guidance, read by `classifier`; writes OUT/report.json,
-    OUT/report.md and OUT/grids/<attribute>-g<guidance>.png. Returns the report dict."""
+                   real_images=None, combinations=8, first_seed=0, progress=None):
+    """Measure `pipe` with `classifier` at each guidance and write OUT/report.json, OUT/report.md,
+    OUT/grids/<attribute>-g<guidance>.png and OUT/plots/*.png. Returns the report dict.
+
+    real_images: optional uint8 (N, H, W, 3) held-out faces for the Fréchet distance.
+    """
     out = Path(out)
     attributes = pipe.attributes
     if classifier.attributes != attributes:
         raise ValueError(f"the classifier reads {classifier.attributes}, the model asks {attributes}")
     seeds = list(range(first_seed, first_seed + num_seeds))
-    task = progress.add_task("evaluating", total=len(guidances) * 2 * len(attributes)) if progress else None
+    combos = combination_requests(attributes, combinations)
+    task = progress.add_task("evaluating", total=len(guidances) * (2 * len(attributes) + combinations)) \
+        if progress else None
+    advance = (lambda: progress.advance(task)) if progress else None
+    real_features = classifier.embed(to_tensor(real_images)) if real_images is not None else None
     report = {"model": pipe.info.get("preset"), "seeds": [seeds[0], seeds[-1]], "faces_per_condition": num_seeds,
               "classifier_test_accuracy": classifier_report.get("test_accuracy", {}), "guidance": {}}
     for guidance in guidances:
-        readings, images = read_single_attribute_faces(
-            lambda y, s: pipe.generate(y, s, steps=steps, guidance=guidance), classifier.predict,
-            len(attributes), seeds, on_condition=(lambda: progress.advance(task)) if progress else None)
+        generate = lambda y, s: pipe.generate(y, s, steps=steps, guidance=guidance)  # noqa: E731
+        readings, images = read_single_attribute_faces(generate, classifier.predict, len(attributes), seeds, advance)
         control, leakage = control_rates(readings), leakage_matrix(readings)
-        agreement = 1 - off_diagonal_mean(leakage)
-        report["guidance"][str(guidance)] = {
+        features = classifier.embed(images.flatten(0, 2)).view(*images.shape[:3], -1)
+        combo_readings = []
+        for y in combos:
+            combo_readings.append(classifier.predict(generate(y, seeds)))
+            if advance:
+                advance()
+        all_asked, each_asked = combination_control(torch.stack(combo_readings), combos)
+        result = {
             "control": {a: {"for": round(control[i, 0].item(), 4), "against": round(control[i, 1].item(), 4)}
                         for i, a in enumerate(attributes)},
-            "others_agree_when_flipped": dict(zip(attributes, [round(v, 4) for v in agreement.tolist()])),
+            "others_agree_when_flipped": dict(zip(attributes, [round(1 - v, 4) for v in
+                                                               off_diagonal_mean(leakage).tolist()])),
             "leakage_matrix": [[round(v, 4) for v in row] for row in leakage.tolist()],
             "leakage_off_diagonal_mean": round(off_diagonal_mean(leakage).mean().item(), 4),
+            "combinations": {"requests": [describe(attributes, y) for y in combos],
+                             "all_asked_shown": round(all_asked, 4), "each_asked_shown": round(each_asked, 4)},
+            "diversity": round(sum(map(mean_pairwise_distance, features.flatten(0, 1))) / (2 * len(attributes)), 4),
         }
+        if real_features is not None:
+            result["frechet_classifier_features"] = round(frechet_distance(real_features, features.flatten(0, 2)), 4)
+            result["diversity_real"] = round(mean_pairwise_distance(real_features[:num_seeds]), 4)
+        report["guidance"][str(guidance)] = result
         for i, name in enumerate(attributes):
             save_image(Image.fromarray(attribute_grid(images[i])), out / "grids" / f"{name}-g{guidance:g}.png",
                        {"facegen": {"attribute": name, "guidance": guidance, "rows": "for, against"}})
+    save_plots(report, attributes, out / "plots")
     write_json(out / "report.json", report)
     with atomic_path(out / "report.md") as tmp:
         Path(tmp).write_text(report_markdown(report, attributes))
     return report
+
+
+def save_plots(report, attributes, folder):
+    """The leakage heat-map at the largest guidance and control-vs-guidance curves."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    folder.mkdir(parents=True, exist_ok=True)
+    guidances = sorted(report["guidance"], key=float)
+    last = report["guidance"][guidances[-1]]
+    figure, axes = plt.subplots(figsize=(7, 6))
+    image = axes.imshow(last["leakage_matrix"], vmin=0, vmax=1, cmap="magma")
+    axes.set_xticks(range(len(attributes)), attributes, rotation=60, ha="right")
+    axes.set_yticks(range(len(attributes)), attributes)
+    axes.set_xlabel("attribute read (changed?)")
+    axes.set_ylabel("attribute flipped (+1 -> -1)")
+    axes.set_title(f"Leakage at guidance {guidances[-1]}")
+    figure.colorbar(image)
+    figure.tight_layout()
+    with atomic_path(folder / "leakage.png") as tmp:
+        figure.savefig(tmp, format="png", dpi=100)
+    plt.close(figure)
+
+    figure, axes = plt.subplots(figsize=(7, 5))
+    for name in attributes:
+        rates = [(report["guidance"][g]["control"][name]["for"] + report["guidance"][g]["control"][name]["against"]) / 2
+                 for g in guidances]
+        axes.plot([float(g) for g in guidances], rates, marker="o", label=name)
+    axes.set_xlabel("guidance")
+    axes.set_ylabel("control (mean of +1 and -1)")
+    axes.set_ylim(0, 1.02)
+    axes.legend(fontsize=7, ncol=2)
+    figure.tight_layout()
+    with atomic_path(folder / "control-vs-guidance.png") as tmp:
+        figure.savefig(tmp, format="png", dpi=100)
+    plt.close(figure)
 
 
 def report_markdown(report, attributes):
@@ -118,6 +229,15 @@ def report_markdown(report, attributes):
             lines.append(f"| {name} | {100 * c['for']:.1f}% | {100 * c['against']:.1f}% | "
                          f"{100 * result['others_agree_when_flipped'][name]:.1f}% | "
                          + (f"{100 * accuracy:.1f}%" if accuracy is not None else "n/a") + " |")
+        combos = result["combinations"]
         lines += ["", f"Leakage (off-diagonal mean of the flip matrix): {100 * result['leakage_off_diagonal_mean']:.2f}%",
-                  ""]
+                  f"Combinations of 2-4 attributes ({len(combos['requests'])} requests): every asked attribute shown "
+                  f"on {100 * combos['all_asked_shown']:.1f}% of faces; each asked attribute shown "
+                  f"{100 * combos['each_asked_shown']:.1f}% of the time.",
+                  f"Diversity (mean pairwise distance in the classifier's feature space, within a condition): "
+                  f"{result['diversity']:.3f}" + (f" (real faces: {result['diversity_real']:.3f})"
+                                                  if "diversity_real" in result else ""), ""]
+        if "frechet_classifier_features" in result:
+            lines += [f"Fréchet distance to held-out real faces in the classifier's feature space (not Inception "
+                      f"FID): {result['frechet_classifier_features']:.3f}", ""]
     return "\n".join(lines) + "\n"

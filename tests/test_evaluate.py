@@ -51,7 +51,7 @@ def test_a_generator_that_ignores_labels_scores_chance():
     assert torch.equal(leakage_matrix(readings), torch.zeros(A, A))  # nothing flips, not even the asked one
 
 
-def test_eval_report_through_the_cli(tmp_path, tiny_model_dir):
+def test_eval_report_through_the_cli(tmp_path, tiny_model_dir, tiny_data):
     from typer.testing import CliRunner
 
     from facegen_cli.attributes import DEFAULT_ATTRIBUTES
@@ -63,6 +63,7 @@ def test_eval_report_through_the_cli(tmp_path, tiny_model_dir):
                     {"test_accuracy": dict.fromkeys(DEFAULT_ATTRIBUTES, 0.5)})
     result = CliRunner().invoke(app, ["eval", "--model", str(tiny_model_dir), "--classifier", str(tmp_path / "clf"),
                                       "-k", "2", "--guidance", "1", "--guidance", "3", "--steps", "2",
+                                      "--combinations", "2", "--data", str(tiny_data),
                                       "--out", str(tmp_path / "report")])
     assert result.exit_code == 0, result.stderr
     assert result.stdout.strip() == str(tmp_path / "report" / "report.md")
@@ -73,6 +74,7 @@ def test_eval_report_through_the_cli(tmp_path, tiny_model_dir):
     assert all(0 <= v["for"] <= 1 and 0 <= v["against"] <= 1 for v in result_g3["control"].values())
     assert "| smiling |" in (tmp_path / "report" / "report.md").read_text()
     assert (tmp_path / "report" / "grids" / "beard-g3.png").is_file()
+    assert (tmp_path / "report" / "plots" / "leakage.png").is_file() and "frechet_classifier_features" in result_g3
 
 
 def test_eval_without_a_classifier_is_a_clear_error(tiny_model_dir):
@@ -82,3 +84,39 @@ def test_eval_without_a_classifier_is_a_clear_error(tiny_model_dir):
 
     result = CliRunner().invoke(app, ["eval", "--model", str(tiny_model_dir)])
     assert result.exit_code == 1 and "carries no classifier" in result.stderr
+
+
+def test_combination_requests_are_2_to_4_attributes_and_never_contradictory():
+    from facegen_cli.attributes import DEFAULT_ATTRIBUTES
+    from facegen_cli.evaluate import EXCLUSIVE, combination_requests
+
+    requests = combination_requests(DEFAULT_ATTRIBUTES, 200)
+    assert torch.equal(requests, combination_requests(DEFAULT_ATTRIBUTES, 200))  # fixed seed
+    sizes = (requests != 0).sum(1)
+    assert sizes.min() == 2 and sizes.max() == 4
+    for y in requests:
+        wanted = {DEFAULT_ATTRIBUTES[i] for i in torch.nonzero(y > 0).flatten().tolist()}
+        assert not any(pair <= wanted for pair in EXCLUSIVE)
+
+
+def test_combination_control_of_faithful_and_careless_generators():
+    from facegen_cli.evaluate import combination_control
+
+    requests = torch.tensor([[1, -1, 0, 0, 0], [0, 0, 1, 1, -1]]).float()
+    faithful = torch.stack([perfect_classifier(faithful_generator(y, list(range(K)))) for y in requests])
+    assert combination_control(faithful, requests) == (1.0, 1.0)
+    careless = torch.stack([perfect_classifier(careless_generator(y, list(range(K)))) for y in requests])
+    all_shown, each_shown = combination_control(careless, requests)
+    assert abs(each_shown - 0.5) < 0.1 and all_shown < 0.35
+
+
+def test_frechet_distance_and_diversity_on_known_gaussians():
+    from facegen_cli.evaluate import frechet_distance, mean_pairwise_distance
+
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(4000, 3, generator=g), torch.randn(4000, 3, generator=g)
+    assert frechet_distance(a, b) < 0.02
+    assert abs(frechet_distance(a, b + torch.tensor([2.0, 0, 0])) - 4.0) < 0.1  # |mu|^2
+    assert abs(frechet_distance(a, 2 * b) - 3.0) < 0.1  # 3 * (1 + 4 - 2 * 2)
+    same = torch.zeros(10, 3)
+    assert mean_pairwise_distance(same) == 0 and mean_pairwise_distance(a[:500]) > 1.5
