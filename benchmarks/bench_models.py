@@ -1,10 +1,14 @@
 """Speed of LatentDiT per preset, beside diffusers' DiTTransformer2DModel of the same size.
 
     LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4 python benchmarks/bench_models.py
+    python benchmarks/bench_models.py --device cuda --presets dit-l-face128 --compile     # on a GPU
 
-Prints a Markdown table: parameters, forward ms per batch, training images/s (forward, backward,
-AdamW step), fp32 and bf16 autocast, and the ratio diffusers / facegen (> 1: facegen is faster).
-Without tcmalloc, CPU timings vary by up to 3x between runs.
+Prints a Markdown table: parameters, GFLOPs per image forward, forward ms per batch, training
+images/s (forward, backward, AdamW step), seconds to sample 16 images at the preset's steps with
+classifier-free guidance (one batched forward of 32 per step, as both samplers do), fp32 and bf16
+autocast, peak GPU memory of training, and each beside diffusers' number as a ratio
+(> 1: facegen is faster). Without tcmalloc, CPU timings vary by up to 3x between runs. On a GPU,
+--compile wraps both models in torch.compile and MFU is reported against --peak-tflops.
 """
 
 import argparse
@@ -14,6 +18,7 @@ import time
 
 import torch
 from diffusers import DiTTransformer2DModel
+from torch.utils.flop_counter import FlopCounterMode
 
 from facegen_cli.attributes import DEFAULT_ATTRIBUTES
 from facegen_cli.config import load_preset
@@ -33,65 +38,103 @@ def build_diffusers(preset):
     )
 
 
-def forward_fn(model, batch, preset):
+def forward_fn(model, batch, preset, device):
     m = preset.model
-    x = torch.randn(batch, m["latent_channels"], m["latent_size"], m["latent_size"])
-    if isinstance(model, LatentDiT):
-        t, y = torch.rand(batch), torch.randn(batch, len(DEFAULT_ATTRIBUTES)).sign()
+    x = torch.randn(batch, m["latent_channels"], m["latent_size"], m["latent_size"], device=device)
+    if isinstance(model, LatentDiT) or isinstance(getattr(model, "_orig_mod", None), LatentDiT):
+        t, y = torch.rand(batch, device=device), torch.randn(batch, len(DEFAULT_ATTRIBUTES), device=device).sign()
         return lambda: model(x, t, y)
-    t, labels = torch.randint(0, 1000, (batch,)), torch.randint(0, 1000, (batch,))
+    t, labels = torch.randint(0, 1000, (batch,), device=device), torch.randint(0, 1000, (batch,), device=device)
     return lambda: model(x, timestep=t, class_labels=labels).sample
 
 
-def timed(fn, repeats):
-    fn()  # warm-up
+def synchronize(device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, repeats, device):
+    fn()  # warm-up (and compilation)
+    synchronize(device)
     start = time.perf_counter()
     for _ in range(repeats):
         fn()
+    synchronize(device)
     return (time.perf_counter() - start) / repeats
 
 
-def measure(model, preset, batch, repeats, bf16):
-    forward = forward_fn(model, batch, preset)
+def gflops_per_image(model, preset, device):
+    with FlopCounterMode(display=False) as counter, torch.inference_mode():
+        forward_fn(model, 2, preset, device)()
+    return counter.get_total_flops() / 2 / 1e9
+
+
+def measure(model, preset, batch, repeats, bf16, device):
+    """(forward seconds per batch, training images/s, seconds to sample 16 images, peak training memory GiB)."""
+    forward = forward_fn(model, batch, preset, device)
+    guided = forward_fn(model, 32, preset, device)  # 16 images, conditional + unconditional
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    autocast = lambda: torch.autocast(device, dtype=torch.bfloat16, enabled=bf16)  # noqa: E731
 
     def train_step():
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        with autocast():
             loss = forward().float().square().mean()
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
     def inference():
-        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        with torch.inference_mode(), autocast():
             forward()
 
-    return timed(inference, repeats), batch / timed(train_step, repeats)
+    def sample16():
+        with torch.inference_mode(), autocast():
+            for _ in range(preset.sample.steps):
+                guided()
+
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    train = batch / timed(train_step, repeats, device)
+    memory = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan")
+    return timed(inference, repeats, device), train, timed(sample16, 1, device), memory
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--presets", nargs="+", default=["tiny", "dit-s", "dit-l-face128"])
+    parser.add_argument("--presets", nargs="+", default=["tiny", "demo", "dit-s", "dit-l-face128"])
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--compile", action="store_true", help="torch.compile both models")
+    parser.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
+    parser.add_argument("--peak-tflops", type=float, default=None, help="the device's measured peak, for MFU")
     args = parser.parse_args()
 
     print(f"# {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch "
-          f"{torch.__version__}, batch {args.batch}, LD_PRELOAD={os.environ.get('LD_PRELOAD', '(none)')}\n")
-    print("| preset | params | diffusers params | precision | fwd ms/batch | diffusers fwd | fwd ratio "
-          "| train img/s | diffusers train | train ratio |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          f"{torch.__version__}, device {args.device}"
+          f"{' (' + torch.cuda.get_device_name() + ')' if args.device == 'cuda' else ''}, batch {args.batch}, "
+          f"compile {args.compile}, LD_PRELOAD={os.environ.get('LD_PRELOAD', '(none)')}\n")
+    print("| preset | params | GFLOPs/img | precision | fwd ms/batch | diffusers | ratio | train img/s | diffusers "
+          "| ratio | sample 16 s | diffusers | ratio | peak train GiB | MFU train |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for name in args.presets:
         preset = load_preset(name)
         torch.manual_seed(0)
-        ours, theirs = build_facegen(preset), build_diffusers(preset)
-        params = [sum(p.numel() for p in m.parameters()) / 1e6 for m in (ours, theirs)]
-        repeats = 1 if params[0] > 100 else args.repeats
-        for bf16 in (False, True):
-            (fwd, train), (fwd_d, train_d) = (measure(m, preset, args.batch, repeats, bf16) for m in (ours, theirs))
-            print(f"| {name} | {params[0]:.1f}M | {params[1]:.1f}M | {'bf16' if bf16 else 'fp32'} "
+        ours, theirs = (build(preset).to(args.device) for build in (build_facegen, build_diffusers))
+        params = sum(p.numel() for p in ours.parameters()) / 1e6
+        flops = gflops_per_image(ours, preset, args.device)
+        if args.compile:
+            ours, theirs = torch.compile(ours), torch.compile(theirs)
+        repeats = 1 if params > 100 and args.device == "cpu" else args.repeats
+        for precision in args.precisions:
+            bf16 = precision == "bf16"
+            (fwd, train, sample, memory), (fwd_d, train_d, sample_d, _) = (
+                measure(m, preset, args.batch, repeats, bf16, args.device) for m in (ours, theirs))
+            mfu = f"{100 * 3 * flops * train / 1e3 / args.peak_tflops:.1f}%" if args.peak_tflops else "n/a"
+            print(f"| {name} | {params:.1f}M | {flops:.2f} | {precision} "
                   f"| {fwd * 1e3:.0f} | {fwd_d * 1e3:.0f} | {fwd_d / fwd:.2f} "
-                  f"| {train:.1f} | {train_d:.1f} | {train / train_d:.2f} |", flush=True)
+                  f"| {train:.1f} | {train_d:.1f} | {train / train_d:.2f} "
+                  f"| {sample:.2f} | {sample_d:.2f} | {sample_d / sample:.2f} | {memory:.2f} | {mfu} |", flush=True)
 
 
 if __name__ == "__main__":
