@@ -407,11 +407,19 @@ def export(
     model: Path = typer.Argument(..., help="Model folder (RUN/model from facegen train)."),
     out: Path = typer.Option(..., "--out", "-o", help="Folder to write."),
     half: bool = typer.Option(False, "--half", help="Store the weights in float16 (half the size)."),
+    classifier: Optional[Path] = typer.Option(None, help="Attribute classifier to carry in OUT/classifier "
+                                                           "(default: the model folder's own, if any)."),
 ):
-    """Copy a model folder, optionally in float16 (how the shipped demo model was made); prints OUT."""
+    """Copy a model folder, optionally in float16 and with its classifier (how the demo was made); prints OUT."""
+    from .classifier import load_classifier, save_classifier
     from .pipeline import FacegenModel
 
-    FacegenModel.load(model).save(out, torch.float16 if half else None)
+    dtype = torch.float16 if half else None
+    FacegenModel.load(model).save(out, dtype)
+    classifier = classifier or (model / "classifier" if (model / "classifier").is_dir() else None)
+    if classifier is not None:
+        reader, report = load_classifier(classifier)
+        save_classifier(reader.to(dtype) if half else reader, out / "classifier", report)
     print(out)
 
 

@@ -120,9 +120,14 @@ def test_presets_lists_parameter_counts():
 
 
 def test_export_half_halves_the_size_and_generates_the_same_faces(tiny_model_dir, tmp_path):
-    result = run("export", tiny_model_dir, "--out", tmp_path / "half", "--half")
+    from facegen_cli.attributes import DEFAULT_ATTRIBUTES
+    from facegen_cli.classifier import AttributeClassifier, load_classifier, save_classifier
+
+    save_classifier(AttributeClassifier(attributes=DEFAULT_ATTRIBUTES), tmp_path / "clf", {"test_accuracy": {}})
+    result = run("export", tiny_model_dir, "--out", tmp_path / "half", "--half", "--classifier", tmp_path / "clf")
     assert result.exit_code == 0, result.stderr
-    size = lambda folder: sum(p.stat().st_size for p in folder.rglob("*.safetensors"))
+    assert load_classifier(tmp_path / "half" / "classifier")[0].attributes == DEFAULT_ATTRIBUTES
+    size = lambda folder: sum(p.stat().st_size for p in folder.rglob("*.safetensors") if p.parent.name != "classifier")
     assert size(tmp_path / "half") < 0.55 * size(tiny_model_dir)
     faces = [run("generate", "--model", m, "-n", 1, "--seed", 3, "--steps", 3, "--out", tmp_path / name).stdout.strip()
              for m, name in ((tiny_model_dir, "full"), (tmp_path / "half", "halved"))]
