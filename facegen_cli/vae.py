@@ -60,7 +60,9 @@ def decode(vae, latents):
 # Training a compact VAE (the shipped demo's; real users take a pretrained one such as SD's).
 # ---------------------------------------------------------------------------------------------
 
-COMPACT_VAE = dict(block_out_channels=(16, 32, 64, 128), layers_per_block=1, norm_num_groups=16)
+# Few channels per GroupNorm group would make it an instance norm that erases each image's colours
+# (16 groups of the 16-channel first block): 4 groups keep 4+ channels per group.
+COMPACT_VAE = dict(block_out_channels=(16, 32, 64, 128), layers_per_block=1, norm_num_groups=4)
 
 
 def build_vae(block_out_channels=(32, 64, 128, 128), layers_per_block=1, norm_num_groups=16, latent_channels=4):
