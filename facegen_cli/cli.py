@@ -181,13 +181,24 @@ def eval_report(
     if reader.attributes != pipe.attributes:
         raise FacegenError(f"{classifier} reads {', '.join(reader.attributes)}, but the model asks "
                            f"{', '.join(pipe.attributes)}")
-    real = None
+    real, edits = None, None
     if data is not None:
-        from .data import load_images_and_labels
+        from .data import load_images_and_labels, read_dataset, read_landmarks
+        from .edit import EditRequest
 
-        real = load_images_and_labels(data, "test", pipe.info["image_size"])[0]
+        size = pipe.info["image_size"]
+        real, labels, _ = load_images_and_labels(data, "test", size)
+        landmarks, paths = read_landmarks(data), read_dataset(data, "test").paths
+        if landmarks and len(paths) == len(real):  # built-in faces: landmarks known, edit locality measurable
+            with Image.open(paths[0]) as first:
+                scale = size / first.width
+            points = [{n: (x * scale, y * scale) for n, (x, y) in landmarks[p.name].items()} for p in paths]
+            defaults = pipe.info.get("sample", {})
+            edits = (labels, points, lambda name: EditRequest(add=(name,), steps=steps or defaults.get("steps", 25),
+                                                               guidance=defaults.get("guidance", 3.0), resample=2))
     with progress_bar() as progress:
-        evaluate_model(pipe, reader, reader_report, out, faces, guidance, steps, real, combinations, progress=progress)
+        evaluate_model(pipe, reader, reader_report, out, faces, guidance, steps, real, combinations, edits=edits,
+                       progress=progress)
     print(out / "report.md")
 
 

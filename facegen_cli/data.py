@@ -151,3 +151,19 @@ def load_images_and_labels(data_dir, split, size, workers=2):
     if not images:
         raise FacegenError(f"{data_dir}: no readable images in split {split!r}")
     return np.concatenate(images), data.labels[index], data.attributes
+
+
+def read_landmarks(root):
+    """{file name: {landmark: (x, y)}} from ROOT/list_landmarks.txt (the built-in faces write it), or {}."""
+    path = Path(root) / "list_landmarks.txt"
+    if not path.is_file():
+        return {}
+    lines = path.read_text().splitlines()
+    names = lines[1].split()
+    points = {}
+    for line in lines[2:]:
+        fields = line.split()
+        if fields:
+            values = [float(v) for v in fields[1:]]
+            points[fields[0]] = {n: (values[2 * i], values[2 * i + 1]) for i, n in enumerate(names)}
+    return points

@@ -10,6 +10,7 @@ both numbers and is reported beside them.
 
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
 from torchvision.utils import make_grid
@@ -121,11 +122,13 @@ def attribute_grid(images, columns=8):
 
 
 def evaluate_model(pipe, classifier, classifier_report, out, num_seeds=32, guidances=(3.0,), steps=None,
-                   real_images=None, combinations=8, first_seed=0, progress=None):
+                   real_images=None, combinations=8, first_seed=0, edits=None, progress=None):
     """Measure `pipe` with `classifier` at each guidance and write OUT/report.json, OUT/report.md,
     OUT/grids/<attribute>-g<guidance>.png and OUT/plots/*.png. Returns the report dict.
 
     real_images: optional uint8 (N, H, W, 3) held-out faces for the Fréchet distance.
+    edits: optional (labels (N, A), landmarks [{name: (x, y)}] of real_images, request_for(attribute))
+           to measure edit locality on the real faces.
     """
     out = Path(out)
     attributes = pipe.attributes
@@ -168,6 +171,9 @@ def evaluate_model(pipe, classifier, classifier_report, out, num_seeds=32, guida
         for i, name in enumerate(attributes):
             save_image(Image.fromarray(attribute_grid(images[i])), out / "grids" / f"{name}-g{guidance:g}.png",
                        {"facegen": {"attribute": name, "guidance": guidance, "rows": "for, against"}})
+    if edits is not None:
+        labels, points, request_for = edits
+        report["edit_locality"] = edit_locality(pipe, classifier, real_images, labels, points, request_for)
     save_plots(report, attributes, out / "plots")
     write_json(out / "report.json", report)
     with atomic_path(out / "report.md") as tmp:
@@ -240,4 +246,61 @@ def report_markdown(report, attributes):
         if "frechet_classifier_features" in result:
             lines += [f"Fréchet distance to held-out real faces in the classifier's feature space (not Inception "
                       f"FID): {result['frechet_classifier_features']:.3f}", ""]
+    if "edit_locality" in report:
+        lines += ["## Edit locality (`--add` on held-out faces without the attribute)", "",
+                  "| attribute | faces | success | PSNR outside mask | SSIM outside mask | others changed |",
+                  "|---|---|---|---|---|---|"]
+        for name, r in report["edit_locality"].items():
+            lines.append(f"| {name} | {r['faces']} | {100 * r['success']:.1f}% | {r['psnr_outside']} | "
+                         f"{r['ssim_outside']} | {100 * r['others_changed']:.1f}% |")
+        lines.append("")
     return "\n".join(lines) + "\n"
+
+
+def edit_locality(pipe, classifier, crops, labels, points, request_for, num_faces=8):
+    """Edit locality per attribute on aligned faces with known landmarks.
+
+    For each attribute, the first `num_faces` faces whose label is -1 get `--add attribute`
+    (request_for(attribute) gives the EditRequest). Returns {attribute: {success, psnr_outside,
+    ssim_outside, others_changed, faces}}: the fraction the classifier then reads as having it, PSNR and
+    SSIM over the pixels outside the mask (inf and 1.0 when untouched), and how often the other
+    attributes' readings change.
+    """
+    from .edit import edit_crops, region_mask
+
+    results = {}
+    attributes = pipe.attributes
+    for i, name in enumerate(attributes):
+        chosen = torch.nonzero(labels[:, i] < 0).flatten()[:num_faces].tolist()
+        if not chosen:
+            continue
+        request = request_for(name)
+        before = crops[chosen]
+        masks = np.stack([region_mask([name], points[k], before.shape[1], grow=request.mask_grow) for k in chosen])
+        current = classifier.predict(to_tensor(before))
+        after = edit_crops(pipe, before, masks, request, current)
+        read_after = classifier.predict(to_tensor(after))
+        outside = np.repeat(masks[..., None] == 0, 3, axis=-1)
+        others = [j for j in range(len(attributes)) if j != i]
+        results[name] = {
+            "faces": len(chosen),
+            "success": round((read_after[:, i] == 1).float().mean().item(), 4),
+            "psnr_outside": psnr_uint8(after[outside], before[outside]),
+            "ssim_outside": global_ssim(after * outside, before * outside),
+            "others_changed": round((read_after[:, others] != current[:, others]).float().mean().item(), 4),
+        }
+    return results
+
+
+def psnr_uint8(a, b):
+    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
+    return float("inf") if mse == 0 else round(10 * np.log10(255**2 / mse), 3)
+
+
+def global_ssim(a, b):
+    """SSIM over whole images (one window); 1.0 exactly when they are equal."""
+    a, b = a.astype(np.float64), b.astype(np.float64)
+    c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
+    mu_a, mu_b = a.mean(), b.mean()
+    cov = ((a - mu_a) * (b - mu_b)).mean()
+    return round(((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a**2 + mu_b**2 + c1) * (a.var() + b.var() + c2)), 4)

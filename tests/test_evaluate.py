@@ -1,5 +1,7 @@
 import json
 
+import numpy as np
+
 import pytest
 import torch
 
@@ -120,3 +122,32 @@ def test_frechet_distance_and_diversity_on_known_gaussians():
     assert abs(frechet_distance(a, 2 * b) - 3.0) < 0.1  # 3 * (1 + 4 - 2 * 2)
     same = torch.zeros(10, 3)
     assert mean_pairwise_distance(same) == 0 and mean_pairwise_distance(a[:500]) > 1.5
+
+
+def test_locality_metrics_are_infinite_and_one_for_untouched_pixels():
+    from facegen_cli.evaluate import global_ssim, psnr_uint8
+
+    image = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    assert psnr_uint8(image, image) == float("inf") and global_ssim(image, image) == 1.0
+    noisy = np.clip(image.astype(int) + 8, 0, 255).astype(np.uint8)
+    assert 25 < psnr_uint8(noisy, image) < 40 and global_ssim(noisy, image) < 1.0
+
+
+def test_edit_locality_on_built_in_faces_keeps_the_outside_exact(tiny_model_dir):
+    from facegen_cli.attributes import DEFAULT_ATTRIBUTES
+    from facegen_cli.classifier import AttributeClassifier
+    from facegen_cli.edit import EditRequest
+    from facegen_cli.evaluate import edit_locality
+    from facegen_cli.pipeline import FacegenModel
+    from facegen_cli.synthfaces import render_face
+
+    faces = [render_face(seed, 128) for seed in range(6)]
+    crops = np.stack([f[0] for f in faces])
+    labels = torch.tensor([[1 if f[1][a] else -1 for a in DEFAULT_ATTRIBUTES] for f in faces])
+    result = edit_locality(FacegenModel.load(tiny_model_dir), AttributeClassifier(attributes=DEFAULT_ATTRIBUTES),
+                           crops, labels, [f[2] for f in faces], lambda name: EditRequest(add=(name,), steps=1),
+                           num_faces=2)
+    assert set(result) == {a for i, a in enumerate(DEFAULT_ATTRIBUTES) if (labels[:, i] < 0).any()}
+    for r in result.values():
+        assert r["psnr_outside"] == float("inf") and r["ssim_outside"] == 1.0
+        assert 0 <= r["success"] <= 1 and 0 <= r["others_changed"] <= 1
