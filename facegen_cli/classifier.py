@@ -105,10 +105,14 @@ def fit_classifier(images, labels, attributes, epochs=8, batch_size=64, learning
     return model.eval()
 
 
-def train_classifier(data_dir, out, epochs=8, batch_size=64, image_size=64, log=print, progress=None):
-    """Train on a data set's train split, measure on its test split, save to `out`; returns the accuracy."""
-    train_images, train_labels, attributes = load_images_and_labels(data_dir, "train", image_size)
-    test_images, test_labels, _ = load_images_and_labels(data_dir, "test", image_size)
+def train_classifier(data_dir, out, epochs=8, batch_size=64, image_size=64, load_size=128, log=print, progress=None):
+    """Train on a data set's train split, measure on its test split, save to `out`; returns the accuracy.
+
+    Images are read at `load_size` (the models' resolution) and reduced to `image_size` by the
+    classifier itself, the same way it reduces the generated faces it measures.
+    """
+    train_images, train_labels, attributes = load_images_and_labels(data_dir, "train", load_size)
+    test_images, test_labels, _ = load_images_and_labels(data_dir, "test", load_size)
     log(f"training an attribute classifier on {len(train_images)} faces, testing on {len(test_images)}")
     model = fit_classifier(train_images, train_labels, attributes, epochs, batch_size, image_size=image_size,
                            progress=progress)
