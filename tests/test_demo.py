@@ -18,7 +18,8 @@ def test_the_demo_ships_in_float16_within_30_mb():
     assert sum(f.stat().st_size for f in files) <= 30 * 2**20
     for f in files:
         with safe_open(f, "pt") as weights:
-            assert all(weights.get_slice(k).get_dtype() == "F16" for k in weights.keys())
+            dtypes = {weights.get_slice(k).get_dtype() for k in weights.keys()}
+            assert "F16" in dtypes and not dtypes & {"F32", "F64", "BF16"}, (f, dtypes)  # counters stay ints
     info = json.loads((DEMO_MODEL / "facegen.json").read_text())
     assert info["preset"] == "demo" and info["image_size"] == 128
 
