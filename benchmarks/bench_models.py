@@ -69,7 +69,7 @@ def gflops_per_image(model, preset, device):
     return counter.get_total_flops() / 2 / 1e9
 
 
-def measure(model, preset, batch, repeats, bf16, device):
+def measure(model, preset, batch, repeats, bf16, device, sampling=True):
     """(forward seconds per batch, training images/s, seconds to sample 16 images, peak training memory GiB)."""
     forward = forward_fn(model, batch, preset, device)
     guided = forward_fn(model, 32, preset, device)  # 16 images, conditional + unconditional
@@ -96,7 +96,7 @@ def measure(model, preset, batch, repeats, bf16, device):
         torch.cuda.reset_peak_memory_stats()
     train = batch / timed(train_step, repeats, device)
     memory = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan")
-    return timed(inference, repeats, device), train, timed(sample16, 1, device), memory
+    return timed(inference, repeats, device), train, timed(sample16, 1, device) if sampling else float("nan"), memory
 
 
 def main():
@@ -107,6 +107,7 @@ def main():
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--compile", action="store_true", help="torch.compile both models")
     parser.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
+    parser.add_argument("--no-sampling", action="store_true", help="skip the (slow on CPUs) sampling column")
     parser.add_argument("--peak-tflops", type=float, default=None, help="the device's measured peak, for MFU")
     args = parser.parse_args()
 
@@ -129,7 +130,7 @@ def main():
         for precision in args.precisions:
             bf16 = precision == "bf16"
             (fwd, train, sample, memory), (fwd_d, train_d, sample_d, _) = (
-                measure(m, preset, args.batch, repeats, bf16, args.device) for m in (ours, theirs))
+                measure(m, preset, args.batch, repeats, bf16, args.device, not args.no_sampling) for m in (ours, theirs))
             mfu = f"{100 * 3 * flops * train / 1e3 / args.peak_tflops:.1f}%" if args.peak_tflops else "n/a"
             print(f"| {name} | {params:.1f}M | {flops:.2f} | {precision} "
                   f"| {fwd * 1e3:.0f} | {fwd_d * 1e3:.0f} | {fwd_d / fwd:.2f} "
