@@ -197,3 +197,18 @@ def test_mediapipe_finds_a_face_in_a_real_photo():
     p = faces[0]
     assert p["left_eye"][0] < p["nose_tip"][0] < p["right_eye"][0]
     assert p["left_eye"][1] < p["nose_tip"][1] < p["upper_lip"][1] < p["lower_lip"][1] < p["jaw_4"][1]
+
+
+def test_edit_respects_exif_orientation(tmp_path, tiny_model_dir):
+    """A JPEG stored sideways with an EXIF 'rotate 90' tag is edited upright and written upright."""
+    pytest.importorskip("mediapipe")
+    upright = Image.open(write_face_photo(tmp_path / "upright.png")).convert("RGB")
+    sideways = upright.transpose(Image.Transpose.ROTATE_90)  # what the camera stored
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90 clockwise to display
+    sideways.save(tmp_path / "photo.jpg", exif=exif, quality=95)
+    result = runner.invoke(app, ["edit", str(tmp_path / "photo.jpg"), "--add", "beard", "--model",
+                                 str(tiny_model_dir), "--steps", "1", "--out", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.stderr
+    with Image.open(tmp_path / "out" / "photo.jpg") as edited:
+        assert edited.size == upright.size and edited.format == "JPEG"
