@@ -178,9 +178,6 @@ def eval_report(
             raise FacegenError(f"{pipe.path} carries no classifier: give --classifier "
                                "(train one with `facegen eval train-classifier --data D`)")
     reader, reader_report = load_classifier(classifier, pipe.device)
-    if reader.attributes != pipe.attributes:
-        raise FacegenError(f"{classifier} reads {', '.join(reader.attributes)}, but the model asks "
-                           f"{', '.join(pipe.attributes)}")
     real, edits = None, None
     if data is not None:
         from .data import load_images_and_labels, read_dataset, read_landmarks
@@ -227,7 +224,7 @@ def process_files(files, problems, action, describe):
     A file that fails is reported on stderr and skipped. Returns the number of failures
     (problems found while collecting the inputs included).
     """
-    from PIL import UnidentifiedImageError
+    from .data import UNREADABLE_IMAGE_ERRORS
 
     for problem in problems:
         log(problem)
@@ -237,7 +234,7 @@ def process_files(files, problems, action, describe):
         for path, relative in files:
             try:
                 print(action(path, relative), flush=True)
-            except (FacegenError, OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as e:
+            except (FacegenError, *UNREADABLE_IMAGE_ERRORS) as e:
                 log(f"{path}: {e if isinstance(e, FacegenError) else f'cannot read the image ({e})'}")
                 failures += 1
             progress.advance(task)
@@ -302,9 +299,8 @@ def edit(
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
 ):
     """Change one feature of the faces in photos (--add mustache, --remove eyeglasses, ...); prints each output."""
-    from PIL import UnidentifiedImageError
-
     from .classifier import load_classifier
+    from .data import UNREADABLE_IMAGE_ERRORS
     from .edit import EditRequest, NoFaceFound, edit_prepared, prepare_photo, save_edited
     from .files import collect_inputs
     from .landmarks import FaceFinder
@@ -342,7 +338,7 @@ def edit(
                 except FacegenError as e:
                     log(f"{path}: {e}")
                     counts["failed"] += 1
-                except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as e:
+                except UNREADABLE_IMAGE_ERRORS as e:
                     log(f"{path}: cannot read the image ({e})")
                     counts["unreadable"] += 1
             if prepared:

@@ -21,6 +21,8 @@ from .errors import FacegenError
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"}
 SPLITS = {"train": "0", "valid": "1", "test": "2"}
+# What PIL raises for a file that is not a readable image.
+UNREADABLE_IMAGE_ERRORS = (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError)
 
 
 @dataclass
@@ -126,7 +128,7 @@ class ImageDataset(torch.utils.data.Dataset):
     def __getitem__(self, i):
         try:
             return i, load_image(self.paths[i], self.size)
-        except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError):
+        except UNREADABLE_IMAGE_ERRORS:
             return i, None
 
 

@@ -168,8 +168,7 @@ def request_vectors(pipe, request, current=None):
     """(B, A) conditions: the current readings (or free) with the requested attributes set."""
     attributes = pipe.attributes
     check_names(attributes, request.changed)
-    y = torch.zeros(1 if current is None else len(current), len(attributes)) if current is None \
-        else current.clone().float()
+    y = torch.zeros(1, len(attributes)) if current is None else current.clone().float()
     for name in request.add:
         y[:, attributes.index(name)] = 1.0
     for name in request.remove:

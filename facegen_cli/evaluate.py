@@ -17,6 +17,7 @@ from torchvision.utils import make_grid
 
 from .attributes import describe
 from .data import to_tensor, to_uint8
+from .errors import FacegenError
 from .files import atomic_path, save_image, write_json
 
 SIGNS = (1, -1)
@@ -133,7 +134,8 @@ def evaluate_model(pipe, classifier, classifier_report, out, num_seeds=32, guida
     out = Path(out)
     attributes = pipe.attributes
     if classifier.attributes != attributes:
-        raise ValueError(f"the classifier reads {classifier.attributes}, the model asks {attributes}")
+        raise FacegenError(f"the classifier reads {', '.join(classifier.attributes)}, but the model asks "
+                           f"{', '.join(attributes)}")
     seeds = list(range(first_seed, first_seed + num_seeds))
     combos = combination_requests(attributes, combinations)
     task = progress.add_task("evaluating", total=len(guidances) * (2 * len(attributes) + combinations)) \
