@@ -17,7 +17,7 @@ from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
 from .data import load_images_and_labels, to_tensor
-from .errors import FacegenError
+from .errors import FacegenError, first_line
 from .files import atomic_dir
 
 
@@ -59,11 +59,15 @@ class AttributeClassifier(ModelMixin, ConfigMixin):
         return torch.cat([self.features(chunk.to(self.device)).cpu() for chunk in images.split(batch_size)])
 
     @torch.inference_mode()
+    def read(self, images, batch_size=256):
+        """(+1 / -1 per attribute (N, A), pooled features (N, D)) of images in [-1, 1], in one pass."""
+        features = self.embed(images, batch_size)
+        logits = self.head(features.to(self.device)).cpu()
+        return torch.where(logits > 0, 1, -1), features
+
     def predict(self, images, batch_size=256):
         """+1 / -1 per attribute for images in [-1, 1]."""
-        self.eval()
-        logits = torch.cat([self(chunk.to(self.device)).cpu() for chunk in images.split(batch_size)])
-        return torch.where(logits > 0, 1, -1)
+        return self.read(images, batch_size)[0]
 
 
 def accuracy(predictions, labels):
@@ -137,6 +141,6 @@ def load_classifier(path, device="cpu"):
     try:
         model = AttributeClassifier.from_pretrained(path)
     except (OSError, ValueError, RuntimeError) as e:
-        raise FacegenError(f"{path}: the classifier does not load: {str(e).splitlines()[0]}") from None
+        raise FacegenError(f"{path}: the classifier does not load: {first_line(e)}") from None
     report = json.loads((path / "accuracy.json").read_text()) if (path / "accuracy.json").is_file() else {}
     return model.to(device).eval(), report

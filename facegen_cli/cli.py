@@ -162,13 +162,17 @@ def eval_report(
     data: Optional[Path] = typer.Option(None, help="Labelled image folder: its test split is the real side of "
                                                      "the Fréchet distance."),
     steps: Optional[int] = typer.Option(None, min=1, help="Sampling steps (default: the model's)."),
+    inception_fid: bool = typer.Option(True, help="With --data, also the standard Inception FID (needs "
+                                                  "`pip install 'facegen[fid]'` and the Inception weights)."),
+    inception_weights: Optional[Path] = typer.Option(None, help="Local copy of torch-fidelity's Inception weights "
+                                                                "(offline machines; default: download)."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
 ):
     """Measure a model's attribute control and leakage; writes OUT/report.json, report.md and grids."""
     if ctx.invoked_subcommand is not None:
         return
     from .classifier import load_classifier
-    from .evaluate import evaluate_model
+    from .evaluate import evaluate_model, inception_fid as standard_fid
     from .pipeline import FacegenModel
 
     pipe = FacegenModel.load(model, pick_device(device))
@@ -194,8 +198,9 @@ def eval_report(
             edits = (labels, points, lambda name: EditRequest(add=(name,), steps=steps or defaults.get("steps", 25),
                                                                guidance=defaults.get("guidance", 3.0), resample=2))
     with progress_bar() as progress:
+        fid = functools.partial(standard_fid, weights=inception_weights) if inception_fid else None
         evaluate_model(pipe, reader, reader_report, out, faces, guidance, steps, real, combinations, edits=edits,
-                       progress=progress)
+                       fid=fid, progress=progress)
     print(out / "report.md")
 
 

@@ -17,7 +17,7 @@ from torchvision.utils import make_grid
 
 from .attributes import describe
 from .data import to_tensor, to_uint8
-from .errors import FacegenError
+from .errors import FacegenError, first_line
 from .files import atomic_path, save_image, write_json
 
 SIGNS = (1, -1)
@@ -32,18 +32,21 @@ def single_attribute_requests(num_attributes):
 def read_single_attribute_faces(generate, classify, num_attributes, seeds, on_condition=None):
     """Readings (A, 2, K, A) in {-1, +1}: attribute i asked with sign SIGNS[s], seed k, attribute j read.
 
-    generate(y, seeds) -> images in [-1, 1]; classify(images) -> (K, A) readings.
-    Also returns the images (A, 2, K, 3, H, W) as uint8-ready floats for grids.
+    generate(y, seeds) -> images in [-1, 1]; classify(images) -> (readings (K, A), features (K, D)).
+    Also returns the features (A, 2, K, D) and the images (A, 2, K, 3, H, W) in [-1, 1].
     """
-    readings, images = [], []
+    readings, features, images = [], [], []
     for y in single_attribute_requests(num_attributes):
         faces = generate(y, seeds)
         images.append(faces)
-        readings.append(classify(faces))
+        reading, feature = classify(faces)
+        readings.append(reading)
+        features.append(feature)
         if on_condition:
             on_condition()
     shape = (num_attributes, len(SIGNS), len(seeds))
-    return torch.stack(readings).view(*shape, -1), torch.stack(images).view(*shape, *images[0].shape[1:])
+    return (torch.stack(readings).view(*shape, -1), torch.stack(features).view(*shape, -1),
+            torch.stack(images).view(*shape, *images[0].shape[1:]))
 
 
 def control_rates(readings):
@@ -115,6 +118,26 @@ def frechet_distance(a, b):
     return ((mu_a - mu_b).square().sum() + cov_a.trace() + cov_b.trace() - 2 * cross).item()
 
 
+def inception_fid(real, generated, weights=None, feature=2048, batch_size=64):
+    """The standard FID between uint8 images (N, H, W, 3): torchmetrics' FrechetInceptionDistance with
+    torch-fidelity's Inception-v3 (`pip install "facegen[fid]"`).
+
+    The Inception weights are downloaded on first use; offline, give `weights`, a local copy of
+    torch-fidelity's weights-inception-2015-12-05 file. `feature` may also be any nn.Module mapping
+    uint8 images to features (tests use a small one). Raises FacegenError when it cannot be measured.
+    """
+    try:
+        from torchmetrics.image.fid import FrechetInceptionDistance
+
+        metric = FrechetInceptionDistance(feature=feature, feature_extractor_weights_path=weights)
+    except (ImportError, OSError, RuntimeError, ValueError) as e:  # missing packages, no network, bad weights
+        raise FacegenError(f"Inception FID unavailable: {first_line(e)}") from None
+    for images, is_real in ((real, True), (generated, False)):
+        for chunk in torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).split(batch_size):
+            metric.update(chunk, real=is_real)
+    return metric.compute().item()
+
+
 def attribute_grid(images, columns=8):
     """One attribute's faces (2, K, 3, H, W) in [-1, 1] -> uint8 (H', W', 3): row 1 asked for, row 2 against."""
     faces = images[:, :columns].reshape(-1, *images.shape[2:])
@@ -123,11 +146,13 @@ def attribute_grid(images, columns=8):
 
 
 def evaluate_model(pipe, classifier, classifier_report, out, num_seeds=32, guidances=(3.0,), steps=None,
-                   real_images=None, combinations=8, first_seed=0, edits=None, progress=None):
+                   real_images=None, combinations=8, first_seed=0, edits=None, fid=None, progress=None):
     """Measure `pipe` with `classifier` at each guidance and write OUT/report.json, OUT/report.md,
     OUT/grids/<attribute>-g<guidance>.png and OUT/plots/*.png. Returns the report dict.
 
-    real_images: optional uint8 (N, H, W, 3) held-out faces for the Fréchet distance.
+    real_images: optional uint8 (N, H, W, 3) held-out faces for the Fréchet distances.
+    fid: optional fid(real_uint8, generated_uint8) -> float, the standard FID (inception_fid); when it
+         raises FacegenError the report says why it was not measured.
     edits: optional (labels (N, A), landmarks [{name: (x, y)}] of real_images, request_for(attribute))
            to measure edit locality on the real faces.
     """
@@ -146,9 +171,9 @@ def evaluate_model(pipe, classifier, classifier_report, out, num_seeds=32, guida
               "classifier_test_accuracy": classifier_report.get("test_accuracy", {}), "guidance": {}}
     for guidance in guidances:
         generate = lambda y, s: pipe.generate(y, s, steps=steps, guidance=guidance)  # noqa: E731
-        readings, images = read_single_attribute_faces(generate, classifier.predict, len(attributes), seeds, advance)
+        readings, features, images = read_single_attribute_faces(generate, classifier.read, len(attributes), seeds,
+                                                                 advance)
         control, leakage = control_rates(readings), leakage_matrix(readings)
-        features = classifier.embed(images.flatten(0, 2)).view(*images.shape[:3], -1)
         combo_readings = []
         for y in combos:
             combo_readings.append(classifier.predict(generate(y, seeds)))
@@ -169,6 +194,11 @@ def evaluate_model(pipe, classifier, classifier_report, out, num_seeds=32, guida
         if real_features is not None:
             result["frechet_classifier_features"] = round(frechet_distance(real_features, features.flatten(0, 2)), 4)
             result["diversity_real"] = round(mean_pairwise_distance(real_features[:num_seeds]), 4)
+        if fid is not None and real_images is not None:
+            try:
+                result["inception_fid"] = round(fid(real_images, to_uint8(images.flatten(0, 2))), 4)
+            except FacegenError as e:
+                result["inception_fid_unavailable"] = str(e)
         report["guidance"][str(guidance)] = result
         for i, name in enumerate(attributes):
             save_image(Image.fromarray(attribute_grid(images[i])), out / "grids" / f"{name}-g{guidance:g}.png",
@@ -248,6 +278,10 @@ def report_markdown(report, attributes):
         if "frechet_classifier_features" in result:
             lines += [f"Fréchet distance to held-out real faces in the classifier's feature space (not Inception "
                       f"FID): {result['frechet_classifier_features']:.3f}", ""]
+        if "inception_fid" in result:
+            lines += [f"Inception FID (torchmetrics) to held-out real faces: {result['inception_fid']:.3f}", ""]
+        elif "inception_fid_unavailable" in result:
+            lines += [f"Inception FID: not measured ({result['inception_fid_unavailable']}).", ""]
     if "edit_locality" in report:
         lines += ["## Edit locality (`--add` on held-out faces without the attribute)", "",
                   "| attribute | faces | success | PSNR outside mask | SSIM outside mask | others changed |",

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from . import flow, vae as vae_lib
-from .errors import FacegenError
+from .errors import FacegenError, first_line
 from .files import atomic_dir
 from .model import LatentDiT
 
@@ -55,8 +55,7 @@ class FacegenModel:
             info = json.loads((path / MODEL_FILE).read_text())
             dit = LatentDiT.from_pretrained(path / "dit")
         except (OSError, ValueError, RuntimeError, KeyError, TypeError) as e:
-            message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise FacegenError(f"{path}: the DiT checkpoint does not load: {message}") from None
+            raise FacegenError(f"{path}: the DiT checkpoint does not load: {first_line(e)}") from None
         vae = vae_lib.load_vae(path / "vae", device)
         return cls(dit.to(device).eval().requires_grad_(False), vae, info, path)
 

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL
 
-from .errors import FacegenError
+from .errors import FacegenError, first_line
 
 DEFAULT_VAE = "stabilityai/sd-vae-ft-mse"
 
@@ -29,8 +29,7 @@ def load_vae(source, device="cpu"):
     try:
         vae = AutoencoderKL.from_pretrained(path if path.exists() else source)
     except (OSError, ValueError) as e:
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise FacegenError(f"cannot load the VAE {source!r}: {first_line}") from None
+        raise FacegenError(f"cannot load the VAE {source!r}: {first_line(e)}") from None
     return vae.to(device).eval().requires_grad_(False)
 
 

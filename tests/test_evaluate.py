@@ -32,14 +32,19 @@ def perfect_classifier(images):
     return images[:, 0, :, 0].sign().long()
 
 
+def perfect_reader(images):
+    """(readings, features), as AttributeClassifier.read gives them."""
+    return perfect_classifier(images), images[:, 0, :, 0]
+
+
 def test_single_attribute_requests_ask_each_attribute_alone_both_ways():
     requests = single_attribute_requests(3)
     assert requests.tolist() == [[1, 0, 0], [-1, 0, 0], [0, 1, 0], [0, -1, 0], [0, 0, 1], [0, 0, -1]]
 
 
 def test_a_faithful_generator_has_full_control_and_no_leakage():
-    readings, images = read_single_attribute_faces(faithful_generator, perfect_classifier, A, list(range(K)))
-    assert readings.shape == (A, 2, K, A) and images.shape == (A, 2, K, 3, A, A)
+    readings, features, images = read_single_attribute_faces(faithful_generator, perfect_reader, A, list(range(K)))
+    assert readings.shape == (A, 2, K, A) and features.shape == (A, 2, K, A) and images.shape == (A, 2, K, 3, A, A)
     assert torch.equal(control_rates(readings), torch.ones(A, 2))
     leakage = leakage_matrix(readings)
     assert torch.equal(leakage, torch.eye(A))  # only the flipped attribute changes, always
@@ -47,7 +52,7 @@ def test_a_faithful_generator_has_full_control_and_no_leakage():
 
 
 def test_a_generator_that_ignores_labels_scores_chance():
-    readings, _ = read_single_attribute_faces(careless_generator, perfect_classifier, A, list(range(K)))
+    readings, _, _ = read_single_attribute_faces(careless_generator, perfect_reader, A, list(range(K)))
     control = control_rates(readings)
     assert ((control - 0.5).abs() < 0.12).all(), control
     assert torch.equal(leakage_matrix(readings), torch.zeros(A, A))  # nothing flips, not even the asked one
@@ -66,6 +71,7 @@ def test_eval_report_through_the_cli(tmp_path, tiny_model_dir, tiny_data):
     result = CliRunner().invoke(app, ["eval", "--model", str(tiny_model_dir), "--classifier", str(tmp_path / "clf"),
                                       "-k", "2", "--guidance", "1", "--guidance", "3", "--steps", "2",
                                       "--combinations", "2", "--data", str(tiny_data),
+                                      "--inception-weights", str(tmp_path / "no-such-weights.pth"),
                                       "--out", str(tmp_path / "report")])
     assert result.exit_code == 0, result.stderr
     assert result.stdout.strip() == str(tmp_path / "report" / "report.md")
@@ -77,6 +83,9 @@ def test_eval_report_through_the_cli(tmp_path, tiny_model_dir, tiny_data):
     assert "| smiling |" in (tmp_path / "report" / "report.md").read_text()
     assert (tmp_path / "report" / "grids" / "beard-g3.png").is_file()
     assert (tmp_path / "report" / "plots" / "leakage.png").is_file() and "frechet_classifier_features" in result_g3
+    # The standard FID could not be measured (no weights there): the report says so instead of a number.
+    assert "Inception FID unavailable" in result_g3["inception_fid_unavailable"] and "inception_fid" not in result_g3
+    assert "Inception FID: not measured" in (tmp_path / "report" / "report.md").read_text()
 
 
 def test_eval_without_a_classifier_is_a_clear_error(tiny_model_dir):
@@ -122,6 +131,35 @@ def test_frechet_distance_and_diversity_on_known_gaussians():
     assert abs(frechet_distance(a, 2 * b) - 3.0) < 0.1  # 3 * (1 + 4 - 2 * 2)
     same = torch.zeros(10, 3)
     assert mean_pairwise_distance(same) == 0 and mean_pairwise_distance(a[:500]) > 1.5
+
+
+def test_inception_fid_through_torchmetrics_matches_our_frechet_distance_on_the_same_features():
+    """torchmetrics' FID path, with a small pooling network standing in for Inception (no weights offline)."""
+    from facegen_cli.evaluate import frechet_distance, inception_fid
+
+    class PooledColours(torch.nn.Module):
+        num_features = 12
+
+        def forward(self, uint8_images):
+            return torch.nn.functional.adaptive_avg_pool2d(uint8_images.double() / 255, 2).flatten(1)
+
+    rng = np.random.default_rng(0)
+    real = rng.integers(0, 256, (64, 16, 16, 3), dtype=np.uint8)
+    generated = (real // 2 + np.array([100, 20, 60], dtype=np.uint8)).astype(np.uint8)  # darker, tinted, flatter
+    features = lambda images: PooledColours()(torch.from_numpy(images).permute(0, 3, 1, 2))  # noqa: E731
+    expected = frechet_distance(features(real), features(generated))
+    measured = inception_fid(real, generated, feature=PooledColours(), batch_size=24)
+    assert expected > 0.01 and measured == pytest.approx(expected, rel=1e-4)
+    assert inception_fid(real, real, feature=PooledColours()) == pytest.approx(0, abs=1e-6)
+
+
+def test_inception_fid_without_its_weights_is_a_clear_error(tmp_path):
+    from facegen_cli.errors import FacegenError
+    from facegen_cli.evaluate import inception_fid
+
+    images = np.zeros((4, 16, 16, 3), dtype=np.uint8)
+    with pytest.raises(FacegenError, match="Inception FID unavailable"):
+        inception_fid(images, images, weights=tmp_path / "missing.pth")
 
 
 def test_locality_metrics_are_infinite_and_one_for_untouched_pixels():
