@@ -167,6 +167,7 @@ def evaluate_model(pipe, classifier, classifier_report, out, num_seeds=32, guida
         if progress else None
     advance = (lambda: progress.advance(task)) if progress else None
     real_features = classifier.embed(to_tensor(real_images)) if real_images is not None else None
+    fid_unavailable = None
     report = {"model": pipe.info.get("preset"), "seeds": [seeds[0], seeds[-1]], "faces_per_condition": num_seeds,
               "classifier_test_accuracy": classifier_report.get("test_accuracy", {}), "guidance": {}}
     for guidance in guidances:
@@ -194,11 +195,13 @@ def evaluate_model(pipe, classifier, classifier_report, out, num_seeds=32, guida
         if real_features is not None:
             result["frechet_classifier_features"] = round(frechet_distance(real_features, features.flatten(0, 2)), 4)
             result["diversity_real"] = round(mean_pairwise_distance(real_features[:num_seeds]), 4)
-        if fid is not None and real_images is not None:
+        if fid is not None and real_images is not None and fid_unavailable is None:
             try:
                 result["inception_fid"] = round(fid(real_images, to_uint8(images.flatten(0, 2))), 4)
             except FacegenError as e:
-                result["inception_fid_unavailable"] = str(e)
+                fid_unavailable = str(e)  # tried once: the next guidances would fail the same way
+        if fid_unavailable is not None:
+            result["inception_fid_unavailable"] = fid_unavailable
         report["guidance"][str(guidance)] = result
         for i, name in enumerate(attributes):
             save_image(Image.fromarray(attribute_grid(images[i])), out / "grids" / f"{name}-g{guidance:g}.png",
