@@ -38,7 +38,7 @@ def test_generate_with_the_shipped_model_through_the_cli(tmp_path):
 
 def test_the_demo_classifier_reads_what_the_demo_was_asked_for():
     """End to end on fixed seeds: faces asked for --male --beard read as such (the two attributes the
-    1,000-step demo controls best; docs/demo-eval/report.md has them all)."""
+    demo controls best at its default guidance; docs/demo-eval/report.md has them all)."""
     from facegen_cli.attributes import request_vector
     from facegen_cli.classifier import load_classifier
 
