@@ -163,7 +163,7 @@ def eval_report(
                                                      "the Fréchet distance."),
     steps: Optional[int] = typer.Option(None, min=1, help="Sampling steps (default: the model's)."),
     inception_fid: bool = typer.Option(True, help="With --data, also the standard Inception FID (needs "
-                                                  "`pip install 'facegen[fid]'` and the Inception weights)."),
+                                                  "`pip install -e '.[fid]'` and the Inception weights)."),
     inception_weights: Optional[Path] = typer.Option(None, help="Local copy of torch-fidelity's Inception weights "
                                                                 "(offline machines; default: download)."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
@@ -172,7 +172,7 @@ def eval_report(
     if ctx.invoked_subcommand is not None:
         return
     from .classifier import load_classifier
-    from .evaluate import evaluate_model, inception_fid as standard_fid
+    from .evaluate import evaluate_model, inception_fid_to
     from .pipeline import FacegenModel
 
     pipe = FacegenModel.load(model, pick_device(device))
@@ -198,9 +198,9 @@ def eval_report(
             edits = (labels, points, lambda name: EditRequest(add=(name,), steps=steps or defaults.get("steps", 25),
                                                                guidance=defaults.get("guidance", 3.0), resample=2))
     with progress_bar() as progress:
-        fid = functools.partial(standard_fid, weights=inception_weights) if inception_fid else None
+        fid_to = functools.partial(inception_fid_to, weights=inception_weights) if inception_fid else None
         evaluate_model(pipe, reader, reader_report, out, faces, guidance, steps, real, combinations, edits=edits,
-                       fid=fid, progress=progress)
+                       fid_to=fid_to, progress=progress)
     print(out / "report.md")
 
 

@@ -118,24 +118,34 @@ def frechet_distance(a, b):
     return ((mu_a - mu_b).square().sum() + cov_a.trace() + cov_b.trace() - 2 * cross).item()
 
 
-def inception_fid(real, generated, weights=None, feature=2048, batch_size=64):
-    """The standard FID between uint8 images (N, H, W, 3): torchmetrics' FrechetInceptionDistance with
-    torch-fidelity's Inception-v3 (`pip install "facegen[fid]"`).
+def inception_fid_to(real, weights=None, feature=2048, batch_size=64):
+    """The standard FID to the uint8 images `real` (N, H, W, 3): returns fid(generated) -> float.
 
-    The Inception weights are downloaded on first use; offline, give `weights`, a local copy of
-    torch-fidelity's weights-inception-2015-12-05 file. `feature` may also be any nn.Module mapping
-    uint8 images to features (tests use a small one). Raises FacegenError when it cannot be measured.
+    torchmetrics' FrechetInceptionDistance with torch-fidelity's Inception-v3 (`pip install -e ".[fid]"`);
+    the real images go through Inception once, however many generated sets are measured. The weights
+    are downloaded on first use; offline, give `weights`, a local copy of torch-fidelity's
+    weights-inception-2015-12-05 file. `feature` may also be any nn.Module mapping uint8 images to
+    features (tests use a small one). Raises FacegenError when it cannot be measured.
     """
     try:
         from torchmetrics.image.fid import FrechetInceptionDistance
 
-        metric = FrechetInceptionDistance(feature=feature, feature_extractor_weights_path=weights)
+        metric = FrechetInceptionDistance(feature=feature, feature_extractor_weights_path=weights,
+                                          reset_real_features=False)
     except (ImportError, OSError, RuntimeError, ValueError) as e:  # missing packages, no network, bad weights
         raise FacegenError(f"Inception FID unavailable: {first_line(e)}") from None
-    for images, is_real in ((real, True), (generated, False)):
+
+    def update(images, is_real):
         for chunk in torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).split(batch_size):
             metric.update(chunk, real=is_real)
-    return metric.compute().item()
+
+    def fid(generated):
+        metric.reset()  # forgets the previous generated set, keeps the real one
+        update(generated, is_real=False)
+        return metric.compute().item()
+
+    update(real, is_real=True)
+    return fid
 
 
 def attribute_grid(images, columns=8):
@@ -146,13 +156,13 @@ def attribute_grid(images, columns=8):
 
 
 def evaluate_model(pipe, classifier, classifier_report, out, num_seeds=32, guidances=(3.0,), steps=None,
-                   real_images=None, combinations=8, first_seed=0, edits=None, fid=None, progress=None):
+                   real_images=None, combinations=8, first_seed=0, edits=None, fid_to=None, progress=None):
     """Measure `pipe` with `classifier` at each guidance and write OUT/report.json, OUT/report.md,
     OUT/grids/<attribute>-g<guidance>.png and OUT/plots/*.png. Returns the report dict.
 
     real_images: optional uint8 (N, H, W, 3) held-out faces for the Fréchet distances.
-    fid: optional fid(real_uint8, generated_uint8) -> float, the standard FID (inception_fid); when it
-         raises FacegenError the report says why it was not measured.
+    fid_to: optional fid_to(real_uint8) -> fid(generated_uint8) -> float, the standard FID
+            (inception_fid_to); when it raises FacegenError the report says why it was not measured.
     edits: optional (labels (N, A), landmarks [{name: (x, y)}] of real_images, request_for(attribute))
            to measure edit locality on the real faces.
     """
@@ -167,7 +177,12 @@ def evaluate_model(pipe, classifier, classifier_report, out, num_seeds=32, guida
         if progress else None
     advance = (lambda: progress.advance(task)) if progress else None
     real_features = classifier.embed(to_tensor(real_images)) if real_images is not None else None
-    fid_unavailable = None
+    fid, fid_unavailable = None, None
+    if fid_to is not None and real_images is not None:
+        try:
+            fid = fid_to(real_images)
+        except FacegenError as e:
+            fid_unavailable = str(e)
     report = {"model": pipe.info.get("preset"), "seeds": [seeds[0], seeds[-1]], "faces_per_condition": num_seeds,
               "classifier_test_accuracy": classifier_report.get("test_accuracy", {}), "guidance": {}}
     for guidance in guidances:
@@ -195,12 +210,9 @@ def evaluate_model(pipe, classifier, classifier_report, out, num_seeds=32, guida
         if real_features is not None:
             result["frechet_classifier_features"] = round(frechet_distance(real_features, features.flatten(0, 2)), 4)
             result["diversity_real"] = round(mean_pairwise_distance(real_features[:num_seeds]), 4)
-        if fid is not None and real_images is not None and fid_unavailable is None:
-            try:
-                result["inception_fid"] = round(fid(real_images, to_uint8(images.flatten(0, 2))), 4)
-            except FacegenError as e:
-                fid_unavailable = str(e)  # tried once: the next guidances would fail the same way
-        if fid_unavailable is not None:
+        if fid is not None:
+            result["inception_fid"] = round(fid(to_uint8(images.flatten(0, 2))), 4)
+        elif fid_unavailable is not None:
             result["inception_fid_unavailable"] = fid_unavailable
         report["guidance"][str(guidance)] = result
         for i, name in enumerate(attributes):

@@ -135,7 +135,7 @@ def test_frechet_distance_and_diversity_on_known_gaussians():
 
 def test_inception_fid_through_torchmetrics_matches_our_frechet_distance_on_the_same_features():
     """torchmetrics' FID path, with a small pooling network standing in for Inception (no weights offline)."""
-    from facegen_cli.evaluate import frechet_distance, inception_fid
+    from facegen_cli.evaluate import frechet_distance, inception_fid_to
 
     class PooledColours(torch.nn.Module):
         num_features = 12
@@ -148,18 +148,19 @@ def test_inception_fid_through_torchmetrics_matches_our_frechet_distance_on_the_
     generated = (real // 2 + np.array([100, 20, 60], dtype=np.uint8)).astype(np.uint8)  # darker, tinted, flatter
     features = lambda images: PooledColours()(torch.from_numpy(images).permute(0, 3, 1, 2))  # noqa: E731
     expected = frechet_distance(features(real), features(generated))
-    measured = inception_fid(real, generated, feature=PooledColours(), batch_size=24)
-    assert expected > 0.01 and measured == pytest.approx(expected, rel=1e-4)
-    assert inception_fid(real, real, feature=PooledColours()) == pytest.approx(0, abs=1e-6)
+    fid = inception_fid_to(real, feature=PooledColours(), batch_size=24)
+    assert expected > 0.01 and fid(generated) == pytest.approx(expected, rel=1e-4)
+    assert fid(real) == pytest.approx(0, abs=1e-6)  # the previous generated set is forgotten, the real one kept
+    assert fid(generated) == pytest.approx(expected, rel=1e-4)
 
 
 def test_inception_fid_without_its_weights_is_a_clear_error(tmp_path):
     from facegen_cli.errors import FacegenError
-    from facegen_cli.evaluate import inception_fid
+    from facegen_cli.evaluate import inception_fid_to
 
     images = np.zeros((4, 16, 16, 3), dtype=np.uint8)
     with pytest.raises(FacegenError, match="Inception FID unavailable"):
-        inception_fid(images, images, weights=tmp_path / "missing.pth")
+        inception_fid_to(images, weights=tmp_path / "missing.pth")
 
 
 def test_locality_metrics_are_infinite_and_one_for_untouched_pixels():
