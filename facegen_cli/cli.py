@@ -404,12 +404,16 @@ def train(
     steps: Optional[int] = typer.Option(None, min=1, help="Train to this step (default: the preset's)."),
     batch_size: Optional[int] = typer.Option(None, min=1, help="Global batch size (default: the preset's)."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the run's last checkpoint."),
+    cooldown_steps: Optional[int] = typer.Option(
+        None, min=0, help="Decay the learning rate linearly to 0 over the last N steps before --steps "
+                          "(default: the preset's; 0 = constant to the end)."),
 ):
     """Train a LatentDiT; the usable model lands in OUT/model."""
     from .train import train as run_training
 
     with progress_bar(loss=".4f", speed=".1f") as progress:
-        model_path = run_training(load_preset(preset), data, out, vae, steps, batch_size, resume, log, progress)
+        model_path = run_training(load_preset(preset), data, out, vae, steps, batch_size, resume, log, progress,
+                                  cooldown_steps)
     print(model_path)
 
 

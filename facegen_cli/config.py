@@ -19,6 +19,7 @@ class TrainConfig:
     learning_rate: float = 1e-4
     weight_decay: float = 0.0
     warmup_steps: int = 500
+    cooldown_steps: int = 0  # the last N steps before the end decay the learning rate linearly to 0
     max_steps: int = 100_000
     grad_clip: float = 1.0
     ema_decay: float = 0.9999

@@ -58,8 +58,15 @@ def drop_labels(labels, generator, attribute_dropout, condition_dropout):
     return labels.float() * keep
 
 
-def learning_rate(step, cfg):
-    return cfg.learning_rate * min(1.0, (step + 1) / max(cfg.warmup_steps, 1))
+def learning_rate(step, cfg, max_steps, cooldown_steps=0):
+    """Warmup, then constant, then (cooldown_steps > 0) a linear decay to 0 at max_steps.
+
+    The constant phase is what `--resume` extends; the cooldown is how a run ends (the
+    warmup-stable-decay schedule), so the length of a run need not be fixed when it starts.
+    """
+    warmup = (step + 1) / max(cfg.warmup_steps, 1)
+    cooldown = (max_steps - step) / cooldown_steps if cooldown_steps else 1.0
+    return cfg.learning_rate * min(1.0, warmup, cooldown)
 
 
 def prepare_latents(data, out, vae_source, image_size, log, progress):
@@ -122,7 +129,7 @@ def sample_grid(model, ema, vae, info, path, step):
 
 
 def train(preset, data, out, vae_source=None, max_steps=None, batch_size=None, resume=False,
-          log=print, progress=None):
+          log=print, progress=None, cooldown_steps=None):
     """Train `preset` on `data` (a latent cache or a labelled image folder) into run folder `out`.
 
     Returns the path of the exported model folder.
@@ -130,6 +137,7 @@ def train(preset, data, out, vae_source=None, max_steps=None, batch_size=None, r
     cfg = preset.train
     max_steps = max_steps or cfg.max_steps
     batch_size = batch_size or cfg.batch_size
+    cooldown_steps = cfg.cooldown_steps if cooldown_steps is None else cooldown_steps
     out = Path(out)
     if not resume and latest_checkpoint(out):
         raise FacegenError(f"{out} already holds checkpoints; add --resume to continue it, or choose a new --out")
@@ -169,8 +177,9 @@ def train(preset, data, out, vae_source=None, max_steps=None, batch_size=None, r
     model, optimizer = accelerator.prepare(model, optimizer)
     ema.to(accelerator.device)
     num_params = sum(p.numel() for p in model.parameters())
+    cooldown = f" (learning rate decaying to 0 over the last {cooldown_steps})" if cooldown_steps else ""
     log(f"training {preset.name} ({num_params / 1e6:.2f}M parameters) on {len(latents)} latents, "
-        f"batch {batch_size}, steps {start_step}..{max_steps}, device {accelerator.device}, "
+        f"batch {batch_size}, steps {start_step}..{max_steps}{cooldown}, device {accelerator.device}, "
         f"precision {cfg.mixed_precision}")
 
     task = progress.add_task("training", total=max_steps, completed=start_step, loss=float("nan"), speed=0.0) \
@@ -182,7 +191,7 @@ def train(preset, data, out, vae_source=None, max_steps=None, batch_size=None, r
         x0 = latents[index].to(accelerator.device)
         y = drop_labels(labels[index], generator, cfg.attribute_dropout, cfg.condition_dropout).to(accelerator.device)
         for group in optimizer.param_groups:
-            group["lr"] = learning_rate(step, cfg)
+            group["lr"] = learning_rate(step, cfg, max_steps, cooldown_steps)
         with accelerator.autocast():
             loss, parts = flow.flow_loss(model, x0, y, generator, cfg.laplacian_weight, cfg.t_mean, cfg.t_std)
         accelerator.backward(loss)

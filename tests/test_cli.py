@@ -107,9 +107,10 @@ def test_encode_reports_corrupt_images_and_writes_a_cache(tmp_path, tiny_vae_dir
     assert result.stdout.strip() == str(tmp_path / "cache")
     assert "img_0001.png" in result.stderr and "1 unreadable images skipped" in result.stderr
 
-    train = run("train", "--data", tmp_path / "cache", "--preset", "tiny", "--out", tmp_path / "run", "--steps", 2)
+    train = run("train", "--data", tmp_path / "cache", "--preset", "tiny", "--out", tmp_path / "run", "--steps", 2,
+                "--cooldown-steps", 1)
     assert train.exit_code == 0, train.stderr
-    assert "on 3 latents" in train.stderr
+    assert "on 3 latents" in train.stderr and "decaying to 0 over the last 1)" in train.stderr
 
 
 def test_presets_lists_parameter_counts():

@@ -4,10 +4,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from facegen_cli.config import load_preset
+from facegen_cli.config import TrainConfig, load_preset
 from facegen_cli.errors import FacegenError
 from facegen_cli.pipeline import FacegenModel
-from facegen_cli.train import batch_indices, drop_labels, train
+from facegen_cli.train import batch_indices, drop_labels, learning_rate, train
 
 
 def quiet(message):
@@ -28,6 +28,16 @@ def test_label_dropout_only_frees_attributes():
     assert ((dropped == labels) | (dropped == 0)).all()
     assert 0.3 < (dropped == 0).float().mean() < 0.45  # 0.3 + 0.1 * 0.7
     assert 0.05 < (dropped == 0).all(dim=1).float().mean() < 0.15
+
+
+def test_learning_rate_warms_up_holds_and_cools_down_to_zero():
+    cfg = TrainConfig(learning_rate=1e-3, warmup_steps=10)
+    constant = [learning_rate(step, cfg, max_steps=100) for step in range(100)]
+    assert constant[0] == pytest.approx(1e-4) and constant[9:] == [pytest.approx(1e-3)] * 91
+    cooled = [learning_rate(step, cfg, max_steps=100, cooldown_steps=20) for step in range(100)]
+    assert cooled[:80] == constant[:80]  # the cooldown leaves the rest of the run alone
+    assert cooled[80:] == [pytest.approx(1e-3 * (100 - s) / 20) for s in range(80, 100)]
+    assert cooled[-1] == pytest.approx(1e-3 / 20)  # reaches 0 at max_steps itself
 
 
 def test_resume_continues_bit_for_bit(tmp_path, tiny_run):
