@@ -407,13 +407,16 @@ def train(
     cooldown_steps: Optional[int] = typer.Option(
         None, min=0, help="Decay the learning rate linearly to 0 over the last N steps before --steps "
                           "(default: the preset's; 0 = constant to the end)."),
+    init_from: Optional[Path] = typer.Option(
+        None, help="Start from this model folder's weights (e.g. facegen_cli/demo) instead of from scratch: "
+                   "fine-tuning. It must match the preset, the attributes and the latents' VAE."),
 ):
     """Train a LatentDiT; the usable model lands in OUT/model."""
     from .train import train as run_training
 
     with progress_bar(loss=".4f", speed=".1f") as progress:
         model_path = run_training(load_preset(preset), data, out, vae, steps, batch_size, resume, log, progress,
-                                  cooldown_steps)
+                                  cooldown_steps, init_from)
     print(model_path)
 
 

@@ -109,6 +109,21 @@ def load_checkpoint(path, model, ema, optimizer, state):
     return saved["step"]
 
 
+def load_init_model(path, model_config, cache_meta):
+    """An existing model folder to fine-tune from: it must match the preset, vocabulary and VAE."""
+    base = FacegenModel.load(path)
+    base_config = {key: base.dit.config[key] for key in model_config}
+    base_config["attributes"] = list(base_config["attributes"])
+    different = [f"{key} {base_config[key]} vs {model_config[key]}"
+                 for key in model_config if base_config[key] != model_config[key]]
+    if different:
+        raise FacegenError(f"--init-from {path} does not match this run's preset and data: {'; '.join(different)}")
+    if vae_fingerprint(base.vae) != cache_meta["vae_fingerprint"]:
+        raise FacegenError(f"--init-from {path} decodes with another VAE than the one that encoded the "
+                           f"latents ({cache_meta['vae_source']})")
+    return base
+
+
 def export_model(model, ema, vae, info, out):
     """Write RUN/model with the EMA weights."""
     ema_model = LatentDiT.from_config(model.config)
@@ -129,8 +144,11 @@ def sample_grid(model, ema, vae, info, path, step):
 
 
 def train(preset, data, out, vae_source=None, max_steps=None, batch_size=None, resume=False,
-          log=print, progress=None, cooldown_steps=None):
+          log=print, progress=None, cooldown_steps=None, init_from=None):
     """Train `preset` on `data` (a latent cache or a labelled image folder) into run folder `out`.
+
+    `init_from` (a model folder) starts the DiT and its EMA from that model's weights and latent
+    statistics instead of from scratch (fine-tuning); the optimizer starts afresh, with warmup.
 
     Returns the path of the exported model folder.
     """
@@ -160,6 +178,18 @@ def train(preset, data, out, vae_source=None, max_steps=None, batch_size=None, r
         "vae_source": cache_meta["vae_source"],
         "sample": preset.to_dict()["sample"],
     }
+    state = {"preset": preset.name, "model_config": model_config, "attributes": cache_meta["attributes"]}
+    init = None  # the model this run fine-tunes, if any: where from, its steps, its latent statistics
+    checkpoint = latest_checkpoint(out) if resume else None
+    if checkpoint:  # a fine-tuning run resumes from its own checkpoints
+        init = json.loads((checkpoint / "state.json").read_text()).get("init")
+    elif init_from:
+        base = load_init_model(init_from, model_config, cache_meta)
+        init = {"source": str(init_from), "trained_steps": base.info.get("trained_steps", 0),
+                "latent_mean": base.info["latent_mean"], "latent_std": base.info["latent_std"]}
+    if init:
+        state["init"] = init
+        info.update(latent_mean=init["latent_mean"], latent_std=init["latent_std"], init_from=init["source"])
     mean = torch.tensor(info["latent_mean"]).view(1, -1, 1, 1)
     std = torch.tensor(info["latent_std"]).view(1, -1, 1, 1)
     latents = (latents - mean) / std
@@ -167,13 +197,16 @@ def train(preset, data, out, vae_source=None, max_steps=None, batch_size=None, r
 
     torch.manual_seed(cfg.seed)
     model = LatentDiT(**model_config)
+    if init and not checkpoint:
+        model.load_state_dict(base.dit.state_dict())
+        log(f"starting from {init['source']} (trained {init['trained_steps']} steps)")
     ema = EMAModel(model.parameters(), decay=cfg.ema_decay)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-    state = {"preset": preset.name, "model_config": model_config, "attributes": cache_meta["attributes"]}
     start_step = 0
-    if resume and (checkpoint := latest_checkpoint(out)):
+    if checkpoint:
         start_step = load_checkpoint(checkpoint, model, ema, optimizer, state)
         log(f"resuming from {checkpoint} at step {start_step}")
+    steps_before = init["trained_steps"] if init else 0
     model, optimizer = accelerator.prepare(model, optimizer)
     ema.to(accelerator.device)
     num_params = sum(p.numel() for p in model.parameters())
@@ -214,7 +247,7 @@ def train(preset, data, out, vae_source=None, max_steps=None, batch_size=None, r
             if done % cfg.checkpoint_every == 0 or done == max_steps:
                 unwrapped = accelerator.unwrap_model(model)
                 save_checkpoint(out, done, unwrapped, ema, optimizer, state, cfg.keep_checkpoints)
-                export_model(unwrapped, ema, vae, {**info, "trained_steps": done}, out)
+                export_model(unwrapped, ema, vae, {**info, "trained_steps": steps_before + done}, out)
         accelerator.wait_for_everyone()
     if start_step >= max_steps:
         log(f"{out} is already trained to step {start_step}")

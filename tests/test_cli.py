@@ -112,6 +112,12 @@ def test_encode_reports_corrupt_images_and_writes_a_cache(tmp_path, tiny_vae_dir
     assert train.exit_code == 0, train.stderr
     assert "on 3 latents" in train.stderr and "decaying to 0 over the last 1)" in train.stderr
 
+    tuned = run("train", "--data", tmp_path / "cache", "--preset", "tiny", "--out", tmp_path / "tuned", "--steps", 1,
+                "--init-from", tmp_path / "run/model")
+    assert tuned.exit_code == 0, tuned.stderr
+    assert f"starting from {tmp_path / 'run/model'} (trained 2 steps)" in tuned.stderr
+    assert json.loads((tmp_path / "tuned/model/facegen.json").read_text())["trained_steps"] == 3
+
 
 def test_presets_lists_parameter_counts():
     result = run("presets")

@@ -1,4 +1,6 @@
+import dataclasses
 import json
+import shutil
 
 import pytest
 import torch
@@ -8,6 +10,7 @@ from facegen_cli.config import TrainConfig, load_preset
 from facegen_cli.errors import FacegenError
 from facegen_cli.pipeline import FacegenModel
 from facegen_cli.train import batch_indices, drop_labels, learning_rate, train
+from facegen_cli.vae import load_vae
 
 
 def quiet(message):
@@ -75,3 +78,39 @@ def test_exported_model_carries_config_and_statistics(tiny_model_dir, tiny_run):
     assert images.shape == (2, 3, 128, 128) and images.min() >= -1 and images.max() <= 1
     # Each face depends on its own seed only, not on what else is in the batch.
     assert torch.allclose(pipe.generate(torch.zeros(12), seeds=[1], steps=2)[0], images[1], atol=1e-4)
+
+
+def test_fine_tuning_starts_from_the_init_model_and_resumes_bit_for_bit(tmp_path, tiny_run, tiny_model_dir):
+    cache = tiny_run / "latents"
+    preset = load_preset("tiny")
+    frozen = dataclasses.replace(preset, train=dataclasses.replace(preset.train, learning_rate=0.0))
+    # With a learning rate of 0 the fine-tuned model is exactly the one it started from.
+    model_dir = train(frozen, cache, tmp_path / "frozen", max_steps=2, init_from=tiny_model_dir, log=quiet)
+    start, tuned = FacegenModel.load(tiny_model_dir), FacegenModel.load(model_dir)
+    assert all(torch.equal(a, b) for a, b in zip(start.dit.state_dict().values(), tuned.dit.state_dict().values()))
+    info = json.loads((model_dir / "facegen.json").read_text())
+    assert info["trained_steps"] == 6 + 2 and info["init_from"] == str(tiny_model_dir)
+    assert info["latent_mean"] == start.info["latent_mean"]
+
+    train(preset, cache, tmp_path / "straight", max_steps=4, init_from=tiny_model_dir, log=quiet)
+    train(preset, cache, tmp_path / "split", max_steps=2, init_from=tiny_model_dir, log=quiet)
+    train(preset, cache, tmp_path / "split", max_steps=4, resume=True, log=quiet)
+    a = load_file(tmp_path / "straight/checkpoints/step-000004/model.safetensors")
+    b = load_file(tmp_path / "split/checkpoints/step-000004/model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert json.loads((tmp_path / "split/model/facegen.json").read_text())["trained_steps"] == 6 + 4
+    assert not torch.equal(a["final_layer.linear.weight"], start.dit.state_dict()["final_layer.linear.weight"])
+
+
+def test_fine_tuning_refuses_a_model_of_another_preset_or_vae(tmp_path, tiny_run, tiny_model_dir):
+    cache = tiny_run / "latents"
+    with pytest.raises(FacegenError, match="does not match this run.s preset and data: hidden_size 64 vs 384; depth 2 vs 12"):
+        train(load_preset("dit-s"), cache, tmp_path / "a", max_steps=1, init_from=tiny_model_dir, log=quiet)
+    other_vae = tmp_path / "other"
+    shutil.copytree(tiny_model_dir, other_vae)
+    vae = load_vae(other_vae / "vae")
+    with torch.no_grad():
+        vae.decoder.conv_out.bias.add_(0.1)
+    vae.save_pretrained(other_vae / "vae")
+    with pytest.raises(FacegenError, match="another VAE"):
+        train(load_preset("tiny"), cache, tmp_path / "b", max_steps=1, init_from=other_vae, log=quiet)
