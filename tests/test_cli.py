@@ -1,5 +1,7 @@
 import json
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -117,6 +119,8 @@ def test_encode_reports_corrupt_images_and_writes_a_cache(tmp_path, tiny_vae_dir
     assert tuned.exit_code == 0, tuned.stderr
     assert f"starting from {tmp_path / 'run/model'} (trained 2 steps)" in tuned.stderr
     assert json.loads((tmp_path / "tuned/model/facegen.json").read_text())["trained_steps"] == 3
+    assert_clean_error(run("train", "--data", tmp_path / "cache", "--preset", "tiny", "--out", tmp_path / "x",
+                           "--precision", "fp8"), "unknown precision 'fp8'")
 
 
 def test_presets_lists_parameter_counts():
@@ -140,3 +144,12 @@ def test_export_half_halves_the_size_and_generates_the_same_faces(tiny_model_dir
              for m, name in ((tiny_model_dir, "full"), (tmp_path / "half", "halved"))]
     difference = np.asarray(Image.open(faces[0])).astype(int) - np.asarray(Image.open(faces[1]))
     assert np.abs(difference).mean() < 2
+
+
+def test_train_precision_is_chosen_per_run(tmp_path, tiny_run):
+    # accelerate fixes the mixed precision once per process, so this runs the real entry point.
+    result = subprocess.run([sys.executable, "-m", "facegen_cli.cli", "train", "--data", str(tiny_run / "latents"),
+                             "--preset", "tiny", "--out", str(tmp_path / "run"), "--steps", "1",
+                             "--precision", "bf16"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "precision bf16" in result.stderr and result.stdout.strip() == str(tmp_path / "run/model")
