@@ -412,8 +412,8 @@ def train(
         None, help="Start from this model folder's weights (e.g. facegen_cli/demo) instead of from scratch: "
                    "fine-tuning. It must match the preset, the attributes and the latents' VAE."),
     precision: Optional[str] = typer.Option(
-        None, help="Mixed precision no, bf16 or fp16 (default: the preset's). bf16 pays on GPUs and on CPUs with AVX-512 BF16 or AMX; "
-             "on other CPUs it is slower than fp32 (no)."),
+        None, help="Mixed precision no, bf16 or fp16 (default: the preset's). bf16 pays on GPUs and on CPUs "
+                   "with AVX-512 BF16 or AMX; on other CPUs it is slower than fp32 (no)."),
 ):
     """Train a LatentDiT; the usable model lands in OUT/model."""
     from .train import train as run_training

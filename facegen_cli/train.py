@@ -180,11 +180,13 @@ def train(preset, data, out, vae_source=None, max_steps=None, batch_size=None, r
     }
     state = {"preset": preset.name, "model_config": model_config, "attributes": cache_meta["attributes"]}
     init = None  # the model this run fine-tunes, if any: where from, its steps, its latent statistics
+    init_weights = None  # its DiT weights, when this run starts from it rather than from a checkpoint
     checkpoint = latest_checkpoint(out) if resume else None
     if checkpoint:  # a fine-tuning run resumes from its own checkpoints
         init = json.loads((checkpoint / "state.json").read_text()).get("init")
     elif init_from:
         base = load_init_model(init_from, model_config, cache_meta)
+        init_weights = base.dit.state_dict()
         init = {"source": str(init_from), "trained_steps": base.info.get("trained_steps", 0),
                 "latent_mean": base.info["latent_mean"], "latent_std": base.info["latent_std"]}
     if init:
@@ -197,8 +199,8 @@ def train(preset, data, out, vae_source=None, max_steps=None, batch_size=None, r
 
     torch.manual_seed(cfg.seed)
     model = LatentDiT(**model_config)
-    if init and not checkpoint:
-        model.load_state_dict(base.dit.state_dict())
+    if init_weights is not None:
+        model.load_state_dict(init_weights)
         log(f"starting from {init['source']} (trained {init['trained_steps']} steps)")
     ema = EMAModel(model.parameters(), decay=cfg.ema_decay)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
