@@ -161,7 +161,8 @@ def eval_report(
     guidance: List[float] = typer.Option([1.0, 3.0, 5.0], help="Guidance scales to measure (repeatable)."),
     combinations: int = typer.Option(8, min=0, help="Random requests of 2-4 attributes to measure."),
     data: Optional[Path] = typer.Option(None, help="Labelled image folder: its test split is the real side of "
-                                                     "the Fréchet distance."),
+                                                     "the Fréchet distance, its train split's labels give the "
+                                                     "free-flip ceiling."),
     steps: Optional[int] = typer.Option(None, min=1, help="Sampling steps (default: the model's)."),
     inception_fid: bool = typer.Option(True, help="With --data, also the standard Inception FID (needs "
                                                   "`pip install -e '.[fid]'` and the Inception weights)."),
@@ -183,13 +184,16 @@ def eval_report(
             raise FacegenError(f"{pipe.path} carries no classifier: give --classifier "
                                "(train one with `facegen eval train-classifier --data D`)")
     reader, reader_report = load_classifier(classifier, pipe.device)
-    real, edits = None, None
+    real, edits, data_labels = None, None, None
     if data is not None:
         from .data import load_images_and_labels, read_dataset, read_landmarks
         from .edit import EditRequest
 
         size = pipe.info["image_size"]
         real, labels, _ = load_images_and_labels(data, "test", size)
+        train = read_dataset(data, "train")
+        if set(pipe.attributes) <= set(train.attributes):
+            data_labels = train.labels[:, [train.attributes.index(a) for a in pipe.attributes]]
         landmarks, paths = read_landmarks(data), read_dataset(data, "test").paths
         if landmarks and len(paths) == len(real):  # built-in faces: landmarks known, edit locality measurable
             with Image.open(paths[0]) as first:
@@ -201,7 +205,7 @@ def eval_report(
     with progress_bar() as progress:
         fid_to = functools.partial(inception_fid_to, weights=inception_weights) if inception_fid else None
         evaluate_model(pipe, reader, reader_report, out, faces, guidance, steps, real, combinations, edits=edits,
-                       fid_to=fid_to, progress=progress)
+                       fid_to=fid_to, data_labels=data_labels, progress=progress)
     print(out / "report.md")
 
 

@@ -4,8 +4,13 @@ Every attribute is asked for alone, +1 and -1, with the same seeds. Then
   control[i, s]  = fraction of faces asked for attribute i with sign s that the classifier reads so;
   leakage[i, j]  = fraction of seeds whose reading of attribute j differs between +i and -i.
 The diagonal of `leakage` is the flip rate of the attribute itself (high is good); off the
-diagonal, any change is leakage (low is good). The classifier's own held-out accuracy bounds
-both numbers and is reported beside them.
+diagonal, any change is leakage (low is good). There the other attributes are free, so the data's
+own correlations (beards on men) move them too; `free_flip_ceiling` says how far.
+
+The flip with the others held takes each face asked -i (or +i), reads all its attributes, and asks
+for exactly those readings with i flipped, same seed: the same face with one attribute changed,
+which is what `facegen edit` does to a photo. The classifier's own held-out accuracy bounds all
+these numbers and is reported beside them.
 """
 
 from pathlib import Path
@@ -67,9 +72,67 @@ def off_diagonal_mean(matrix):
     return (matrix * off).sum(1) / off.sum(1)
 
 
-# Pairs that cannot both be asked for (+1, +1): the combination test skips them.
-EXCLUSIVE = {frozenset(p) for p in [("black_hair", "blond_hair"), ("bald", "bangs"), ("bald", "black_hair"),
-                                    ("bald", "blond_hair"), ("bald", "wearing_hat")]}
+# Pairs that no built-in face has together (synthfaces.sample_labels): the combination test never asks
+# for both, and a held flip that adds one takes the other away.
+EXCLUSIVE = {frozenset(p) for p in [("black_hair", "blond_hair"), ("bald", "bangs"), ("bald", "wearing_hat")]}
+
+
+def exclusive_pairs(attributes):
+    """(A, A) bool: True where attributes i and j cannot both be present."""
+    return torch.tensor([[frozenset((a, b)) in EXCLUSIVE for b in attributes] for a in attributes])
+
+
+def held_flip_requests(shown, attribute, sign, exclusive):
+    """Requests (K, A) that ask for `attribute` with `sign` and every other attribute as `shown` (K, A) in
+    {-1, +1}, the readings of K faces. An attribute the flip rules out (adding blond hair rules out black
+    hair) is asked against instead. Also returns `compared` (K, A): the attributes that should stay as
+    shown, i.e. neither the flipped one nor one it ruled out."""
+    ruled_out = exclusive[attribute] & (shown > 0) if sign > 0 else torch.zeros_like(shown, dtype=torch.bool)
+    requests = torch.where(ruled_out, -1.0, shown.float())
+    requests[:, attribute] = float(sign)
+    compared = ~ruled_out
+    compared[:, attribute] = False
+    return requests, compared
+
+
+def read_held_flips(generate, classify, readings, seeds, exclusive, on_condition=None):
+    """Flip each attribute with the others held, both ways: the faces asked SIGNS[1 - s] for attribute i
+    (readings[i, 1 - s], from read_single_attribute_faces) are generated again with i set to SIGNS[s] and
+    every other attribute asked as read. Returns their readings and the `compared` masks, both (A, 2, K, A),
+    and the flipped images (A, 2, K, 3, H, W)."""
+    flipped, compared, images = [], [], []
+    for i in range(readings.shape[0]):
+        for s, sign in enumerate(SIGNS):
+            requests, mask = held_flip_requests(readings[i, 1 - s], i, sign, exclusive)
+            images.append(generate(requests, seeds))
+            flipped.append(classify(images[-1])[0])
+            compared.append(mask)
+            if on_condition:
+                on_condition()
+    return (torch.stack(flipped).view(readings.shape), torch.stack(compared).view(readings.shape),
+            torch.stack(images).view(*readings.shape[:3], *images[0].shape[1:]))
+
+
+def held_flip_agreement(readings, flipped, compared):
+    """(A,): fraction of the compared readings that are the same before the held flip (the face asked
+    SIGNS[1 - s]) and after it, over both directions and all seeds."""
+    before = readings.flip(1)  # before[i, s] = readings[i, 1 - s]
+    return ((flipped == before) & compared).sum((1, 2, 3)) / compared.sum((1, 2, 3))
+
+
+def free_flip_ceiling(labels):
+    """(A,): the most 'others agree' can be when attribute i flips and the others are free, for a model that
+    samples the data's labels (N, A) exactly. Per other attribute j, the best pairing of the +i and -i faces
+    keeps j the same for 1 - |p(j | +i) - p(j | -i)| of seeds. Unknown labels (0) are left out; an
+    attribute the data never shows both ways gets NaN."""
+    present, known = (labels > 0).double(), (labels != 0).double()
+
+    def rate_given(rows):  # p(j present | rows), over the faces whose label j is known
+        return present[rows].sum(0) / known[rows].sum(0)
+
+    shift = torch.stack([(rate_given(labels[:, i] > 0) - rate_given(labels[:, i] < 0)).abs()
+                         for i in range(labels.shape[1])])
+    return 1 - off_diagonal_mean(shift)
 
 
 def combination_requests(attributes, count, seed=0):
@@ -149,14 +212,15 @@ def inception_fid_to(real, weights=None, feature=2048, batch_size=64):
 
 
 def attribute_grid(images, columns=8):
-    """One attribute's faces (2, K, 3, H, W) in [-1, 1] -> uint8 (H', W', 3): row 1 asked for, row 2 against."""
+    """Two rows of faces (2, K, 3, H, W) in [-1, 1] -> uint8 (H', W', 3): the first `columns` of each."""
     faces = images[:, :columns].reshape(-1, *images.shape[2:])
     grid = make_grid(torch.from_numpy(to_uint8(faces)).permute(0, 3, 1, 2), nrow=min(columns, images.shape[1]))
     return grid.permute(1, 2, 0).numpy()
 
 
 def evaluate_model(pipe, classifier, classifier_report, out, num_seeds=32, guidances=(3.0,), steps=None,
-                   real_images=None, combinations=8, first_seed=0, edits=None, fid_to=None, progress=None):
+                   real_images=None, combinations=8, first_seed=0, edits=None, fid_to=None, data_labels=None,
+                   progress=None):
     """Measure `pipe` with `classifier` at each guidance and write OUT/report.json, OUT/report.md,
     OUT/grids/<attribute>-g<guidance>.png and OUT/plots/*.png. Returns the report dict.
 
@@ -165,6 +229,7 @@ def evaluate_model(pipe, classifier, classifier_report, out, num_seeds=32, guida
             (inception_fid_to); when it raises FacegenError the report says why it was not measured.
     edits: optional (labels (N, A), landmarks [{name: (x, y)}] of real_images, request_for(attribute))
            to measure edit locality on the real faces.
+    data_labels: optional labels (N, A) of the training data, for the free-flip ceiling.
     """
     out = Path(out)
     attributes = pipe.attributes
@@ -173,7 +238,7 @@ def evaluate_model(pipe, classifier, classifier_report, out, num_seeds=32, guida
                            f"{', '.join(attributes)}")
     seeds = list(range(first_seed, first_seed + num_seeds))
     combos = combination_requests(attributes, combinations)
-    task = progress.add_task("evaluating", total=len(guidances) * (2 * len(attributes) + combinations)) \
+    task = progress.add_task("evaluating", total=len(guidances) * (4 * len(attributes) + combinations)) \
         if progress else None
     advance = (lambda: progress.advance(task)) if progress else None
     real_features = classifier.embed(to_tensor(real_images)) if real_images is not None else None
@@ -185,11 +250,17 @@ def evaluate_model(pipe, classifier, classifier_report, out, num_seeds=32, guida
             fid_unavailable = str(e)
     report = {"model": pipe.info.get("preset"), "seeds": [seeds[0], seeds[-1]], "faces_per_condition": num_seeds,
               "classifier_test_accuracy": classifier_report.get("test_accuracy", {}), "guidance": {}}
+    if data_labels is not None:
+        ceiling = free_flip_ceiling(data_labels).tolist()
+        report["free_flip_ceiling"] = {a: None if v != v else round(v, 4) for a, v in zip(attributes, ceiling)}
     for guidance in guidances:
         generate = lambda y, s: pipe.generate(y, s, steps=steps, guidance=guidance)  # noqa: E731
         readings, features, images = read_single_attribute_faces(generate, classifier.read, len(attributes), seeds,
                                                                  advance)
         control, leakage = control_rates(readings), leakage_matrix(readings)
+        flipped, compared, flipped_images = read_held_flips(generate, classifier.read, readings, seeds,
+                                                            exclusive_pairs(attributes), advance)
+        held_control, held_agree = control_rates(flipped), held_flip_agreement(readings, flipped, compared)
         combo_readings = []
         for y in combos:
             combo_readings.append(classifier.predict(generate(y, seeds)))
@@ -201,6 +272,10 @@ def evaluate_model(pipe, classifier, classifier_report, out, num_seeds=32, guida
                         for i, a in enumerate(attributes)},
             "others_agree_when_flipped": dict(zip(attributes, [round(1 - v, 4) for v in
                                                                off_diagonal_mean(leakage).tolist()])),
+            "flip_others_held": {
+                "control": {a: {"for": round(held_control[i, 0].item(), 4),
+                                "against": round(held_control[i, 1].item(), 4)} for i, a in enumerate(attributes)},
+                "others_agree": {a: round(held_agree[i].item(), 4) for i, a in enumerate(attributes)}},
             "leakage_matrix": [[round(v, 4) for v in row] for row in leakage.tolist()],
             "leakage_off_diagonal_mean": round(off_diagonal_mean(leakage).mean().item(), 4),
             "combinations": {"requests": [describe(attributes, y) for y in combos],
@@ -218,6 +293,10 @@ def evaluate_model(pipe, classifier, classifier_report, out, num_seeds=32, guida
         for i, name in enumerate(attributes):
             save_image(Image.fromarray(attribute_grid(images[i])), out / "grids" / f"{name}-g{guidance:g}.png",
                        {"facegen": {"attribute": name, "guidance": guidance, "rows": "for, against"}})
+            before_after = torch.stack([images[i, 1], flipped_images[i, 0]])
+            save_image(Image.fromarray(attribute_grid(before_after)), out / "grids" / f"{name}-held-g{guidance:g}.png",
+                       {"facegen": {"attribute": name, "guidance": guidance,
+                                    "rows": "asked against, the same faces with it added and the others held"}})
     if edits is not None:
         labels, points, request_for = edits
         report["edit_locality"] = edit_locality(pipe, classifier, real_images, labels, points, request_for)
@@ -266,22 +345,37 @@ def save_plots(report, attributes, folder):
     plt.close(figure)
 
 
+def percent(fraction):
+    return "n/a" if fraction is None else f"{100 * fraction:.1f}%"
+
+
 def report_markdown(report, attributes):
     lines = [f"# facegen evaluation: {report['model']}", "",
              f"{report['faces_per_condition']} faces per condition (seeds {report['seeds'][0]}..{report['seeds'][1]}); "
              "each attribute asked for alone (+1) and against (-1), the other attributes left free.", "",
-             "Control: the fraction of faces the attribute classifier reads as asked. Others agree: the fraction of "
-             "the other attributes' readings that stay the same between the +1 and -1 face of one seed.", ""]
+             "Control: the fraction of faces the attribute classifier reads as asked. Others agree (free): the "
+             "fraction of the other attributes' readings that stay the same between the +1 and -1 face of one seed, "
+             "the others left free"
+             + (", beside the most a model could reach that samples the data's labels exactly (ceiling: the data "
+                "ties attributes together, e.g. beards to men)" if "free_flip_ceiling" in report else "") + ".", "",
+             "Held flip: each of those faces again, same seed, asking for every attribute as the classifier read it "
+             "except the flipped one (the same face with one attribute changed; adding one hair colour or baldness "
+             "also takes away what it rules out, which is then not compared). Held +1 / -1: how often the flipped "
+             "face shows the flip; others agree (held): how often the other readings stay the same.", ""]
+    ceiling = report.get("free_flip_ceiling")
     for guidance, result in report["guidance"].items():
+        held = result["flip_others_held"]
         lines += [f"## Guidance {guidance}", "",
-                  "| attribute | control +1 | control -1 | others agree | classifier accuracy |",
-                  "|---|---|---|---|---|"]
+                  "| attribute | control +1 | control -1 | others agree (free) | " + ("ceiling | " if ceiling else "")
+                  + "held +1 | held -1 | others agree (held) | classifier accuracy |",
+                  "|---|---|---|---|" + ("---|" if ceiling else "") + "---|---|---|---|"]
         for name in attributes:
-            c = result["control"][name]
-            accuracy = report["classifier_test_accuracy"].get(name)
-            lines.append(f"| {name} | {100 * c['for']:.1f}% | {100 * c['against']:.1f}% | "
-                         f"{100 * result['others_agree_when_flipped'][name]:.1f}% | "
-                         + (f"{100 * accuracy:.1f}%" if accuracy is not None else "n/a") + " |")
+            c, h = result["control"][name], held["control"][name]
+            cells = [name, percent(c["for"]), percent(c["against"]), percent(result["others_agree_when_flipped"][name])]
+            cells += [percent(ceiling[name])] if ceiling else []
+            cells += [percent(h["for"]), percent(h["against"]), percent(held["others_agree"][name]),
+                      percent(report["classifier_test_accuracy"].get(name))]
+            lines.append("| " + " | ".join(cells) + " |")
         combos = result["combinations"]
         lines += ["", f"Leakage (off-diagonal mean of the flip matrix): {100 * result['leakage_off_diagonal_mean']:.2f}%",
                   f"Combinations of 2-4 attributes ({len(combos['requests'])} requests): every asked attribute shown "

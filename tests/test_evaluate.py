@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from facegen_cli.classifier import fit_classifier, save_classifier
-from facegen_cli.evaluate import (control_rates, leakage_matrix, off_diagonal_mean, read_single_attribute_faces,
+from facegen_cli.evaluate import (control_rates, free_flip_ceiling, held_flip_agreement, held_flip_requests,
+                                  leakage_matrix, off_diagonal_mean, read_held_flips, read_single_attribute_faces,
                                   single_attribute_requests)
 
 A, K = 5, 200
@@ -58,6 +59,63 @@ def test_a_generator_that_ignores_labels_scores_chance():
     assert torch.equal(leakage_matrix(readings), torch.zeros(A, A))  # nothing flips, not even the asked one
 
 
+def leaky_generator(y, seeds):
+    """Faithful, except that attribute 1 always shows what attribute 0 shows (entangled)."""
+    images = faithful_generator(y, seeds).clone()
+    images[:, :, 1] = images[:, :, 0]
+    return images
+
+
+def test_held_flip_requests_keep_the_readings_and_take_away_what_the_flip_rules_out():
+    exclusive = torch.zeros(A, A, dtype=torch.bool)
+    exclusive[2, 3] = exclusive[3, 2] = True  # say 2 and 3 are two hair colours
+    shown = torch.tensor([[1, -1, -1, 1, 1], [-1, 1, -1, -1, 1]])
+    requests, compared = held_flip_requests(shown, 2, 1, exclusive)
+    assert requests.tolist() == [[1, -1, 1, -1, 1], [-1, 1, 1, -1, 1]]  # face 0 loses attribute 3
+    assert compared.tolist() == [[True, True, False, False, True], [True, True, False, True, True]]
+    requests, compared = held_flip_requests(shown, 3, -1, exclusive)  # taking one away rules nothing out
+    assert requests.tolist() == [[1, -1, -1, -1, 1], [-1, 1, -1, -1, 1]]
+    assert compared.tolist() == [[True, True, True, False, True]] * 2
+
+
+def test_held_flips_of_a_faithful_generator_change_only_the_flipped_attribute():
+    exclusive = torch.zeros(A, A, dtype=torch.bool)
+    exclusive[2, 3] = exclusive[3, 2] = True
+    seeds = list(range(K))
+    readings, _, _ = read_single_attribute_faces(faithful_generator, perfect_reader, A, seeds)
+    flipped, compared, images = read_held_flips(faithful_generator, perfect_reader, readings, seeds, exclusive)
+    assert flipped.shape == compared.shape == (A, 2, K, A) and images.shape == (A, 2, K, 3, A, A)
+    assert torch.equal(control_rates(flipped), torch.ones(A, 2))
+    assert torch.equal(held_flip_agreement(readings, flipped, compared), torch.ones(A))
+    # Adding attribute 2 took attribute 3 away exactly where the face before showed it, and that is not compared.
+    assert torch.equal(~compared[2, 0, :, 3], readings[2, 1, :, 3] > 0) and compared[2, 0, :, 3].any()
+    assert (flipped[2, 0, :, 3] == -1).all()
+
+
+def test_held_flips_expose_an_entangled_generator():
+    seeds = list(range(K))
+    readings, _, _ = read_single_attribute_faces(leaky_generator, perfect_reader, A, seeds)
+    flipped, compared, _ = read_held_flips(leaky_generator, perfect_reader, readings, seeds,
+                                           torch.zeros(A, A, dtype=torch.bool))
+    agreement = held_flip_agreement(readings, flipped, compared)
+    assert agreement[0] == 1 - 1 / (A - 1)  # flipping 0 always drags 1 along: one of the 4 others changes
+    assert torch.equal(agreement[1:], torch.ones(A - 1))
+    control = control_rates(flipped)
+    assert torch.equal(control[0], torch.ones(2)) and ((control[1] - 0.5).abs() < 0.12).all()  # 1 cannot be set
+
+
+def test_free_flip_ceiling_is_one_for_independent_labels_and_drops_for_tied_ones():
+    every_combination = torch.cartesian_prod(*[torch.tensor([-1, 1])] * A)  # (2^A, A): exactly independent
+    assert torch.allclose(free_flip_ceiling(every_combination), torch.ones(A, dtype=torch.float64))
+    tied = every_combination.clone()
+    tied[:, 1] = tied[:, 0]  # attribute 1 always equals attribute 0
+    expected = torch.tensor([1 - 1 / (A - 1)] * 2 + [1.0] * (A - 2), dtype=torch.float64)
+    assert torch.allclose(free_flip_ceiling(tied), expected)
+    extra = tied[tied[:, 0] > 0].clone()
+    extra[:, 4] = 0  # more faces with attribute 0, attribute 4 unknown: left out, not read as absent
+    assert torch.allclose(free_flip_ceiling(torch.cat([tied, extra])), expected)
+
+
 def test_eval_report_through_the_cli(tmp_path, tiny_model_dir, tiny_data):
     from typer.testing import CliRunner
 
@@ -81,7 +139,11 @@ def test_eval_report_through_the_cli(tmp_path, tiny_model_dir, tiny_data):
     assert len(result_g3["leakage_matrix"]) == len(DEFAULT_ATTRIBUTES)
     assert all(0 <= v["for"] <= 1 and 0 <= v["against"] <= 1 for v in result_g3["control"].values())
     assert "| smiling |" in (tmp_path / "report" / "report.md").read_text()
+    held = result_g3["flip_others_held"]
+    assert set(held["others_agree"]) == set(DEFAULT_ATTRIBUTES) and all(0 <= v <= 1 for v in held["others_agree"].values())
+    assert set(report["free_flip_ceiling"]) == set(DEFAULT_ATTRIBUTES)  # from --data's train labels
     assert (tmp_path / "report" / "grids" / "beard-g3.png").is_file()
+    assert (tmp_path / "report" / "grids" / "beard-held-g3.png").is_file()
     assert (tmp_path / "report" / "plots" / "leakage.png").is_file() and "frechet_classifier_features" in result_g3
     # The standard FID could not be measured (no weights there): the report says so instead of a number.
     assert "Inception FID unavailable" in result_g3["inception_fid_unavailable"] and "inception_fid" not in result_g3
