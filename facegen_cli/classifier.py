@@ -16,7 +16,7 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
-from .data import load_images_and_labels, to_tensor
+from .data import load_images_and_labels, read_dataset, to_tensor
 from .errors import FacegenError, first_line
 from .files import atomic_dir
 
@@ -109,22 +109,38 @@ def fit_classifier(images, labels, attributes, epochs=8, batch_size=64, learning
     return model.eval()
 
 
-def train_classifier(data_dir, out, epochs=8, batch_size=64, image_size=64, load_size=128, log=print, progress=None):
-    """Train on a data set's train split, measure on its test split, save to `out`; returns the accuracy.
+def held_out_accuracy(model, data_dir, load_size=128):
+    """{attribute: accuracy} of `model` on the test split of a labelled folder (its vocabulary may be
+    wider; attributes the model does not read are left out), and the number of faces."""
+    images, labels, attributes = load_images_and_labels(data_dir, "test", load_size)
+    missing = [a for a in model.attributes if a not in attributes]
+    if missing:
+        raise FacegenError(f"{data_dir} has no labels for {', '.join(missing)}")
+    labels = labels[:, [attributes.index(a) for a in model.attributes]]
+    scores = accuracy(model.predict(to_tensor(images)), labels)
+    return dict(zip(model.attributes, [round(v, 4) for v in scores.tolist()])), len(images)
+
+
+def train_classifier(data_dir, out, epochs=8, batch_size=64, image_size=64, load_size=128, also_test=(),
+                     log=print, progress=None):
+    """Train on a data set's train split, measure on its test split and on the test splits of the folders
+    `also_test`, save to `out`; returns {data folder: {attribute: accuracy}}, its own first.
 
     Images are read at `load_size` (the models' resolution) and reduced to `image_size` by the
     classifier itself, the same way it reduces the generated faces it measures.
     """
+    for folder in also_test:
+        read_dataset(folder, "test")  # a wrong folder fails now, not after the training
     train_images, train_labels, attributes = load_images_and_labels(data_dir, "train", load_size)
-    test_images, test_labels, _ = load_images_and_labels(data_dir, "test", load_size)
-    log(f"training an attribute classifier on {len(train_images)} faces, testing on {len(test_images)}")
+    log(f"training an attribute classifier on {len(train_images)} faces")
     model = fit_classifier(train_images, train_labels, attributes, epochs, batch_size, image_size=image_size,
                            progress=progress)
-    scores = accuracy(model.predict(to_tensor(test_images)), test_labels)
-    result = dict(zip(attributes, [round(v, 4) for v in scores.tolist()]))
-    save_classifier(model, out, {"test_accuracy": result, "test_images": len(test_images),
-                                 "train_images": len(train_images), "data": str(data_dir)})
-    return result
+    del train_images
+    own, test_images = held_out_accuracy(model, data_dir, load_size)
+    others = {str(folder): held_out_accuracy(model, folder, load_size)[0] for folder in also_test}
+    save_classifier(model, out, {"test_accuracy": own, "test_images": test_images, "train_images": len(train_labels),
+                                 "data": str(data_dir), "other_test_accuracy": others})
+    return {str(data_dir): own, **others}
 
 
 def save_classifier(model, out, report):

@@ -113,12 +113,15 @@ def data_synth(
     size: int = typer.Option(128, min=16, help="Image side in pixels."),
     seed: int = typer.Option(0, help="Face i is rendered from seed + i."),
     workers: Optional[int] = typer.Option(None, min=1, help="Worker processes (default: all cores)."),
+    labels: str = typer.Option("celeba", help="celeba: CelebA-like frequencies and dependencies (beards mostly "
+                                              "on men); independent: every attribute half the time, whatever the "
+                                              "others (for training the attribute classifier)."),
 ):
     """Render built-in faces with exact labels and landmarks into a CelebA-layout folder."""
     from .synthfaces import write_dataset
 
     with progress_bar() as progress:
-        print(write_dataset(out, count, size, seed, workers, progress))
+        print(write_dataset(out, count, size, seed, workers, progress, label_distribution=labels))
 
 
 vae_app = typer.Typer(help="The image autoencoder.", no_args_is_help=True)
@@ -217,14 +220,19 @@ def eval_train_classifier(
     epochs: int = typer.Option(12, min=1),
     batch_size: int = typer.Option(64, min=1),
     image_size: int = typer.Option(64, min=16, help="The classifier reads faces at this size."),
+    test_data: List[Path] = typer.Option([], help="Another labelled folder whose test split it is measured on "
+                                                  "too (repeatable)."),
 ):
     """Train the attribute classifier that measures generated and edited faces; prints its folder."""
     from .classifier import train_classifier
 
     with progress_bar() as progress:
-        scores = train_classifier(data, out, epochs, batch_size, image_size, log=log, progress=progress)
-    for name, value in scores.items():
-        log(f"{name:>12}  {100 * value:5.1f}% held-out accuracy")
+        scores = train_classifier(data, out, epochs, batch_size, image_size, also_test=test_data, log=log,
+                                  progress=progress)
+    for folder, accuracies in scores.items():
+        log(f"held-out accuracy on {folder}:")
+        for name, value in accuracies.items():
+            log(f"{name:>12}  {100 * value:5.1f}%")
     print(out)
 
 

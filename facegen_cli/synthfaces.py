@@ -19,6 +19,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 from .attributes import DEFAULT_ATTRIBUTES, celeba_column
+from .errors import FacegenError
 from .files import atomic_path
 
 SUPERSAMPLE = 4
@@ -64,6 +65,22 @@ def sample_labels(rng):
     hair = rng.choice(["black", "blond", "other"], p=[0.25, 0.15 if not male else 0.07, 0.60 if not male else 0.68])
     labels["black_hair"], labels["blond_hair"] = hair == "black", hair == "blond"
     return labels
+
+
+def sample_independent_labels(rng):
+    """Attributes without the data's dependencies: each present half the time whatever the others (one hair
+    colour in three; a bald head, one face in four, still never has bangs or a hat). A classifier trained
+    on these cannot take a beard as a sign of a man, so it reads rare combinations as well as common ones."""
+    labels = {name: rng.random() < 0.5 for name in ("male", "young", "smiling", "eyeglasses", "beard", "mustache",
+                                                    "pale_skin")}
+    bald = rng.random() < 0.25
+    labels.update(bald=bald, bangs=not bald and rng.random() < 0.5, wearing_hat=not bald and rng.random() < 0.5)
+    hair = rng.choice(["black", "blond", "other"])
+    labels["black_hair"], labels["blond_hair"] = hair == "black", hair == "blond"
+    return labels
+
+
+LABEL_DISTRIBUTIONS = {"celeba": sample_labels, "independent": sample_independent_labels}
 
 
 def _mix(a, b, w):
@@ -179,12 +196,13 @@ def _shaded(base, px, light_dir, strength):
     return np.asarray(small.resize((px, px), Image.Resampling.BILINEAR))
 
 
-def render_face(seed, size=128, labels=None):
-    """Render one face: (uint8 (size, size, 3), {attribute: bool}, {landmark: (x, y) in pixels})."""
+def render_face(seed, size=128, labels=None, label_distribution="celeba"):
+    """Render one face: (uint8 (size, size, 3), {attribute: bool}, {landmark: (x, y) in pixels}).
+    Without `labels`, they are drawn from LABEL_DISTRIBUTIONS[label_distribution]."""
     # One random stream per concern, so that changing one attribute changes only what it draws.
     streams = [np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(len(STREAMS))]
     labels_rng, geometry_rng, rng, beard_rng, glasses_rng, hat_rng, hair_rng, nuisance_rng = streams
-    labels = dict(sample_labels(labels_rng)) if labels is None else dict(labels)
+    labels = dict(LABEL_DISTRIBUTIONS[label_distribution](labels_rng) if labels is None else labels)
     g = FaceGeometry(geometry_rng, labels)
     canvas = Canvas(size, rng)
     px, full = canvas.px, canvas.full
@@ -409,23 +427,27 @@ def render_face(seed, size=128, labels=None):
 
 
 def _render_to_file(job):
-    seed, size, path = job
-    pixels, labels, points = render_face(seed, size)
+    seed, size, label_distribution, path = job
+    pixels, labels, points = render_face(seed, size, label_distribution=label_distribution)
     with atomic_path(path) as tmp:
         Image.fromarray(pixels).save(tmp, format="JPEG" if path.suffix == ".jpg" else "PNG", quality=95)
     return labels, points
 
 
-def write_dataset(out, count, size=128, seed=0, workers=None, progress=None):
+def write_dataset(out, count, size=128, seed=0, workers=None, progress=None, label_distribution="celeba"):
     """Render `count` faces into a CelebA-layout folder; returns the folder.
 
     img_align_celeba/NNNNNN.jpg, list_attr_celeba.txt (CelebA's columns), list_landmarks.txt
     (our landmark names, pixel coordinates) and list_eval_partition.txt (90% / 5% / 5%).
-    Face i is render_face(seed + i), so any subset can be re-rendered exactly.
+    Face i is render_face(seed + i, size, label_distribution=...), so any subset can be re-rendered exactly.
     """
+    if label_distribution not in LABEL_DISTRIBUTIONS:
+        raise FacegenError(f"unknown label distribution {label_distribution!r}; use "
+                           f"{' or '.join(LABEL_DISTRIBUTIONS)}")
     out = Path(out)
     (out / "img_align_celeba").mkdir(parents=True, exist_ok=True)
-    jobs = [(seed + i, size, out / "img_align_celeba" / f"{i + 1:06d}.jpg") for i in range(count)]
+    jobs = [(seed + i, size, label_distribution, out / "img_align_celeba" / f"{i + 1:06d}.jpg")
+            for i in range(count)]
     workers = workers or os.cpu_count() or 1
     results = []
     task = progress.add_task("rendering", total=count) if progress else None
@@ -438,12 +460,12 @@ def write_dataset(out, count, size=128, seed=0, workers=None, progress=None):
     attr_lines = [str(count), " ".join(c for c, _ in columns)]
     landmark_lines = [str(count), " ".join(LANDMARK_NAMES)]
     partition_lines = []
-    for (_, _, path), (labels, points) in zip(jobs, results):
+    for (*_, path), (labels, points) in zip(jobs, results):
         values = [(-1 if labels[a] else 1) if inverted else (1 if labels[a] else -1)
                   for a, (_, inverted) in zip(DEFAULT_ATTRIBUTES, columns)]
         attr_lines.append(f"{path.name} " + " ".join(f"{v:2d}" for v in values))
         landmark_lines.append(f"{path.name} " + " ".join(f"{points[n][0]:.2f} {points[n][1]:.2f}" for n in LANDMARK_NAMES))
-    for i, (_, _, path) in enumerate(jobs):
+    for i, (*_, path) in enumerate(jobs):
         partition_lines.append(f"{path.name} {0 if i % 20 < 18 else (1 if i % 20 == 18 else 2)}")
     for name, lines in (("list_attr_celeba.txt", attr_lines), ("list_landmarks.txt", landmark_lines),
                         ("list_eval_partition.txt", partition_lines)):

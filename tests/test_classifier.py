@@ -42,3 +42,30 @@ def test_save_load_round_trip(tmp_path, rendered_faces):
     with torch.inference_mode():
         assert torch.equal(model(x), loaded(x))
     assert loaded.attributes == DEFAULT_ATTRIBUTES and report == {"test_accuracy": {}}
+
+
+def test_train_classifier_through_the_cli_measures_it_on_every_test_split(tmp_path):
+    from typer.testing import CliRunner
+
+    from facegen_cli.classifier import held_out_accuracy
+    from facegen_cli.cli import app
+    from facegen_cli.synthfaces import write_dataset
+
+    celeba = write_dataset(tmp_path / "celeba", 60, size=32, workers=1)
+    independent = write_dataset(tmp_path / "independent", 60, size=32, seed=100, workers=1,
+                                label_distribution="independent")
+    result = CliRunner().invoke(app, ["eval", "train-classifier", "--data", str(independent), "--test-data",
+                                      str(celeba), "--epochs", "1", "--image-size", "16", "--out",
+                                      str(tmp_path / "clf")])
+    assert result.exit_code == 0, result.stderr
+    assert result.stdout.strip() == str(tmp_path / "clf")
+    model, report = load_classifier(tmp_path / "clf")
+    assert report["train_images"] == 54 and report["test_images"] == 3
+    # What it saved is what the classifier scores on those test splits.
+    assert report["test_accuracy"] == held_out_accuracy(model, independent)[0]
+    assert report["other_test_accuracy"] == {str(celeba): held_out_accuracy(model, celeba)[0]}
+    assert f"held-out accuracy on {celeba}" in result.stderr
+
+    result = CliRunner().invoke(app, ["eval", "train-classifier", "--data", str(independent), "--test-data",
+                                      str(tmp_path / "missing"), "--out", str(tmp_path / "clf2")])
+    assert result.exit_code == 1 and "no such data folder" in result.stderr

@@ -1,11 +1,13 @@
 import numpy as np
 import pytest
+from PIL import Image
 from typer.testing import CliRunner
 
 from facegen_cli.attributes import DEFAULT_ATTRIBUTES
 from facegen_cli.cli import app
 from facegen_cli.data import read_dataset
-from facegen_cli.synthfaces import LANDMARK_NAMES, render_face, sample_labels
+from facegen_cli.evaluate import EXCLUSIVE
+from facegen_cli.synthfaces import LANDMARK_NAMES, render_face, sample_independent_labels, sample_labels
 
 
 def test_same_seed_same_pixels_labels_and_landmarks():
@@ -55,6 +57,32 @@ def test_frequencies_are_celeba_like_and_every_attribute_occurs():
     male = labels[:, 0]
     beard = labels[:, DEFAULT_ATTRIBUTES.index("beard")]
     assert beard[male].mean() > 10 * beard[~male].mean() > 0  # beards mostly on men, but not only
+
+
+def test_independent_labels_have_no_dependencies_but_keep_the_impossible_pairs_out():
+    rng = np.random.default_rng(0)
+    draws = [sample_independent_labels(rng) for _ in range(8000)]
+    labels = np.array([[d[a] for a in DEFAULT_ATTRIBUTES] for d in draws])
+    rate = dict(zip(DEFAULT_ATTRIBUTES, labels.mean(0)))
+    assert all(0.45 < rate[a] < 0.55 for a in ("male", "young", "smiling", "eyeglasses", "beard", "mustache"))
+    assert 0.3 < rate["black_hair"] < 0.37 and 0.3 < rate["blond_hair"] < 0.37 and 0.22 < rate["bald"] < 0.28
+    male, beard = labels[:, 0], labels[:, DEFAULT_ATTRIBUTES.index("beard")]
+    assert abs(beard[male].mean() - beard[~male].mean()) < 0.04  # a beard says nothing about the sex
+    for a, b in EXCLUSIVE:
+        assert not (labels[:, DEFAULT_ATTRIBUTES.index(a)] & labels[:, DEFAULT_ATTRIBUTES.index(b)]).any()
+
+
+def test_synth_with_independent_labels_renders_what_it_lists(tmp_path):
+    result = CliRunner().invoke(app, ["data", "synth", str(tmp_path / "synth"), "-n", "6", "--size", "32",
+                                      "--workers", "1", "--labels", "independent"])
+    assert result.exit_code == 0, result.stderr
+    pixels, labels, _ = render_face(2, 32, label_distribution="independent")
+    assert read_dataset(tmp_path / "synth").labels[2].tolist() == [1 if labels[a] else -1 for a in DEFAULT_ATTRIBUTES]
+    on_disk = np.asarray(Image.open(tmp_path / "synth" / "img_align_celeba" / "000003.jpg")).astype(int)
+    other = render_face(3, 32, label_distribution="independent")[0]
+    assert np.abs(on_disk - pixels).mean() < np.abs(on_disk - other).mean() / 3  # its own face, up to JPEG
+    result = CliRunner().invoke(app, ["data", "synth", str(tmp_path / "other"), "-n", "1", "--labels", "uniform"])
+    assert result.exit_code == 1 and "unknown label distribution 'uniform'" in result.stderr
 
 
 def test_synth_writes_a_celeba_layout_that_the_celeba_loader_reads(tmp_path):
