@@ -76,3 +76,27 @@ def describe(vocabulary, y):
         elif value < 0:
             parts.append(flag_names(name)[1][2:])
     return ", ".join(parts) or "unconditional"
+
+
+# Pairs that cannot both be present (no built-in face has them together). When the rest of a face is
+# held, adding one of them takes the other away.
+EXCLUSIVE = {frozenset(p) for p in [("black_hair", "blond_hair"), ("bald", "bangs"), ("bald", "wearing_hat")]}
+
+
+def exclusive_pairs(vocabulary):
+    """(A, A) bool: True where attributes i and j cannot both be present."""
+    return torch.tensor([[frozenset((a, b)) in EXCLUSIVE for b in vocabulary] for a in vocabulary])
+
+
+def hold_readings(readings, add=(), remove=(), exclusive=None):
+    """Requests (B, A) that ask for every attribute as `readings` (B, A) in {-1, +1} show it, except the
+    attribute indices `add` (asked for) and `remove` (asked against). An attribute read as present that an
+    added one rules out (`exclusive` (A, A) bool; blond hair rules out black hair) is asked against
+    instead. Returns the requests and where that happened (B, A)."""
+    ruled_out = torch.zeros_like(readings, dtype=torch.bool)
+    for i in add if exclusive is not None else ():
+        ruled_out |= exclusive[i] & (readings > 0)
+    requests = torch.where(ruled_out, -1.0, readings.float())
+    requests[:, list(add)] = 1.0
+    requests[:, list(remove)] = -1.0
+    return requests, ruled_out

@@ -301,7 +301,9 @@ def edit(
     out: Path = typer.Option(Path("edited"), "--out", "-o", help="Output folder (same names and formats)."),
     in_place: bool = typer.Option(False, "--in-place", help="Overwrite the input photos instead."),
     model: Optional[Path] = typer.Option(None, help="Model folder (default: the shipped demo model)."),
-    strength: float = typer.Option(0.8, min=0.05, max=1.0, help="How much to repaint: the sampler's start time."),
+    strength: Optional[float] = typer.Option(None, min=0.05, max=1.0,
+                                             help="How much to repaint: the sampler's start time (default 0.8; "
+                                                  "1.0 for hair colours, bald and pale_skin)."),
     steps: Optional[int] = typer.Option(None, min=1, help="Sampling steps (default: the model's)."),
     guidance: Optional[float] = typer.Option(None, help="Classifier-free guidance (default: the model's)."),
     resample: int = typer.Option(2, min=1, help="RePaint resampling rounds per step (coherence at the mask edge)."),

@@ -7,6 +7,7 @@ redraws the face with the requested attributes, the rest of the face held fixed 
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
@@ -14,7 +15,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFilter, ImageOps
 
 from . import flow
-from .attributes import check_names
+from .attributes import check_names, exclusive_pairs, hold_readings
 from .data import to_tensor, to_uint8
 from .errors import FacegenError
 from .files import save_image
@@ -148,11 +149,17 @@ def latent_mask(mask, latent_size):
 # Editing aligned crops and photos
 # ---------------------------------------------------------------------------------------------
 
+# Repainting from a partly noised latent keeps the region's colours, which is what most edits want
+# (the skin under a new mustache) but what a colour change cannot have: those start from pure noise.
+DEFAULT_STRENGTH = 0.8
+COLOUR_CHANGES = {"black_hair", "blond_hair", "bald", "pale_skin"}
+
+
 @dataclass
 class EditRequest:
     add: tuple = ()
     remove: tuple = ()
-    strength: float = 0.8  # start time of the sampler: 1 = from pure noise inside the mask
+    strength: Optional[float] = None  # start time of the sampler, 1 = from pure noise inside the mask; None: per attribute
     steps: int = 25
     guidance: float = 3.0
     resample: int = 1
@@ -163,17 +170,22 @@ class EditRequest:
     def changed(self):
         return list(self.add) + list(self.remove)
 
+    @property
+    def start(self):
+        """The strength given, or 1.0 when a colour changes and 0.8 otherwise."""
+        if self.strength is not None:
+            return self.strength
+        return 1.0 if COLOUR_CHANGES & set(self.changed) else DEFAULT_STRENGTH
+
 
 def request_vectors(pipe, request, current=None):
-    """(B, A) conditions: the current readings (or free) with the requested attributes set."""
+    """(B, A) conditions: the current readings (or free, 0) with the requested attributes set; a held
+    reading that an added attribute rules out (black hair when blond is added) is asked against."""
     attributes = pipe.attributes
     check_names(attributes, request.changed)
-    y = torch.zeros(1, len(attributes)) if current is None else current.clone().float()
-    for name in request.add:
-        y[:, attributes.index(name)] = 1.0
-    for name in request.remove:
-        y[:, attributes.index(name)] = -1.0
-    return y
+    readings = torch.zeros(1, len(attributes)) if current is None else current
+    return hold_readings(readings, [attributes.index(n) for n in request.add],
+                         [attributes.index(n) for n in request.remove], exclusive_pairs(attributes))[0]
 
 
 @torch.inference_mode()
@@ -189,7 +201,7 @@ def edit_crops(pipe, crops, masks, request, current=None):
     noise = pipe.noise([request.seed] * len(crops)).to(pipe.device)
     generator = torch.Generator(pipe.device).manual_seed(request.seed)
     latents = flow.sample(pipe.dit, noise, y, steps=request.steps, guidance=request.guidance,
-                          start=request.strength, known=known, mask=latent, resample=request.resample,
+                          start=request.start, known=known, mask=latent, resample=request.resample,
                           generator=generator)
     decoded = to_uint8(pipe.decode(latents).cpu())
     m = masks[..., None]

@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 from torchvision.utils import make_grid
 
-from .attributes import describe
+from .attributes import EXCLUSIVE, describe, exclusive_pairs, hold_readings
 from .data import to_tensor, to_uint8
 from .errors import FacegenError, first_line
 from .files import atomic_path, save_image, write_json
@@ -72,24 +72,13 @@ def off_diagonal_mean(matrix):
     return (matrix * off).sum(1) / off.sum(1)
 
 
-# Pairs that no built-in face has together (synthfaces.sample_labels): the combination test never asks
-# for both, and a held flip that adds one takes the other away.
-EXCLUSIVE = {frozenset(p) for p in [("black_hair", "blond_hair"), ("bald", "bangs"), ("bald", "wearing_hat")]}
-
-
-def exclusive_pairs(attributes):
-    """(A, A) bool: True where attributes i and j cannot both be present."""
-    return torch.tensor([[frozenset((a, b)) in EXCLUSIVE for b in attributes] for a in attributes])
-
-
 def held_flip_requests(shown, attribute, sign, exclusive):
     """Requests (K, A) that ask for `attribute` with `sign` and every other attribute as `shown` (K, A) in
-    {-1, +1}, the readings of K faces. An attribute the flip rules out (adding blond hair rules out black
-    hair) is asked against instead. Also returns `compared` (K, A): the attributes that should stay as
-    shown, i.e. neither the flipped one nor one it ruled out."""
-    ruled_out = exclusive[attribute] & (shown > 0) if sign > 0 else torch.zeros_like(shown, dtype=torch.bool)
-    requests = torch.where(ruled_out, -1.0, shown.float())
-    requests[:, attribute] = float(sign)
+    {-1, +1}, the readings of K faces, except what the flip rules out (attributes.hold_readings). Also
+    returns `compared` (K, A): the attributes that should stay as shown, i.e. neither the flipped one nor
+    one it ruled out."""
+    requests, ruled_out = hold_readings(shown, add=[attribute] if sign > 0 else [],
+                                        remove=[attribute] if sign < 0 else [], exclusive=exclusive)
     compared = ~ruled_out
     compared[:, attribute] = False
     return requests, compared

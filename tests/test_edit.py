@@ -22,6 +22,37 @@ def face():
     return image, points
 
 
+def test_an_edit_holds_the_readings_but_takes_away_what_the_added_attribute_rules_out():
+    from types import SimpleNamespace
+
+    from facegen_cli.attributes import DEFAULT_ATTRIBUTES
+    from facegen_cli.edit import request_vectors
+
+    pipe = SimpleNamespace(attributes=DEFAULT_ATTRIBUTES)
+    index = {name: i for i, name in enumerate(DEFAULT_ATTRIBUTES)}
+    current = -torch.ones(2, len(DEFAULT_ATTRIBUTES), dtype=torch.long)
+    current[0, index["black_hair"]] = current[0, index["smiling"]] = 1  # a smiling face with black hair
+    current[1, index["wearing_hat"]] = current[1, index["bangs"]] = 1  # a face with a hat and bangs
+    y = request_vectors(pipe, EditRequest(add=("blond_hair",)), current)
+    expected = current.float()
+    expected[:, index["blond_hair"]] = 1
+    expected[0, index["black_hair"]] = -1  # blond replaces black; the smile and everything else stay
+    assert torch.equal(y, expected)
+    y = request_vectors(pipe, EditRequest(add=("bald",), remove=("smiling",)), current)
+    assert y[1, index["bald"]] == 1 and y[1, index["wearing_hat"]] == -1 and y[1, index["bangs"]] == -1
+    assert y[0, index["black_hair"]] == 1 and (y[:, index["smiling"]] == -1).all()  # bald keeps side hair colour
+    # Without readings, only the request is asked; the rest stays free.
+    free = request_vectors(pipe, EditRequest(add=("blond_hair",)))
+    assert free.shape == (1, len(DEFAULT_ATTRIBUTES)) and free.abs().sum() == 1 and free[0, index["blond_hair"]] == 1
+
+
+def test_colour_changes_repaint_from_pure_noise_unless_a_strength_is_given():
+    assert EditRequest(add=("mustache",)).start == 0.8  # keeps the skin's colour under the new mustache
+    assert EditRequest(add=("blond_hair",)).start == 1.0 and EditRequest(remove=("pale_skin",)).start == 1.0
+    assert EditRequest(add=("smiling", "bald")).start == 1.0
+    assert EditRequest(add=("blond_hair",), strength=0.5).start == 0.5
+
+
 def inside(mask, point):
     return mask[int(round(point[1])), int(round(point[0]))] > 0.5
 

@@ -161,7 +161,8 @@ def test_eval_without_a_classifier_is_a_clear_error(tiny_model_dir):
 
 def test_combination_requests_are_2_to_4_attributes_and_never_contradictory():
     from facegen_cli.attributes import DEFAULT_ATTRIBUTES
-    from facegen_cli.evaluate import EXCLUSIVE, combination_requests
+    from facegen_cli.attributes import EXCLUSIVE
+    from facegen_cli.evaluate import combination_requests
 
     requests = combination_requests(DEFAULT_ATTRIBUTES, 200)
     assert torch.equal(requests, combination_requests(DEFAULT_ATTRIBUTES, 200))  # fixed seed

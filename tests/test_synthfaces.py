@@ -6,7 +6,7 @@ from typer.testing import CliRunner
 from facegen_cli.attributes import DEFAULT_ATTRIBUTES
 from facegen_cli.cli import app
 from facegen_cli.data import read_dataset
-from facegen_cli.evaluate import EXCLUSIVE
+from facegen_cli.attributes import EXCLUSIVE
 from facegen_cli.synthfaces import LANDMARK_NAMES, render_face, sample_independent_labels, sample_labels
 
 
@@ -57,6 +57,8 @@ def test_frequencies_are_celeba_like_and_every_attribute_occurs():
     male = labels[:, 0]
     beard = labels[:, DEFAULT_ATTRIBUTES.index("beard")]
     assert beard[male].mean() > 10 * beard[~male].mean() > 0  # beards mostly on men, but not only
+    for a, b in EXCLUSIVE:  # the pairs that attributes.EXCLUSIVE lists never occur
+        assert not (labels[:, DEFAULT_ATTRIBUTES.index(a)] & labels[:, DEFAULT_ATTRIBUTES.index(b)]).any()
 
 
 def test_independent_labels_have_no_dependencies_but_keep_the_impossible_pairs_out():
