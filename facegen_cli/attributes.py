@@ -88,13 +88,13 @@ def exclusive_pairs(vocabulary):
     return torch.tensor([[frozenset((a, b)) in EXCLUSIVE for b in vocabulary] for a in vocabulary])
 
 
-def hold_readings(readings, add=(), remove=(), exclusive=None):
+def hold_readings(readings, add, remove, exclusive):
     """Requests (B, A) that ask for every attribute as `readings` (B, A) in {-1, +1} show it, except the
     attribute indices `add` (asked for) and `remove` (asked against). An attribute read as present that an
     added one rules out (`exclusive` (A, A) bool; blond hair rules out black hair) is asked against
     instead. Returns the requests and where that happened (B, A)."""
     ruled_out = torch.zeros_like(readings, dtype=torch.bool)
-    for i in add if exclusive is not None else ():
+    for i in add:
         ruled_out |= exclusive[i] & (readings > 0)
     requests = torch.where(ruled_out, -1.0, readings.float())
     requests[:, list(add)] = 1.0

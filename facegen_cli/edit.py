@@ -159,7 +159,7 @@ COLOUR_CHANGES = {"black_hair", "blond_hair", "bald", "pale_skin"}
 class EditRequest:
     add: tuple = ()
     remove: tuple = ()
-    strength: Optional[float] = None  # start time of the sampler, 1 = from pure noise inside the mask; None: per attribute
+    strength: Optional[float] = None  # sampler start time, 1 = pure noise inside the mask; None: see `start`
     steps: int = 25
     guidance: float = 3.0
     resample: int = 1

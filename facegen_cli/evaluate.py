@@ -13,6 +13,7 @@ which is what `facegen edit` does to a photo. The classifier's own held-out accu
 these numbers and is reported beside them.
 """
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -59,6 +60,12 @@ def control_rates(readings):
     asked = torch.tensor(SIGNS).view(1, -1, 1)
     diagonal = torch.stack([readings[i, :, :, i] for i in range(readings.shape[0])])  # (A, 2, K)
     return (diagonal == asked).float().mean(-1)
+
+
+def rates_by_sign(rates, attributes):
+    """(A, 2) rates -> {attribute: {"for": rate, "against": rate}}, as the report stores them."""
+    return {a: {"for": round(rates[i, 0].item(), 4), "against": round(rates[i, 1].item(), 4)}
+            for i, a in enumerate(attributes)}
 
 
 def leakage_matrix(readings):
@@ -241,7 +248,7 @@ def evaluate_model(pipe, classifier, classifier_report, out, num_seeds=32, guida
               "classifier_test_accuracy": classifier_report.get("test_accuracy", {}), "guidance": {}}
     if data_labels is not None:
         ceiling = free_flip_ceiling(data_labels).tolist()
-        report["free_flip_ceiling"] = {a: None if v != v else round(v, 4) for a, v in zip(attributes, ceiling)}
+        report["free_flip_ceiling"] = {a: None if math.isnan(v) else round(v, 4) for a, v in zip(attributes, ceiling)}
     for guidance in guidances:
         generate = lambda y, s: pipe.generate(y, s, steps=steps, guidance=guidance)  # noqa: E731
         readings, features, images = read_single_attribute_faces(generate, classifier.read, len(attributes), seeds,
@@ -257,13 +264,11 @@ def evaluate_model(pipe, classifier, classifier_report, out, num_seeds=32, guida
                 advance()
         all_asked, each_asked = combination_control(torch.stack(combo_readings), combos)
         result = {
-            "control": {a: {"for": round(control[i, 0].item(), 4), "against": round(control[i, 1].item(), 4)}
-                        for i, a in enumerate(attributes)},
+            "control": rates_by_sign(control, attributes),
             "others_agree_when_flipped": dict(zip(attributes, [round(1 - v, 4) for v in
                                                                off_diagonal_mean(leakage).tolist()])),
             "flip_others_held": {
-                "control": {a: {"for": round(held_control[i, 0].item(), 4),
-                                "against": round(held_control[i, 1].item(), 4)} for i, a in enumerate(attributes)},
+                "control": rates_by_sign(held_control, attributes),
                 "others_agree": {a: round(held_agree[i].item(), 4) for i, a in enumerate(attributes)}},
             "leakage_matrix": [[round(v, 4) for v in row] for row in leakage.tolist()],
             "leakage_off_diagonal_mean": round(off_diagonal_mean(leakage).mean().item(), 4),
@@ -360,11 +365,11 @@ def report_markdown(report, attributes):
                   "|---|---|---|---|" + ("---|" if ceiling else "") + "---|---|---|---|"]
         for name in attributes:
             c, h = result["control"][name], held["control"][name]
-            cells = [name, percent(c["for"]), percent(c["against"]), percent(result["others_agree_when_flipped"][name])]
-            cells += [percent(ceiling[name])] if ceiling else []
-            cells += [percent(h["for"]), percent(h["against"]), percent(held["others_agree"][name]),
-                      percent(report["classifier_test_accuracy"].get(name))]
-            lines.append("| " + " | ".join(cells) + " |")
+            fractions = [c["for"], c["against"], result["others_agree_when_flipped"][name]]
+            fractions += [ceiling[name]] if ceiling else []
+            fractions += [h["for"], h["against"], held["others_agree"][name],
+                          report["classifier_test_accuracy"].get(name)]
+            lines.append(f"| {name} | " + " | ".join(map(percent, fractions)) + " |")
         combos = result["combinations"]
         lines += ["", f"Leakage (off-diagonal mean of the flip matrix): {100 * result['leakage_off_diagonal_mean']:.2f}%",
                   f"Combinations of 2-4 attributes ({len(combos['requests'])} requests): every asked attribute shown "
@@ -385,8 +390,8 @@ def report_markdown(report, attributes):
                   "| attribute | faces | success | PSNR outside mask | SSIM outside mask | others changed |",
                   "|---|---|---|---|---|---|"]
         for name, r in report["edit_locality"].items():
-            lines.append(f"| {name} | {r['faces']} | {100 * r['success']:.1f}% | {r['psnr_outside']} | "
-                         f"{r['ssim_outside']} | {100 * r['others_changed']:.1f}% |")
+            lines.append(f"| {name} | {r['faces']} | {percent(r['success'])} | {r['psnr_outside']} | "
+                         f"{r['ssim_outside']} | {percent(r['others_changed'])} |")
         lines.append("")
     return "\n".join(lines) + "\n"
 
