@@ -77,11 +77,22 @@ def accuracy(predictions, labels):
     return correct.sum(0).float() / known.sum(0).clamp(min=1)
 
 
+def balanced_accuracy(predictions, labels):
+    """Per-attribute mean of the accuracy on the positives and on the negatives (known labels only):
+    0.5 for a reader that always says "no", whatever the attribute's frequency."""
+    positives, negatives = labels > 0, labels < 0
+    on_positives = ((predictions > 0) & positives).sum(0).float() / positives.sum(0).clamp(min=1)
+    on_negatives = ((predictions < 0) & negatives).sum(0).float() / negatives.sum(0).clamp(min=1)
+    return (on_positives + on_negatives) / 2
+
+
 def fit_classifier(images, labels, attributes, epochs=8, batch_size=64, learning_rate=2e-3, image_size=64,
-                   widths=(16, 32, 64, 128), seed=0, progress=None):
+                   widths=(16, 32, 64, 128), balanced=False, seed=0, progress=None):
     """Train an AttributeClassifier on uint8 images (N, H, W, 3) and labels (N, A) in {-1, 0, 1}.
 
     Unknown labels (0) do not count in the loss. Horizontal flips augment (no attribute is sided).
+    balanced: weigh each attribute's positives by its negatives-to-positives ratio (CelebA's rare
+    attributes would otherwise be read as "no" almost always).
     """
     torch.manual_seed(seed)
     model = AttributeClassifier(attributes=list(attributes), image_size=image_size, widths=tuple(widths))
@@ -89,6 +100,7 @@ def fit_classifier(images, labels, attributes, epochs=8, batch_size=64, learning
     steps = epochs * math.ceil(len(images) / batch_size)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, learning_rate, total_steps=steps)
     generator = torch.Generator().manual_seed(seed)
+    pos_weight = ((labels < 0).sum(0) / (labels > 0).sum(0).clamp(min=1)).float().clamp(min=1) if balanced else None
     task = progress.add_task("training classifier", total=steps) if progress else None
     model.train()
     for _ in range(epochs):
@@ -98,7 +110,8 @@ def fit_classifier(images, labels, attributes, epochs=8, batch_size=64, learning
             x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
             y = labels[index]
             known = (y != 0).float()
-            loss = (F.binary_cross_entropy_with_logits(model(x), (y > 0).float(), reduction="none") * known).sum() \
+            loss = (F.binary_cross_entropy_with_logits(model(x), (y > 0).float(), reduction="none",
+                                                       pos_weight=pos_weight) * known).sum() \
                 / known.sum().clamp(min=1)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -110,19 +123,23 @@ def fit_classifier(images, labels, attributes, epochs=8, batch_size=64, learning
 
 
 def held_out_accuracy(model, data_dir, load_size=128):
-    """{attribute: accuracy} of `model` on the test split of a labelled folder (its vocabulary may be
-    wider; attributes the model does not read are left out), and the number of faces."""
+    """({attribute: accuracy}, number of faces, {attribute: balanced accuracy}) of `model` on the test split
+    of a labelled folder (its vocabulary may be wider; attributes the model does not read are left out)."""
     images, labels, attributes = load_images_and_labels(data_dir, "test", load_size)
     missing = [a for a in model.attributes if a not in attributes]
     if missing:
         raise FacegenError(f"{data_dir} has no labels for {', '.join(missing)}")
     labels = labels[:, [attributes.index(a) for a in model.attributes]]
-    scores = accuracy(model.predict(to_tensor(images)), labels)
-    return dict(zip(model.attributes, [round(v, 4) for v in scores.tolist()])), len(images)
+    predictions = model.predict(to_tensor(images))
+
+    def by_attribute(scores):
+        return dict(zip(model.attributes, [round(v, 4) for v in scores.tolist()]))
+
+    return by_attribute(accuracy(predictions, labels)), len(images), by_attribute(balanced_accuracy(predictions, labels))
 
 
 def train_classifier(data_dir, out, epochs=8, batch_size=64, image_size=64, load_size=128, also_test=(),
-                     log=print, progress=None):
+                     widths=(16, 32, 64, 128), balanced=False, log=print, progress=None):
     """Train on a data set's train split, measure on its test split and on the test splits of the folders
     `also_test`, save to `out`; returns {data folder: {attribute: accuracy}}, its own first.
 
@@ -134,13 +151,14 @@ def train_classifier(data_dir, out, epochs=8, batch_size=64, image_size=64, load
     train_images, train_labels, attributes = load_images_and_labels(data_dir, "train", load_size)
     log(f"training an attribute classifier on {len(train_images)} faces")
     model = fit_classifier(train_images, train_labels, attributes, epochs, batch_size, image_size=image_size,
-                           progress=progress)
+                           widths=widths, balanced=balanced, progress=progress)
     del train_images
-    own, test_images = held_out_accuracy(model, data_dir, load_size)
+    own, test_images, own_balanced = held_out_accuracy(model, data_dir, load_size)
     others = {str(folder): held_out_accuracy(model, folder, load_size)[0] for folder in also_test}
-    save_classifier(model, out, {"test_accuracy": own, "test_images": test_images, "train_images": len(train_labels),
-                                 "data": str(data_dir), "other_test_accuracy": others})
-    return {str(data_dir): own, **others}
+    save_classifier(model, out, {"test_accuracy": own, "test_balanced_accuracy": own_balanced,
+                                 "test_images": test_images, "train_images": len(train_labels),
+                                 "data": str(data_dir), "balanced_loss": balanced, "other_test_accuracy": others})
+    return {str(data_dir): own, **others}, own_balanced
 
 
 def save_classifier(model, out, report):

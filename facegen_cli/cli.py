@@ -101,7 +101,7 @@ def pick_device(device):
     return device
 
 
-data_app = typer.Typer(help="Built-in labelled face data.", no_args_is_help=True)
+data_app = typer.Typer(help="Labelled face data: built-in faces and aligned real photos.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 
 
@@ -124,6 +124,30 @@ def data_synth(
         print(write_dataset(out, count, size, seed, workers, progress, label_distribution=labels))
 
 
+@data_app.command("align")
+@reports_errors
+def data_align(
+    src: Path = typer.Argument(..., help="Folder of labelled photos (any size; sub-folders searched)."),
+    out: Path = typer.Argument(..., help="Folder to write (CelebA layout)."),
+    attributes: Optional[Path] = typer.Option(None, help="Label file (CelebA's list_attr_celeba.txt format or a "
+                                                         "CSV with a filename column), when not inside SRC."),
+    size: int = typer.Option(128, min=16, help="Side of the aligned faces in pixels."),
+    holdout: float = typer.Option(0.05, min=0.0, max=0.5, help="Share of the photos for each of the valid and test "
+                                                                "splits, when the source has no partition file."),
+    workers: Optional[int] = typer.Option(None, min=1, help="Worker processes (default: all cores)."),
+):
+    """Align real photos to the model's framing (the landmarks and transform `edit` uses), CelebA layout."""
+    from .align import align_dataset
+
+    with progress_bar() as progress:
+        counts = align_dataset(src, out, attributes, size, holdout, workers, progress, log)
+    log(f"{counts['aligned']} of {counts['labelled']} aligned, {counts['no face']} no face, "
+        f"{counts['unreadable']} unreadable, {counts['not found']} not found (listed in {out / 'not_aligned.txt'})")
+    print(out)
+    if counts["aligned"] < counts["labelled"]:
+        raise typer.Exit(1)
+
+
 vae_app = typer.Typer(help="The image autoencoder.", no_args_is_help=True)
 app.add_typer(vae_app, name="vae")
 
@@ -132,18 +156,26 @@ app.add_typer(vae_app, name="vae")
 @reports_errors
 def vae_train(
     data: Path = typer.Argument(..., help="Labelled image folder (its train and valid splits are used)."),
-    out: Path = typer.Option(..., "--out", "-o", help="Folder for OUT/vae and OUT/checkpoint."),
+    out: Path = typer.Option(..., "--out", "-o", help="Folder for OUT/vae, OUT/checkpoint and OUT/samples."),
     steps: int = typer.Option(4000, min=1),
     batch_size: int = typer.Option(16, min=1),
     learning_rate: float = typer.Option(1e-3),
     crop_size: int = typer.Option(128, min=8, help="Train on random crops of this size (faster; must be a multiple of 8)."),
+    size: str = typer.Option("compact", help="Network size: compact (built-in faces) or faces (real photos)."),
+    disc_start: Optional[int] = typer.Option(None, min=0, help="Step at which the patch discriminator's loss starts "
+                                                               "(default: never)."),
+    disc_weight: float = typer.Option(0.5, min=0.0, help="Weight of the adversarial loss (times the adaptive balance)."),
+    precision: str = typer.Option("no", help="no or bf16 (autocast; pays on CPUs with AVX-512 BF16 and on GPUs)."),
+    checkpoint_every: int = typer.Option(250, min=1, help="Steps between checkpoints and sample grids."),
     resume: bool = typer.Option(False, "--resume"),
 ):
-    """Train a compact f8 AutoencoderKL (128 px -> 16x16x4) on a data set; prints OUT/vae."""
-    from .vae import train_vae
+    """Train an f8 AutoencoderKL (128 px -> 16x16x4) on a data set; prints OUT/vae."""
+    from .vae_train import train_vae
 
     with progress_bar(loss=".4f") as progress:
-        train_vae(data, out, steps, batch_size, learning_rate, crop_size=crop_size, resume=resume, log=log, progress=progress)
+        train_vae(data, out, steps, batch_size, learning_rate, crop_size=crop_size, size=size, disc_start=disc_start,
+                  disc_weight=disc_weight, precision=precision, resume=resume, checkpoint_every=checkpoint_every,
+                  log=log, progress=progress)
     print(out / "vae")
 
 
@@ -220,19 +252,27 @@ def eval_train_classifier(
     epochs: int = typer.Option(12, min=1),
     batch_size: int = typer.Option(64, min=1),
     image_size: int = typer.Option(64, min=16, help="The classifier reads faces at this size."),
+    widths: str = typer.Option("16,32,64,128", help="Channels of its four stages (real photos: 32,64,128,256)."),
+    balanced: bool = typer.Option(False, "--balanced", help="Weigh each attribute's positives by its rarity "
+                                                            "(for real data such as CelebA, where some are 2%)."),
     test_data: List[Path] = typer.Option([], help="Another labelled folder whose test split it is measured on "
                                                   "too (repeatable)."),
 ):
     """Train the attribute classifier that measures generated and edited faces; prints its folder."""
     from .classifier import train_classifier
 
+    try:
+        stage_widths = tuple(int(w) for w in widths.split(","))
+    except ValueError:
+        raise FacegenError(f"--widths {widths!r}: give four channel counts such as 32,64,128,256") from None
     with progress_bar() as progress:
-        scores = train_classifier(data, out, epochs, batch_size, image_size, also_test=test_data, log=log,
-                                  progress=progress)
+        scores, own_balanced = train_classifier(data, out, epochs, batch_size, image_size, also_test=test_data,
+                                                widths=stage_widths, balanced=balanced, log=log, progress=progress)
     for folder, accuracies in scores.items():
-        log(f"held-out accuracy on {folder}:")
+        log(f"held-out accuracy on {folder}" + (" (balanced accuracy)" if folder == str(data) else "") + ":")
         for name, value in accuracies.items():
-            log(f"{name:>12}  {100 * value:5.1f}%")
+            extra = f"  ({100 * own_balanced[name]:5.1f}%)" if folder == str(data) else ""
+            log(f"{name:>12}  {100 * value:5.1f}%{extra}")
     print(out)
 
 

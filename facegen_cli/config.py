@@ -26,6 +26,7 @@ class TrainConfig:
     laplacian_weight: float = 0.1  # 0 turns the Laplacian-pyramid term off
     attribute_dropout: float = 0.3  # each attribute set to 0 (free) with this probability
     condition_dropout: float = 0.1  # the whole vector set to 0 (unconditional) with this probability
+    rare_rate: float = 0.0  # attributes rarer than this are oversampled up to it (0: plain epochs)
     t_mean: float = 0.0  # logit-normal timestep distribution
     t_std: float = 1.0
     mixed_precision: str = "no"  # "no", "bf16" or "fp16" (accelerate's names)

@@ -19,7 +19,7 @@ from .attributes import check_names, exclusive_pairs, hold_readings
 from .data import to_tensor, to_uint8
 from .errors import FacegenError
 from .files import save_image
-from .landmarks import alignment, invert, transform_points, warp
+from .landmarks import align_face, invert, warp
 
 
 # ---------------------------------------------------------------------------------------------
@@ -207,13 +207,6 @@ def edit_crops(pipe, crops, masks, request, current=None):
     m = masks[..., None]
     out = np.rint(crops * (1 - m) + decoded * m).astype(np.uint8)
     return np.where(m > 0, out, crops)
-
-
-def align_face(photo, points, size):
-    """(aligned uint8 crop, 2x3 matrix photo -> crop, the points in the crop's frame)."""
-    matrix = alignment(points, size)
-    crop = np.asarray(warp(photo, matrix, (size, size)))
-    return crop, matrix, transform_points(points, matrix)
 
 
 def paste_back(photo, edited, mask, matrix):

@@ -7,7 +7,7 @@ runs on a square crop around each, which is what makes small faces in large phot
 """
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageFilter
 
 CANONICAL_SIZE = 128
 # Where the built-in renderer puts the eyes and mouth corners (its geometry's means), in pixels of a
@@ -95,3 +95,41 @@ def warp(image, matrix, size, resample=Image.Resampling.BICUBIC):
     inverse = invert(matrix)  # PIL asks, for each output pixel, where to read in the input
     # PIL samples pixel centres at +0.5; the matrices work on the same pixel-centre coordinates.
     return image.transform(size, Image.Transform.AFFINE, tuple(inverse.ravel()), resample=resample, fillcolor=0)
+
+
+def extend_past_edges(region, pads, side):
+    """Pad an RGB uint8 array by `pads` ((top, bottom), (left, right)) as FFHQ's alignment does: mirror the
+    picture, then blur it and fade it towards the picture's median colour with the distance from the edge,
+    so that no hard black border or sharp mirrored face appears. `side`: the frame's side in pixels."""
+    padded = np.pad(region, (*pads, (0, 0)), mode="symmetric").astype(np.float32)
+    (top, bottom), (left, right) = pads
+    rows, columns = np.arange(padded.shape[0]), np.arange(padded.shape[1])
+    dy = np.maximum(top - rows, rows - (padded.shape[0] - bottom - 1)).clip(min=0)
+    dx = np.maximum(left - columns, columns - (padded.shape[1] - right - 1)).clip(min=0)
+    distance = np.maximum(dy[:, None], dx[None, :])[..., None].astype(np.float32)
+    blurred = np.asarray(Image.fromarray(padded.astype(np.uint8)).filter(ImageFilter.GaussianBlur(side * 0.02)),
+                         dtype=np.float32)
+    padded += (blurred - padded) * np.clip(distance / (side * 0.05), 0, 1)
+    padded += (np.median(region, axis=(0, 1)) - padded) * np.clip(distance / (side * 0.3), 0, 0.7)
+    return np.rint(padded).astype(np.uint8)
+
+
+def align_face(photo, points, size=CANONICAL_SIZE):
+    """(aligned uint8 crop, 2x3 matrix photo -> crop, the points in the crop's frame) of a PIL RGB photo.
+
+    Only the part of the photo under the frame is resampled; where the frame reaches past the photo's
+    edges, the photo is extended (extend_past_edges) instead of filled with black, which no face shows.
+    """
+    matrix = alignment(points, size)
+    corners = invert(matrix) @ np.array([[0, size, 0, size], [0, 0, size, size], [1, 1, 1, 1]], dtype=np.float64)
+    (x0, y0), (x1, y1) = (np.floor(corners.min(1)).astype(int) - 2).tolist(), (np.ceil(corners.max(1)).astype(int) + 2).tolist()
+    image = np.asarray(photo)
+    height, width = image.shape[:2]
+    region = image[max(y0, 0):min(y1, height), max(x0, 0):min(x1, width)]
+    pads = ((max(0, -y0), max(0, y1 - height)), (max(0, -x0), max(0, x1 - width)))
+    if any(p for pair in pads for p in pair):
+        region = extend_past_edges(region, pads, side=max(x1 - x0, y1 - y0))
+    # Region pixel (0, 0) is photo pixel (x0, y0).
+    shifted = np.column_stack([matrix[:, :2], matrix[:, 2] + matrix[:, :2] @ [x0, y0]])
+    crop = np.asarray(warp(Image.fromarray(region), shifted, (size, size)))
+    return crop, matrix, transform_points(points, matrix)

@@ -51,6 +51,22 @@ def batch_indices(num_items, batch_size, step, seed, rank=0, world_size=1):
     return batch[rank::world_size]
 
 
+def rare_weights(labels, rare_rate):
+    """Per-example sampling weights that show each attribute's positives about `rare_rate` of the time:
+    a face with an attribute of frequency f < rare_rate weighs rare_rate / f (its rarest such attribute
+    counts, so faces with several rare ones are not drawn far more often still)."""
+    positive = labels > 0
+    frequency = positive.float().mean(0)
+    boost = torch.where((frequency > 0) & (frequency < rare_rate), rare_rate / frequency.clamp(min=1e-12), 1.0)
+    return torch.where(positive, boost, 1.0).amax(1)
+
+
+def balanced_batch_indices(weights, batch_size, step, seed, rank=0, world_size=1):
+    """This process's share of a batch drawn with replacement in proportion to `weights`."""
+    batch = torch.multinomial(weights, batch_size, replacement=True, generator=seeded_generator(seed, ORDER_STREAM, step))
+    return batch[rank::world_size]
+
+
 def drop_labels(labels, generator, attribute_dropout, condition_dropout):
     """Set each attribute free (0) with one probability and the whole vector with another."""
     keep = torch.rand(labels.shape, generator=generator) >= attribute_dropout
@@ -219,10 +235,20 @@ def train(preset, data, out, vae_source=None, max_steps=None, batch_size=None, r
 
     task = progress.add_task("training", total=max_steps, completed=start_step, loss=float("nan"), speed=0.0) \
         if progress and accelerator.is_main_process else None
+    weights = rare_weights(labels, cfg.rare_rate) if cfg.rare_rate else None
+    if weights is not None:
+        shown = ((labels > 0).float() * weights[:, None]).sum(0) / weights.sum()
+        log("oversampling rare attributes: " + ", ".join(
+            f"{a} {100 * f:.1f}% -> {100 * g:.1f}%" for a, f, g in zip(cache_meta["attributes"],
+                                                                        (labels > 0).float().mean(0), shown)
+            if f < cfg.rare_rate))
     tick, images_since_tick = time.perf_counter(), 0
     for step in range(start_step, max_steps):
         generator = seeded_generator(cfg.seed, STEP_STREAM, step, rank)
-        index = batch_indices(len(latents), batch_size, step, cfg.seed, rank, world_size)
+        if weights is None:
+            index = batch_indices(len(latents), batch_size, step, cfg.seed, rank, world_size)
+        else:
+            index = balanced_batch_indices(weights, batch_size, step, cfg.seed, rank, world_size)
         x0 = latents[index].to(accelerator.device)
         y = drop_labels(labels[index], generator, cfg.attribute_dropout, cfg.condition_dropout).to(accelerator.device)
         for group in optimizer.param_groups:

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from facegen_cli.attributes import DEFAULT_ATTRIBUTES
-from facegen_cli.classifier import accuracy, fit_classifier, load_classifier, save_classifier
+from facegen_cli.classifier import accuracy, balanced_accuracy, fit_classifier, load_classifier, save_classifier
 from facegen_cli.data import to_tensor
 from facegen_cli.synthfaces import render_face
 
@@ -33,6 +33,13 @@ def test_accuracy_ignores_unknown_labels():
     assert accuracy(predictions, labels).tolist() == [0.5, 1.0]
 
 
+def test_balanced_accuracy_gives_a_reader_that_always_says_no_one_half():
+    labels = torch.tensor([[1], [-1], [-1], [-1], [0]])
+    always_no = torch.full((5, 1), -1)
+    assert accuracy(always_no, labels).item() == 0.75 and balanced_accuracy(always_no, labels).item() == 0.5
+    assert balanced_accuracy(torch.tensor([[1], [-1], [1], [-1], [1]]), labels).item() == pytest.approx((1 + 2 / 3) / 2)
+
+
 def test_save_load_round_trip(tmp_path, rendered_faces):
     images, labels = rendered_faces
     model = fit_classifier(images[:64], labels[:64], DEFAULT_ATTRIBUTES, epochs=1)
@@ -56,13 +63,15 @@ def test_train_classifier_through_the_cli_measures_it_on_every_test_split(tmp_pa
                                 label_distribution="independent")
     result = CliRunner().invoke(app, ["eval", "train-classifier", "--data", str(independent), "--test-data",
                                       str(celeba), "--epochs", "1", "--image-size", "16", "--out",
-                                      str(tmp_path / "clf")])
+                                      str(tmp_path / "clf"), "--balanced", "--widths", "8,8,16,16"])
     assert result.exit_code == 0, result.stderr
     assert result.stdout.strip() == str(tmp_path / "clf")
     model, report = load_classifier(tmp_path / "clf")
     assert report["train_images"] == 54 and report["test_images"] == 3
     # What it saved is what the classifier scores on those test splits.
     assert report["test_accuracy"] == held_out_accuracy(model, independent)[0]
+    assert report["test_balanced_accuracy"] == held_out_accuracy(model, independent)[2]
+    assert report["balanced_loss"] is True and model.config.widths == [8, 8, 16, 16]
     assert report["other_test_accuracy"] == {str(celeba): held_out_accuracy(model, celeba)[0]}
     assert f"held-out accuracy on {celeba}" in result.stderr
 

@@ -7,9 +7,10 @@ from PIL import Image, ImageDraw
 from typer.testing import CliRunner
 
 from facegen_cli.cli import app
-from facegen_cli.edit import REGIONS, EditRequest, align_face, edit_crops, latent_mask, paste_back, region_mask
+from facegen_cli.edit import REGIONS, EditRequest, edit_crops, latent_mask, paste_back, region_mask
 from facegen_cli.errors import FacegenError
-from facegen_cli.landmarks import CANONICAL_POINTS, alignment, invert, similarity_transform, transform_points, warp
+from facegen_cli.landmarks import (CANONICAL_POINTS, align_face, alignment, invert, similarity_transform,
+                                   transform_points, warp)
 from facegen_cli.pipeline import FacegenModel
 from facegen_cli.synthfaces import render_face
 

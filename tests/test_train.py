@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 from facegen_cli.config import TrainConfig, load_preset
 from facegen_cli.errors import FacegenError
 from facegen_cli.pipeline import FacegenModel
-from facegen_cli.train import batch_indices, drop_labels, learning_rate, train
+from facegen_cli.train import balanced_batch_indices, batch_indices, drop_labels, learning_rate, rare_weights, train
 from facegen_cli.vae import load_vae
 
 
@@ -23,6 +23,20 @@ def test_batches_cover_each_epoch_once():
     assert not torch.equal(batch_indices(20, 5, 0, seed=0), batch_indices(20, 5, 4, seed=0))  # reshuffled
     shares = [batch_indices(20, 8, 3, seed=0, rank=r, world_size=2) for r in range(2)]
     assert sorted(torch.cat(shares).tolist()) == sorted(batch_indices(20, 8, 3, seed=0).tolist())
+
+
+def test_rare_attributes_are_drawn_at_least_at_the_rare_rate():
+    generator = torch.Generator().manual_seed(0)
+    labels = torch.where(torch.rand(20000, 3, generator=generator) < torch.tensor([0.5, 0.02, 0.05]), 1, -1)
+    weights = rare_weights(labels, 0.1)
+    assert torch.equal(weights[(labels[:, 1:] < 0).all(1)], torch.ones(int((labels[:, 1:] < 0).all(1).sum())))
+    drawn = torch.cat([balanced_batch_indices(weights, 256, step, seed=0) for step in range(200)])
+    shown = (labels[drawn] > 0).float().mean(0)
+    assert 0.08 < shown[1] < 0.12 and 0.08 < shown[2] < 0.13  # both rare ones lifted to about 10%
+    assert 0.4 < shown[0] < 0.6  # the common one stays about where it was
+    assert torch.equal(balanced_batch_indices(weights, 16, 7, seed=0), balanced_batch_indices(weights, 16, 7, seed=0))
+    shares = [balanced_batch_indices(weights, 16, 7, seed=0, rank=r, world_size=2) for r in range(2)]
+    assert sorted(torch.cat(shares).tolist()) == sorted(balanced_batch_indices(weights, 16, 7, seed=0).tolist())
 
 
 def test_label_dropout_only_frees_attributes():

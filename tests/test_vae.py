@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from facegen_cli.errors import FacegenError
-from facegen_cli.vae import encode, load_vae, psnr, random_crops, train_vae
+from facegen_cli.vae import encode, load_vae, psnr
+from facegen_cli.vae_train import random_crops, train_vae
 
 
 def test_psnr_of_known_errors():

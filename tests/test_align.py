@@ -1,0 +1,99 @@
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from facegen_cli.align import partition_of, read_label_file
+from facegen_cli.cli import app
+from facegen_cli.data import read_dataset, read_landmarks
+from facegen_cli.landmarks import CANONICAL_POINTS, align_face, alignment
+from facegen_cli.synthfaces import render_face
+
+runner = CliRunner()
+COLUMNS = ["5_o_Clock_Shadow", "Male", "No_Beard", "Smiling"]  # a few of CelebA's 40, in its spelling
+
+
+def write_photo(path, seed, photo_size, face_size):
+    """A built-in face inside a larger picture, the whole scaled to `photo_size` (w, h)."""
+    face = Image.fromarray(render_face(seed, face_size)[0])
+    photo = Image.new("RGB", (int(face_size * 1.4), int(face_size * 1.25)), (90, 120, 150))
+    photo.paste(face, (int(face_size * 0.2), int(face_size * 0.1)))
+    photo.resize(photo_size, Image.Resampling.LANCZOS).save(path)
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory):
+    """The shared CelebA folder's shape: photos in two sub-folders, the labels kept apart from them."""
+    root = tmp_path_factory.mktemp("celeba")
+    (root / "small").mkdir()
+    (root / "large").mkdir()
+    write_photo(root / "small" / "000001.jpg", 1, (89, 109), 256)  # as small as CelebA's aligned-half
+    write_photo(root / "large" / "182638.jpg", 2, (420, 380), 256)
+    write_photo(root / "large" / "182639.png", 3, (300, 300), 192)
+    Image.new("RGB", (200, 200), (30, 160, 60)).save(root / "large" / "182640.jpg")  # no face
+    (root / "large" / "182641.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    rows = {"000001.jpg": [-1, 1, -1, 1], "182638.jpg": [1, -1, 1, -1], "182639.png": [-1, -1, 1, 1],
+            "182640.jpg": [1, 1, 1, 1], "182641.jpg": [-1, -1, -1, -1], "199999.jpg": [1, 1, 1, 1]}  # last: no file
+    lines = [str(len(rows)), " ".join(COLUMNS)] + [f"{n} " + " ".join(f"{v:2d}" for v in r) for n, r in rows.items()]
+    (root / "labels.txt").write_text("\n".join(lines) + "\n")
+    return root, rows
+
+
+def test_align_writes_a_celeba_folder_and_accounts_for_every_photo(tmp_path, source):
+    pytest.importorskip("mediapipe")
+    root, rows = source
+    out = tmp_path / "aligned"
+    result = runner.invoke(app, ["data", "align", str(root), str(out), "--attributes", str(root / "labels.txt"),
+                                 "--workers", "1"])
+    assert result.exit_code == 1  # three photos could not be aligned, and the exit code says so
+    assert result.stdout.strip() == str(out)
+    assert "3 of 6 aligned, 1 no face, 1 unreadable, 1 not found" in result.stderr
+    problems = (out / "not_aligned.txt").read_text()
+    assert "182640.jpg no face found" in problems and "182641.jpg cannot read" in problems
+    assert "199999.jpg not found" in problems
+
+    columns, labels = read_label_file(out / "list_attr_celeba.txt")
+    assert columns == COLUMNS  # every column carried over, not only the model's 12
+    assert labels == {"000001.png": rows["000001.jpg"], "182638.png": rows["182638.jpg"],
+                      "182639.png": rows["182639.png"]}
+    data = read_dataset(out)  # the other commands read it unchanged
+    assert len(data.paths) == 3 and data.labels[0, data.attributes.index("male")] == 1
+    assert data.labels[0, data.attributes.index("beard")] == 1  # No_Beard -1
+    for path in data.paths:
+        assert Image.open(path).size == (128, 128)
+    # The aligned landmarks sit on the canonical framing, whatever the photo's size and scale.
+    for points in read_landmarks(out).values():
+        for name, (x, y) in CANONICAL_POINTS.items():
+            assert abs(points[name][0] - x) < 4 and abs(points[name][1] - y) < 4
+    assert {line.split()[0] for line in (out / "list_eval_partition.txt").read_text().splitlines()} == set(labels)
+
+    # Resuming does nothing twice; a lost output is made again, identical.
+    first = (out / "img_align_celeba" / "182638.png").read_bytes()
+    (out / "img_align_celeba" / "182638.png").unlink()
+    again = runner.invoke(app, ["data", "align", str(root), str(out), "--attributes", str(root / "labels.txt"),
+                                "--workers", "1"])
+    assert "resuming: 4 of 5 photos already done" in again.stderr
+    assert (out / "img_align_celeba" / "182638.png").read_bytes() == first
+
+
+def test_align_refuses_a_folder_without_labels(tmp_path):
+    (tmp_path / "photos").mkdir()
+    result = runner.invoke(app, ["data", "align", str(tmp_path / "photos"), str(tmp_path / "out")])
+    assert result.exit_code == 1 and "--attributes" in result.stderr
+
+
+def test_partition_is_a_fixed_hash_split():
+    splits = [partition_of(f"{i:06d}.jpg", 0.05) for i in range(20000)]
+    assert splits == [partition_of(f"{i:06d}.jpg", 0.05) for i in range(20000)]
+    assert abs(splits.count(2) / 20000 - 0.05) < 0.01 and abs(splits.count(1) / 20000 - 0.05) < 0.01
+
+
+def test_align_face_mirrors_the_photo_where_the_frame_reaches_past_its_edge():
+    image, _, points = render_face(5, 128)
+    photo = Image.fromarray(image[20:, 10:])  # the face's chin and one side near the cut edges
+    shifted = {n: (x - 10, y - 20) for n, (x, y) in points.items()}
+    crop, matrix, crop_points = align_face(photo, shifted, 128)
+    assert np.allclose(matrix, alignment(shifted))
+    assert (crop.reshape(-1, 3).max(1) > 0).all()  # no black fill anywhere
+    # inside the photo the crop is the plain warp: the face is where the points say
+    assert abs(crop_points["left_eye"][0] - CANONICAL_POINTS["left_eye"][0]) < 4
