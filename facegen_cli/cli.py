@@ -24,6 +24,7 @@ from .errors import FacegenError
 app = typer.Typer(help="Attribute-controlled faces from a latent Diffusion Transformer.", no_args_is_help=True,
                   pretty_exceptions_show_locals=False)
 console = Console(stderr=True, soft_wrap=True)  # one log line stays one line in pipelines
+MODEL_HELP = "Model folder, or a shipped model by name: faces (real faces; the default) or demo (built-in faces)."
 
 
 def log(message):
@@ -188,7 +189,7 @@ app.add_typer(eval_app, name="eval")
 @reports_errors
 def eval_report(
     ctx: typer.Context,
-    model: Optional[Path] = typer.Option(None, help="Model folder (default: the shipped demo model)."),
+    model: Optional[Path] = typer.Option(None, help=MODEL_HELP),
     classifier: Optional[Path] = typer.Option(None, help="Attribute classifier folder (facegen eval train-classifier; "
                                                    "default: the model folder's classifier/, as the demo has)."),
     out: Path = typer.Option(Path("eval-report"), "--out", "-o", help="Report folder."),
@@ -340,7 +341,7 @@ def edit(
     remove: List[str] = typer.Option([], "--remove", help="Attribute to take away (repeatable)."),
     out: Path = typer.Option(Path("edited"), "--out", "-o", help="Output folder (same names and formats)."),
     in_place: bool = typer.Option(False, "--in-place", help="Overwrite the input photos instead."),
-    model: Optional[Path] = typer.Option(None, help="Model folder (default: the shipped demo model)."),
+    model: Optional[Path] = typer.Option(None, help=MODEL_HELP),
     strength: Optional[float] = typer.Option(None, min=0.05, max=1.0,
                                              help="How much to repaint: the sampler's start time (default 0.8; "
                                                   "1.0 for hair colours, bald and pale_skin)."),
@@ -510,7 +511,7 @@ def export(
 @with_attribute_flags
 def generate(
     n: int = typer.Option(16, "-n", help="Number of faces."),
-    model: Optional[Path] = typer.Option(None, help="Model folder (default: the shipped demo model)."),
+    model: Optional[Path] = typer.Option(None, help=MODEL_HELP),
     out: Path = typer.Option(Path("faces"), "--out", "-o", help="Output folder."),
     seed: Optional[int] = typer.Option(None, help="Seed of the first face; face i uses seed + i."),
     steps: Optional[int] = typer.Option(None, min=1, help="Sampling steps (default: the model's)."),

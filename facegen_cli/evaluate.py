@@ -387,12 +387,15 @@ def report_markdown(report, attributes):
             lines += [f"Inception FID: not measured ({result['inception_fid_unavailable']}).", ""]
     if "edit_locality" in report:
         lines += ["## Edit locality (`--add` on held-out faces without the attribute)", "",
-                  "| attribute | faces | success | PSNR outside mask | SSIM outside mask | others changed |",
-                  "|---|---|---|---|---|---|"]
+                  "| attribute | faces | success | PSNR outside mask | SSIM outside mask | pixels changed outside | "
+                  "others changed | texture inside / around (before) |",
+                  "|---|---|---|---|---|---|---|---|"]
         for name, r in report["edit_locality"].items():
             lines.append(f"| {name} | {r['faces']} | {percent(r['success'])} | {r['psnr_outside']} | "
-                         f"{r['ssim_outside']} | {percent(r['others_changed'])} |")
-        lines.append("")
+                         f"{r['ssim_outside']} | {r['pixels_changed_outside']} | {percent(r['others_changed'])} | "
+                         f"{r['texture_ratio']:.2f} ({r['texture_ratio_before']:.2f}) |")
+        lines += ["", "Texture: mean |Laplacian| inside the mask over that in an 8-pixel band around it; an edit "
+                  "that carries the photo's grain stays near the unedited face's ratio (in brackets).", ""]
     return "\n".join(lines) + "\n"
 
 
@@ -401,9 +404,12 @@ def edit_locality(pipe, classifier, crops, labels, points, request_for, num_face
 
     For each attribute, the first `num_faces` faces whose label is -1 get `--add attribute`
     (request_for(attribute) gives the EditRequest). Returns {attribute: {success, psnr_outside,
-    ssim_outside, others_changed, faces}}: the fraction the classifier then reads as having it, PSNR and
-    SSIM over the pixels outside the mask (inf and 1.0 when untouched), and how often the other
-    attributes' readings change.
+    ssim_outside, others_changed, pixels_changed_outside, texture_ratio, texture_ratio_before, faces}}: the
+    fraction the classifier then reads as having it, PSNR and SSIM over the pixels outside the mask (inf
+    and 1.0 when untouched), how often the other attributes' readings change, the number of pixels changed
+    outside the mask, and the high-frequency energy inside the mask over that of the face around it after
+    the edit (texture_ratio; near texture_ratio_before, the same measure on the unedited face, when the
+    new region carries the photo's grain and sharpness, well below it when it is a smooth patch).
     """
     from .edit import edit_crops, region_mask
 
@@ -427,8 +433,24 @@ def edit_locality(pipe, classifier, crops, labels, points, request_for, num_face
             "psnr_outside": psnr_uint8(after[outside], before[outside]),
             "ssim_outside": global_ssim(after * outside, before * outside),
             "others_changed": round((read_after[:, others] != current[:, others]).float().mean().item(), 4),
+            "pixels_changed_outside": int((after != before).any(-1)[masks == 0].sum()),
+            "texture_ratio": round(high_frequency_ratio(after, masks), 4),
+            "texture_ratio_before": round(high_frequency_ratio(before, masks), 4),
         }
     return results
+
+
+def high_frequency_ratio(images, masks, ring=8):
+    """Mean |Laplacian| of the grey levels inside the masks (> 0.5) over that in a `ring`-pixel band just
+    outside them, over a batch of uint8 images (N, H, W, 3) and masks (N, H, W) in [0, 1]."""
+    grey = torch.from_numpy(images.astype(np.float32).mean(-1))[:, None]
+    kernel = torch.tensor([[0.0, 1.0, 0.0], [1.0, -4.0, 1.0], [0.0, 1.0, 0.0]]).view(1, 1, 3, 3)
+    energy = torch.nn.functional.conv2d(grey, kernel).abs()[:, 0]  # (N, H-2, W-2): valid pixels only
+    mask = torch.from_numpy(np.ascontiguousarray(masks, dtype=np.float32))[:, 1:-1, 1:-1]
+    inside = mask > 0.5
+    grown = torch.nn.functional.max_pool2d((mask > 0).float()[:, None], 2 * ring + 1, stride=1, padding=ring)[:, 0]
+    band = (grown > 0) & (mask == 0)
+    return (energy[inside].mean() / energy[band].mean().clamp(min=1e-6)).item()
 
 
 def psnr_uint8(a, b):

@@ -18,14 +18,26 @@ from .files import atomic_dir
 from .model import LatentDiT
 
 MODEL_FILE = "facegen.json"
+# The models inside the package, by name: real faces (CelebA) and the built-in drawn faces (exact labels).
+FACES_MODEL = Path(__file__).parent / "faces"
 DEMO_MODEL = Path(__file__).parent / "demo"
+SHIPPED_MODELS = {"faces": FACES_MODEL, "demo": DEMO_MODEL}
 
 
-def default_model_path():
-    if (DEMO_MODEL / MODEL_FILE).is_file():
-        return DEMO_MODEL
-    raise FacegenError("no --model given and this installation ships no demo model; "
-                       "train one with `facegen train` and pass --model RUN/model")
+def model_path(name_or_path=None):
+    """The folder of a model: a path, or the name of a shipped model (faces, demo), or None for the default
+    (the real-face model where this installation ships it). A folder of that name in the working directory
+    wins over the shipped model."""
+    if name_or_path is None:
+        for path in SHIPPED_MODELS.values():
+            if (path / MODEL_FILE).is_file():
+                return path
+        raise FacegenError("no --model given and this installation ships no model; "
+                           "train one with `facegen train` and pass --model RUN/model")
+    path = Path(name_or_path)
+    if not path.exists() and str(name_or_path) in SHIPPED_MODELS:
+        return SHIPPED_MODELS[str(name_or_path)]
+    return path
 
 
 class FacegenModel:
@@ -45,7 +57,7 @@ class FacegenModel:
 
     @classmethod
     def load(cls, path=None, device="cpu"):
-        path = Path(path) if path else default_model_path()
+        path = model_path(path)
         if not path.is_dir():
             raise FacegenError(f"{path}: no such model folder")
         if not (path / MODEL_FILE).is_file():

@@ -3,6 +3,7 @@
 import json
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 from safetensors import safe_open
@@ -49,3 +50,16 @@ def test_the_demo_classifier_reads_what_the_demo_was_asked_for():
     readings = reader.predict(pipe.generate(y, seeds=list(range(6))))
     asked = [pipe.attributes.index(a) for a in ("male", "beard")]
     assert (readings[:, asked] == 1).float().mean() >= 0.8, readings[:, asked]
+
+
+def test_shipped_models_are_found_by_name_and_the_real_face_model_is_the_default(tmp_path, monkeypatch):
+    from facegen_cli.errors import FacegenError
+    from facegen_cli.pipeline import FACES_MODEL, model_path
+
+    assert model_path("demo") == DEMO_MODEL and model_path("faces") == FACES_MODEL
+    assert model_path(None) == (FACES_MODEL if (FACES_MODEL / "facegen.json").is_file() else DEMO_MODEL)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "demo").mkdir()  # a folder of that name in the working directory wins
+    assert model_path("demo").resolve() == tmp_path / "demo"
+    with pytest.raises(FacegenError, match="not a facegen model"):
+        FacegenModel.load("demo")

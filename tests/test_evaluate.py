@@ -251,5 +251,19 @@ def test_edit_locality_on_built_in_faces_keeps_the_outside_exact(tiny_model_dir)
                            num_faces=2)
     assert set(result) == {a for i, a in enumerate(DEFAULT_ATTRIBUTES) if (labels[:, i] < 0).any()}
     for r in result.values():
-        assert r["psnr_outside"] == float("inf") and r["ssim_outside"] == 1.0
+        assert r["psnr_outside"] == float("inf") and r["ssim_outside"] == 1.0 and r["pixels_changed_outside"] == 0
         assert 0 <= r["success"] <= 1 and 0 <= r["others_changed"] <= 1
+        assert r["texture_ratio"] >= 0 and r["texture_ratio_before"] > 0
+
+
+def test_high_frequency_ratio_tells_a_smooth_patch_from_the_grain_around_it():
+    from facegen_cli.evaluate import high_frequency_ratio
+
+    rng = np.random.default_rng(0)
+    grain = rng.integers(60, 200, (2, 64, 64, 3)).astype(np.uint8)
+    masks = np.zeros((2, 64, 64), dtype=np.float32)
+    masks[:, 20:40, 20:40] = 1
+    assert high_frequency_ratio(grain, masks) == pytest.approx(1.0, abs=0.1)  # same grain inside and out
+    smooth = grain.copy()
+    smooth[:, 20:40, 20:40] = 128
+    assert high_frequency_ratio(smooth, masks) < 0.3  # a flat patch: little energy inside
