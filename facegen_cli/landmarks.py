@@ -114,13 +114,12 @@ def extend_past_edges(region, pads, side):
     return np.rint(padded).astype(np.uint8)
 
 
-def align_face(photo, points, size=CANONICAL_SIZE):
-    """(aligned uint8 crop, 2x3 matrix photo -> crop, the points in the crop's frame) of a PIL RGB photo.
+def frame(photo, matrix, size=CANONICAL_SIZE):
+    """The size x size crop that a 2x3 matrix (photo -> frame) cuts out of a PIL RGB photo, uint8.
 
     Only the part of the photo under the frame is resampled; where the frame reaches past the photo's
     edges, the photo is extended (extend_past_edges) instead of filled with black, which no face shows.
     """
-    matrix = alignment(points, size)
     corners = invert(matrix) @ np.array([[0, size, 0, size], [0, 0, size, size], [1, 1, 1, 1]], dtype=np.float64)
     (x0, y0), (x1, y1) = (np.floor(corners.min(1)).astype(int) - 2).tolist(), (np.ceil(corners.max(1)).astype(int) + 2).tolist()
     image = np.asarray(photo)
@@ -131,5 +130,10 @@ def align_face(photo, points, size=CANONICAL_SIZE):
         region = extend_past_edges(region, pads, side=max(x1 - x0, y1 - y0))
     # Region pixel (0, 0) is photo pixel (x0, y0).
     shifted = np.column_stack([matrix[:, :2], matrix[:, 2] + matrix[:, :2] @ [x0, y0]])
-    crop = np.asarray(warp(Image.fromarray(region), shifted, (size, size)))
-    return crop, matrix, transform_points(points, matrix)
+    return np.asarray(warp(Image.fromarray(region), shifted, (size, size)))
+
+
+def align_face(photo, points, size=CANONICAL_SIZE):
+    """(aligned uint8 crop, 2x3 matrix photo -> crop, the points in the crop's frame) of a PIL RGB photo."""
+    matrix = alignment(points, size)
+    return frame(photo, matrix, size), matrix, transform_points(points, matrix)

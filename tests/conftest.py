@@ -7,6 +7,7 @@ import pytest
 import torch
 from diffusers import AutoencoderKL
 from PIL import Image
+from safetensors import safe_open
 
 from facegen_cli.attributes import DEFAULT_ATTRIBUTES
 
@@ -69,3 +70,14 @@ def tiny_run(tmp_path_factory, tiny_data, tiny_vae_dir):
 @pytest.fixture(scope="session")
 def tiny_model_dir(tiny_run):
     return tiny_run / "model"
+
+
+def assert_shipped_in_float16(folder, max_mib):
+    """A shipped model folder: dit/, vae/ and classifier/ weights, all floats in float16, within max_mib."""
+    files = sorted(folder.rglob("*.safetensors"))
+    assert {f.parent.name for f in files} == {"dit", "vae", "classifier"}
+    assert sum(f.stat().st_size for f in files) <= max_mib * 2**20
+    for f in files:
+        with safe_open(f, "pt") as weights:
+            dtypes = {weights.get_slice(k).get_dtype() for k in weights.keys()}
+            assert "F16" in dtypes and not dtypes & {"F32", "F64", "BF16"}, (f, dtypes)  # counters stay ints

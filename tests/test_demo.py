@@ -1,4 +1,4 @@
-"""The shipped demo model: it is in the package, small, and works with no --model and no download."""
+"""The shipped demo model (built-in faces): it is in the package, small, and works with --model demo, no download."""
 
 import json
 
@@ -6,27 +6,21 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from safetensors import safe_open
 from typer.testing import CliRunner
 
+from conftest import assert_shipped_in_float16
 from facegen_cli.cli import app
 from facegen_cli.pipeline import DEMO_MODEL, FacegenModel
 
 
 def test_the_demo_ships_in_float16_within_30_mb():
-    files = sorted(DEMO_MODEL.rglob("*.safetensors"))
-    assert {f.parent.name for f in files} == {"dit", "vae", "classifier"}
-    assert sum(f.stat().st_size for f in files) <= 30 * 2**20
-    for f in files:
-        with safe_open(f, "pt") as weights:
-            dtypes = {weights.get_slice(k).get_dtype() for k in weights.keys()}
-            assert "F16" in dtypes and not dtypes & {"F32", "F64", "BF16"}, (f, dtypes)  # counters stay ints
+    assert_shipped_in_float16(DEMO_MODEL, 30)
     info = json.loads((DEMO_MODEL / "facegen.json").read_text())
     assert info["preset"] == "demo" and info["image_size"] == 128
 
 
 def test_generate_with_the_shipped_model_through_the_cli(tmp_path):
-    result = CliRunner().invoke(app, ["generate", "--male", "--beard", "-n", "2", "--seed", "0",
+    result = CliRunner().invoke(app, ["generate", "--model", "demo", "--male", "--beard", "-n", "2", "--seed", "0",
                                       "--out", str(tmp_path)])
     assert result.exit_code == 0, result.stderr
     paths = result.stdout.split()
@@ -43,7 +37,7 @@ def test_the_demo_classifier_reads_what_the_demo_was_asked_for():
     from facegen_cli.attributes import request_vector
     from facegen_cli.classifier import load_classifier
 
-    pipe = FacegenModel.load()
+    pipe = FacegenModel.load("demo")
     reader, report = load_classifier(DEMO_MODEL / "classifier")
     assert min(report["test_accuracy"].values()) > 0.9
     y = request_vector(pipe.attributes, ["male", "beard"])
