@@ -3,8 +3,6 @@
 A request gives each attribute +1 (asked for), -1 (asked against) or 0 (left free).
 """
 
-import torch
-
 from .errors import FacegenError
 
 DEFAULT_ATTRIBUTES = [
@@ -59,6 +57,8 @@ def request_vector(vocabulary, wanted=(), unwanted=()):
     both = sorted(set(wanted) & set(unwanted))
     if both:
         raise FacegenError(f"attribute asked both for and against: {', '.join(both)}")
+    import torch  # here, not at the top: the CLI imports this module to build its flags
+
     y = torch.zeros(len(vocabulary))
     for n in wanted:
         y[vocabulary.index(n)] = 1.0
@@ -85,6 +85,8 @@ EXCLUSIVE = {frozenset(p) for p in [("black_hair", "blond_hair"), ("bald", "bang
 
 def exclusive_pairs(vocabulary):
     """(A, A) bool: True where attributes i and j cannot both be present."""
+    import torch
+
     return torch.tensor([[frozenset((a, b)) in EXCLUSIVE for b in vocabulary] for a in vocabulary])
 
 
@@ -93,6 +95,8 @@ def hold_readings(readings, add, remove, exclusive):
     attribute indices `add` (asked for) and `remove` (asked against). An attribute read as present that an
     added one rules out (`exclusive` (A, A) bool; blond hair rules out black hair) is asked against
     instead. Returns the requests and where that happened (B, A)."""
+    import torch
+
     ruled_out = torch.zeros_like(readings, dtype=torch.bool)
     for i in add:
         ruled_out |= exclusive[i] & (readings > 0)

@@ -8,18 +8,17 @@ import secrets
 from pathlib import Path
 from typing import List, Optional
 
-import numpy as np
-import torch
 import typer
-from PIL import Image
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeRemainingColumn
 from rich.text import Text
-from torchvision.utils import make_grid
 
 from .attributes import DEFAULT_ATTRIBUTES, check_names, describe, flag_names, request_vector
 from .config import load_preset, preset_names
 from .errors import FacegenError
+
+# Heavy libraries (torch, numpy, PIL, torchvision) are imported inside the commands that use them, so that
+# `facegen --help` and argument errors answer at once.
 
 app = typer.Typer(help="Attribute-controlled faces from a latent Diffusion Transformer.", no_args_is_help=True,
                   pretty_exceptions_show_locals=False)
@@ -95,6 +94,8 @@ def with_attribute_flags(command):
 
 
 def pick_device(device):
+    import torch
+
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
@@ -222,6 +223,8 @@ def eval_report(
     reader, reader_report = load_classifier(classifier, pipe.device)
     real, edits, data_labels = None, None, None
     if data is not None:
+        from PIL import Image
+
         from .data import load_images_and_labels, read_dataset, read_landmarks
         from .edit import EditRequest
 
@@ -315,6 +318,8 @@ def upscale(
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
 ):
     """4x super-resolution with Real-ESRGAN x4plus (basicsr RRDBNet); prints each output's path."""
+    from PIL import Image
+
     from .files import collect_inputs, save_image
     from .upscale import load_upscaler, upscale_image
 
@@ -417,6 +422,8 @@ def edit(
 @reports_errors
 def presets():
     """List the model presets with their parameter counts."""
+    import torch
+
     from .model import LatentDiT
 
     for name in preset_names():
@@ -494,6 +501,8 @@ def export(
                                                            "(default: the model folder's own, if any)."),
 ):
     """Copy a model folder, optionally in float16 and with its classifier (how the demo was made); prints OUT."""
+    import torch
+
     from .classifier import load_classifier, save_classifier
     from .pipeline import FacegenModel
 
@@ -526,6 +535,8 @@ def generate(
     unwanted: List[str] = (),
 ):
     """Generate faces with the asked-for attributes; the rest stay free."""
+    from PIL import Image
+
     from .data import to_uint8
     from .files import save_image
     from .pipeline import FacegenModel
@@ -555,9 +566,13 @@ def generate(
     wanted_attributes = dict(zip(pipe.attributes, y.tolist()))
     for s, face in zip(seeds, faces):
         meta = {"facegen": {"attributes": wanted_attributes, "seed": s, **settings,
-                            "model": str(model or "demo")}}
+                            "model": str(model) if model else pipe.path.name}}
         print(save_image(face, out / f"face-{s:010d}.png", meta), flush=True)
     if grid:
+        import numpy as np
+        import torch
+        from torchvision.utils import make_grid
+
         pixels = np.stack([np.asarray(face) for face in faces])
         tiles = make_grid(torch.from_numpy(pixels).permute(0, 3, 1, 2), nrow=int(n**0.5 + 0.999), padding=0)
         meta = {"facegen": {"attributes": wanted_attributes, "seeds": seeds, **settings}}

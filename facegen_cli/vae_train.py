@@ -26,7 +26,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torchvision.utils import make_grid
 
-from .data import load_images_and_labels, to_tensor, to_uint8
+from .data import load_images_and_labels, to_tensor
 from .errors import FacegenError
 from .files import atomic_dir, save_image
 from .flow import laplacian_loss

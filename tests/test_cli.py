@@ -153,3 +153,13 @@ def test_train_precision_is_chosen_per_run(tmp_path, tiny_run):
                              "--precision", "bf16"], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert "precision bf16" in result.stderr and result.stdout.strip() == str(tmp_path / "run/model")
+
+
+def test_the_cli_answers_help_without_importing_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys, facegen_cli.cli; heavy = {'torch', 'numpy', 'PIL', 'torchvision'} & set(sys.modules); "
+            "print(sorted(heavy))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"
