@@ -4,6 +4,7 @@ logs and progress bars on stderr, one-line errors and a non-zero exit code on ba
 import dataclasses
 import functools
 import inspect
+import math
 import secrets
 from pathlib import Path
 from typing import List, Optional
@@ -91,6 +92,14 @@ def with_attribute_flags(command):
 
     wrapper.__signature__ = inspect.Signature(params + flags + extra)
     return wrapper
+
+
+def finite(value):
+    """Typer callback: refuse nan and inf (NaN passes every min/max check, and a NaN guidance paints black)."""
+    values = value if isinstance(value, list) else [value]
+    if any(v is not None and not math.isfinite(v) for v in values):
+        raise typer.BadParameter(f"must be a finite number, not {value}")
+    return value
 
 
 def pick_device(device):
@@ -195,7 +204,8 @@ def eval_report(
                                                    "default: the model folder's classifier/, as the demo has)."),
     out: Path = typer.Option(Path("eval-report"), "--out", "-o", help="Report folder."),
     faces: int = typer.Option(32, "--faces", "-k", min=1, help="Faces per condition (seeds 0..K-1)."),
-    guidance: List[float] = typer.Option([1.0, 3.0, 5.0], help="Guidance scales to measure (repeatable)."),
+    guidance: List[float] = typer.Option([1.0, 3.0, 5.0], callback=finite,
+                                         help="Guidance scales to measure (repeatable)."),
     combinations: int = typer.Option(8, min=0, help="Random requests of 2-4 attributes to measure."),
     data: Optional[Path] = typer.Option(None, help="Labelled image folder: its test split is the real side of "
                                                      "the Fréchet distance, its train split's labels give the "
@@ -351,7 +361,8 @@ def edit(
                                              help="How much to repaint: the sampler's start time (default 0.8; "
                                                   "1.0 for hair colours, bald and pale_skin)."),
     steps: Optional[int] = typer.Option(None, min=1, help="Sampling steps (default: the model's)."),
-    guidance: Optional[float] = typer.Option(None, help="Classifier-free guidance (default: the model's)."),
+    guidance: Optional[float] = typer.Option(None, callback=finite,
+                                             help="Classifier-free guidance (default: the model's)."),
     resample: int = typer.Option(2, min=1, help="RePaint resampling rounds per step (coherence at the mask edge)."),
     mask_grow: int = typer.Option(4, min=0, help="Grow the region mask by this many pixels (of the 128 crop)."),
     save_mask: bool = typer.Option(False, "--save-mask", help="Also write NAME.mask.png beside each output."),
@@ -524,7 +535,8 @@ def generate(
     out: Path = typer.Option(Path("faces"), "--out", "-o", help="Output folder."),
     seed: Optional[int] = typer.Option(None, help="Seed of the first face; face i uses seed + i."),
     steps: Optional[int] = typer.Option(None, min=1, help="Sampling steps (default: the model's)."),
-    guidance: Optional[float] = typer.Option(None, help="Classifier-free guidance scale (default: the model's)."),
+    guidance: Optional[float] = typer.Option(None, callback=finite,
+                                             help="Classifier-free guidance scale (default: the model's)."),
     sampler: Optional[str] = typer.Option(None, help="euler or heun (default: the model's)."),
     grid: bool = typer.Option(False, "--grid", help="Also write all faces as one grid image."),
     upscale: Optional[float] = typer.Option(None, "--upscale", min=1.0, max=8.0,

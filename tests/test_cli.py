@@ -163,3 +163,11 @@ def test_the_cli_answers_help_without_importing_torch():
             "print(sorted(heavy))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+def test_a_guidance_that_is_not_a_finite_number_is_refused_before_any_work(value, tmp_path):
+    for command in (["generate", "--out", str(tmp_path)], ["edit", str(tmp_path), "--add", "beard"], ["eval"]):
+        result = runner.invoke(app, [*command, "--guidance", value])
+        assert result.exit_code == 2 and "must be a finite number" in result.stderr, (command, result.stderr)
+    assert not any(tmp_path.iterdir())
