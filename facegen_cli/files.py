@@ -68,13 +68,30 @@ def collect_inputs(inputs, recursive=False, stdin=None):
 
     A folder gives its files (not hidden ones; with `recursive`, its sub-folders' too) as
     (file, path relative to that folder); a file gives (file, its name); "-" reads one path a line
-    from `stdin`. A missing path becomes a problem line instead of stopping the run.
+    from `stdin`. A missing path becomes a problem line instead of stopping the run. Files that would
+    share an output name (c/a/face.jpg and c/b/face.jpg) keep their paths below their common folder
+    (a/face.jpg, b/face.jpg), so that no output overwrites another.
     """
+    files, problems = _collect(inputs, recursive, stdin)
+    by_name = {}
+    for path, relative in files:
+        by_name.setdefault(relative, []).append(path)
+    clashes = {relative: paths for relative, paths in by_name.items() if len(set(p.resolve() for p in paths)) > 1}
+    if clashes:
+        renamed = {}
+        for paths in clashes.values():
+            common = Path(os.path.commonpath([p.resolve().parent for p in paths]))
+            renamed.update({path: path.resolve().relative_to(common) for path in paths})
+        files = [(path, renamed.get(path, relative)) for path, relative in files]
+    return files, problems
+
+
+def _collect(inputs, recursive, stdin):
     files, problems = [], []
     for item in inputs:
         if str(item) == "-":
             lines = [line.strip() for line in (stdin or sys.stdin).read().splitlines() if line.strip()]
-            found, missing = collect_inputs(lines, recursive)
+            found, missing = _collect(lines, recursive, None)
             files += found
             problems += missing
             continue

@@ -171,3 +171,19 @@ def test_a_guidance_that_is_not_a_finite_number_is_refused_before_any_work(value
         result = runner.invoke(app, [*command, "--guidance", value])
         assert result.exit_code == 2 and "must be a finite number" in result.stderr, (command, result.stderr)
     assert not any(tmp_path.iterdir())
+
+
+def test_inputs_that_share_a_name_keep_their_folders_so_no_output_overwrites_another(tmp_path):
+    import io
+
+    from facegen_cli.files import collect_inputs
+
+    for folder in ("c/a", "c/b", "c/b/deeper"):
+        (tmp_path / folder).mkdir(parents=True)
+        (tmp_path / folder / "face.jpg").write_bytes(b"x")
+    (tmp_path / "c" / "a" / "other.jpg").write_bytes(b"x")
+    paths = [tmp_path / f for f in ("c/a/face.jpg", "c/b/face.jpg", "c/b/deeper/face.jpg", "c/a/other.jpg")]
+    files, problems = collect_inputs(["-"], stdin=io.StringIO("".join(f"{p}\n" for p in paths)))
+    assert problems == []
+    assert [str(relative) for _, relative in files] == ["a/face.jpg", "b/face.jpg", "b/deeper/face.jpg", "other.jpg"]
+    assert [path for path, _ in files] == paths
