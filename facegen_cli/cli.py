@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeRemainingColumn
 from rich.text import Text
 
-from .attributes import DEFAULT_ATTRIBUTES, check_names, describe, flag_names, request_vector
+from .attributes import DEFAULT_ATTRIBUTES, describe, flag_names, request_vector
 from .config import load_preset, preset_names
 from .errors import FacegenError
 
@@ -378,7 +378,7 @@ def edit(
     """Change one feature of the faces in photos (--add mustache, --remove eyeglasses, ...); prints each output."""
     from .classifier import load_classifier
     from .data import UNREADABLE_IMAGE_ERRORS
-    from .edit import EditRequest, NoFaceFound, edit_prepared, prepare_photo, save_edited
+    from .edit import EditRequest, NoFaceFound, check_request, edit_prepared, prepare_photo, save_edited
     from .files import collect_inputs
     from .landmarks import FaceFinder
     from .pipeline import FacegenModel
@@ -390,7 +390,7 @@ def edit(
     request = EditRequest(tuple(a.replace("-", "_") for a in add), tuple(r.replace("-", "_") for r in remove),
                           strength, steps or defaults.get("steps", 25),
                           defaults.get("guidance", 3.0) if guidance is None else guidance, resample, mask_grow, seed)
-    check_names(pipe.attributes, request.changed)
+    check_request(pipe.attributes, request)
     reader = None
     if not free_others and (pipe.path / "classifier").is_dir():
         reader = load_classifier(pipe.path / "classifier", pipe.device)[0]

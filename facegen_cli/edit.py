@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFilter, ImageOps
 
 from . import flow
-from .attributes import check_names, exclusive_pairs, hold_readings
+from .attributes import EXCLUSIVE, check_names, exclusive_pairs, hold_readings
 from .data import to_tensor, to_uint8
 from .errors import FacegenError
 from .files import save_image
@@ -178,11 +178,24 @@ class EditRequest:
         return 1.0 if COLOUR_CHANGES & set(self.changed) else DEFAULT_STRENGTH
 
 
+def check_request(vocabulary, request):
+    """Refuse an edit that names unknown attributes, adds and removes the same one, or adds two that
+    cannot both be present (black and blond hair)."""
+    check_names(vocabulary, request.changed)
+    both = sorted(set(request.add) & set(request.remove))
+    if both:
+        raise FacegenError(f"asked both to add and to remove {', '.join(both)}")
+    clashes = [f"{a} and {b}" for i, a in enumerate(request.add) for b in request.add[i + 1:]
+               if frozenset((a, b)) in EXCLUSIVE]
+    if clashes:
+        raise FacegenError(f"cannot add both {'; '.join(clashes)}: a face has one or the other")
+
+
 def request_vectors(pipe, request, current=None):
     """(B, A) conditions: the current readings (or free, 0) with the requested attributes set; a held
     reading that an added attribute rules out (black hair when blond is added) is asked against."""
     attributes = pipe.attributes
-    check_names(attributes, request.changed)
+    check_request(attributes, request)
     readings = torch.zeros(1, len(attributes)) if current is None else current
     return hold_readings(readings, [attributes.index(n) for n in request.add],
                          [attributes.index(n) for n in request.remove], exclusive_pairs(attributes))[0]

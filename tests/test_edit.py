@@ -242,3 +242,11 @@ def test_edit_respects_exif_orientation(tmp_path, tiny_model_dir):
     assert result.exit_code == 0, result.stderr
     with Image.open(tmp_path / "out" / "photo.jpg") as edited:
         assert edited.size == upright.size and edited.format == "JPEG"
+
+
+def test_contradictory_edits_are_refused_before_any_photo_is_read(tmp_path, tiny_model_dir):
+    photo = tmp_path / "missing.png"  # never read: the request is checked first
+    for args, message in ((["--add", "beard", "--remove", "beard"], "both to add and to remove beard"),
+                          (["--add", "black_hair", "--add", "blond_hair"], "cannot add both black_hair and blond_hair")):
+        result = runner.invoke(app, ["edit", str(photo), *args, "--model", str(tiny_model_dir)])
+        assert result.exit_code == 1 and message in result.stderr, result.stderr
