@@ -28,7 +28,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from .attributes import celeba_column
-from .data import IMAGE_SUFFIXES, UNREADABLE_IMAGE_ERRORS
+from .data import IMAGE_SUFFIXES, UNREADABLE_IMAGE_ERRORS, to_rgb
 from .errors import FacegenError
 from .files import atomic_path, write_json
 from .landmarks import CANONICAL_SIZE, FaceFinder, align_face
@@ -151,7 +151,7 @@ def _align_one(job):
     name, source, target, size = job
     try:
         with Image.open(source) as image:
-            photo = ImageOps.exif_transpose(image).convert("RGB")
+            photo = to_rgb(ImageOps.exif_transpose(image))
     except UNREADABLE_IMAGE_ERRORS as e:
         return {"name": name, "error": f"cannot read the image ({e})"}
     points = find_main_face(_finder, np.asarray(photo))

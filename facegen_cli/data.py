@@ -96,10 +96,21 @@ def _read_csv(root):
     return LabelledImages(root, paths, labels, attributes)
 
 
+def to_rgb(image):
+    """A PIL image of any mode as 8-bit RGB. 16- and 32-bit grey ("I;16", "I") are scaled to 8 bits first:
+    PIL's own convert clips them, which turns a 16-bit photo white."""
+    if image.mode.startswith("I"):
+        grey = np.asarray(image, dtype=np.float64)
+        if image.mode.startswith("I;16") or grey.max() > 255:
+            grey = grey / 257
+        image = Image.fromarray(np.clip(np.rint(grey), 0, 255).astype(np.uint8))
+    return image.convert("RGB")
+
+
 def load_image(path, size):
     """An RGB image, EXIF orientation applied, centre-cropped square and resized: uint8 (size, size, 3)."""
     with Image.open(path) as image:
-        image = ImageOps.exif_transpose(image).convert("RGB")
+        image = to_rgb(ImageOps.exif_transpose(image))
         side = min(image.size)
         left, top = (image.width - side) // 2, (image.height - side) // 2
         image = image.crop((left, top, left + side, top + side))

@@ -16,7 +16,7 @@ from PIL import Image, ImageDraw, ImageFilter, ImageOps
 
 from . import flow
 from .attributes import EXCLUSIVE, check_names, exclusive_pairs, hold_readings
-from .data import to_tensor, to_uint8
+from .data import to_rgb, to_tensor, to_uint8
 from .errors import FacegenError
 from .files import save_image
 from .landmarks import align_face, invert, warp
@@ -261,7 +261,7 @@ def read_photo(path):
         image_format = image.format
         image = ImageOps.exif_transpose(image)
     alpha = image.getchannel("A") if image.mode in ("RGBA", "LA") else None
-    return image.convert("RGB"), alpha, image_format
+    return to_rgb(image), alpha, image_format
 
 
 def prepare_photo(path, target, finder, request, size, face=None):

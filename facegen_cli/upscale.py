@@ -20,6 +20,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
+from .data import to_rgb
 from .errors import FacegenError
 from .files import atomic_path
 
@@ -209,7 +210,7 @@ def upscale_image(net, image, outscale=4, tile=256, tile_pad=10, bf16=False):
     """
     mode = image.mode
     alpha = image.getchannel("A") if mode in ("RGBA", "LA") or (mode == "P" and "transparency" in image.info) else None
-    rgb = np.asarray(image.convert("RGB"), dtype=np.float32) / 255
+    rgb = np.asarray(to_rgb(image), dtype=np.float32) / 255
     x = torch.from_numpy(rgb).permute(2, 0, 1)[None]
     y = upscale_tensor(net, x, tile, tile_pad, bf16)[0]
     result = Image.fromarray((y.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))

@@ -118,3 +118,16 @@ def test_encode_of_only_unreadable_images_fails(tmp_path, tiny_vae_dir):
     (root / "attributes.csv").write_text("filename,male\na.png,1\n")
     with pytest.raises(FacegenError, match="none of the 1 images"):
         encode_dataset(root, tiny_vae_dir, tmp_path / "cache", workers=0, log=lambda m: None)
+
+
+def test_sixteen_bit_grey_photos_are_read_as_their_grey_levels_not_white(tmp_path):
+    from facegen_cli.data import load_image, to_rgb
+
+    ramp = (np.linspace(0, 65535, 64 * 64).reshape(64, 64)).astype(np.uint16)
+    Image.fromarray(ramp).save(tmp_path / "deep.png")  # a 16-bit greyscale PNG
+    with Image.open(tmp_path / "deep.png") as image:
+        assert image.mode.startswith("I")
+        rgb = np.asarray(to_rgb(image))
+    assert rgb.shape == (64, 64, 3) and rgb.min() == 0 and rgb.max() == 255
+    assert np.allclose(rgb[..., 0], np.rint(ramp / 257), atol=1)
+    assert 100 < load_image(tmp_path / "deep.png", 32).mean() < 155
