@@ -11,6 +11,7 @@ from typing import List, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeRemainingColumn
 from rich.text import Text
 
@@ -48,15 +49,23 @@ def progress_bar(**formats):
                     TimeRemainingColumn(), console=console)
 
 
+def describe_error(error):
+    """One line for a FacegenError or an OSError ("out/face.png: Read-only file system")."""
+    if isinstance(error, OSError) and error.strerror:
+        return f"{error.filename}: {error.strerror}" if error.filename else error.strerror
+    return str(error)
+
+
 def reports_errors(command):
-    """Turn a FacegenError into one line on stderr and exit code 1, with no traceback."""
+    """Turn a FacegenError, or an operating-system error such as a read-only or full output folder, into
+    one line on stderr and exit code 1, with no traceback."""
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
         try:
             return command(*args, **kwargs)
-        except FacegenError as e:
-            console.print(f"[bold red]error:[/] {e}", highlight=False)
+        except (FacegenError, OSError) as e:
+            console.print(f"[bold red]error:[/] {escape(describe_error(e))}", highlight=False)
             raise typer.Exit(1) from None
 
     return wrapper
@@ -330,9 +339,10 @@ def upscale(
     """4x super-resolution with Real-ESRGAN x4plus (basicsr RRDBNet); prints each output's path."""
     from PIL import Image
 
-    from .files import collect_inputs, save_image
+    from .files import check_output_folder, collect_inputs, save_image
     from .upscale import load_upscaler, upscale_image
 
+    check_output_folder(out)
     files, problems = collect_inputs(inputs, recursive)
     net = load_upscaler(weights, pick_device(device), log)
 
@@ -379,12 +389,17 @@ def edit(
     from .classifier import load_classifier
     from .data import UNREADABLE_IMAGE_ERRORS
     from .edit import EditRequest, NoFaceFound, check_request, edit_prepared, prepare_photo, save_edited
-    from .files import collect_inputs
+    from .files import check_output_folder, collect_inputs
     from .landmarks import FaceFinder
     from .pipeline import FacegenModel
 
     if not add and not remove:
         raise FacegenError("nothing to change: give --add ATTRIBUTE and/or --remove ATTRIBUTE")
+    if in_place and save_mask:
+        raise FacegenError("--save-mask with --in-place would write NAME.mask.png among the photos (and take "
+                           "them as photos next time); edit into --out to keep the masks")
+    if not in_place:
+        check_output_folder(out)
     pipe = FacegenModel.load(model, pick_device(device))
     defaults = pipe.info.get("sample", {})
     request = EditRequest(tuple(a.replace("-", "_") for a in add), tuple(r.replace("-", "_") for r in remove),
@@ -420,8 +435,12 @@ def edit(
                     counts["unreadable"] += 1
             if prepared:
                 for photo, (pixels, mask) in zip(prepared, edit_prepared(pipe, prepared, request, reader)):
-                    print(save_edited(photo, pixels, mask, save_mask), flush=True)
-                    counts["edited"] += 1
+                    try:
+                        print(save_edited(photo, pixels, mask, save_mask), flush=True)
+                        counts["edited"] += 1
+                    except OSError as e:  # an output that cannot be written fails that photo, not the run
+                        log(f"{photo.path}: cannot write {photo.target}: {describe_error(e)}")
+                        counts["failed"] += 1
             progress.advance(task, len(files[start:start + batch_size]))
     finder.close()
     log(", ".join(f"{n} {name}" for name, n in counts.items()))
@@ -550,13 +569,14 @@ def generate(
     from PIL import Image
 
     from .data import to_uint8
-    from .files import save_image
+    from .files import check_output_folder, save_image
     from .pipeline import FacegenModel
 
     if n < 1:
         raise FacegenError(f"-n must be at least 1, not {n}")
     if sampler not in (None, "euler", "heun"):
         raise FacegenError(f"unknown sampler {sampler!r}; use euler or heun")
+    check_output_folder(out)  # a bad --out fails now, not after the faces are made
     pipe = FacegenModel.load(model, pick_device(device))
     y = request_vector(pipe.attributes, wanted, unwanted)
     seed = secrets.randbelow(2**31) if seed is None else seed

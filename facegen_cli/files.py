@@ -11,6 +11,8 @@ from pathlib import Path
 
 from PIL import Image, PngImagePlugin
 
+from .errors import FacegenError
+
 
 @contextmanager
 def atomic_path(path):
@@ -41,6 +43,15 @@ def atomic_dir(path):
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
+
+
+def check_output_folder(folder):
+    """Fail now, with one line, when `folder` cannot be made a folder (it or a parent is a file)."""
+    for path in (Path(folder), *Path(folder).parents):
+        if path.exists():
+            if not path.is_dir():
+                raise FacegenError(f"{path}: is a file, not a folder; --out must name a folder")
+            return
 
 
 def write_json(path, data):

@@ -187,3 +187,19 @@ def test_inputs_that_share_a_name_keep_their_folders_so_no_output_overwrites_ano
     assert problems == []
     assert [str(relative) for _, relative in files] == ["a/face.jpg", "b/face.jpg", "b/deeper/face.jpg", "other.jpg"]
     assert [path for path, _ in files] == paths
+
+
+def test_an_output_folder_that_is_a_file_gives_one_line_not_a_traceback(tmp_path, tiny_model_dir):
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("x")
+    result = runner.invoke(app, ["generate", "--model", str(tiny_model_dir), "-n", "1", "--steps", "1",
+                                 "--out", str(blocker / "faces")])
+    assert result.exit_code == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip().startswith("error:") and "is a file, not a folder" in result.stderr  # before any work
+    assert blocker.read_text() == "x"
+
+
+def test_save_mask_with_in_place_is_refused(tmp_path, tiny_model_dir):
+    result = runner.invoke(app, ["edit", str(tmp_path), "--add", "beard", "--in-place", "--save-mask",
+                                 "--model", str(tiny_model_dir)])
+    assert result.exit_code == 1 and "--save-mask with --in-place" in result.stderr
