@@ -12,6 +12,7 @@ One process, one GPU, or many with `accelerate launch -m facegen_cli.cli train .
 
 import json
 import math
+import pickle
 import shutil
 import time
 from pathlib import Path
@@ -21,13 +22,14 @@ import torch
 from accelerate import Accelerator
 from diffusers.training_utils import EMAModel
 from PIL import Image
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torchvision.utils import make_grid
 
 from . import flow
 from .cache import encode_dataset, is_cache, load_cache
 from .data import to_uint8
-from .errors import FacegenError
+from .errors import FacegenError, first_line
 from .files import atomic_dir, save_image
 from .model import LatentDiT
 from .pipeline import FacegenModel
@@ -113,15 +115,40 @@ def save_checkpoint(out, step, model, ema, optimizer, state, keep):
         shutil.rmtree(old)
 
 
-def load_checkpoint(path, model, ema, optimizer, state):
-    saved = json.loads((path / "state.json").read_text())
+# What reading a damaged checkpoint file raises (cut short, overwritten, not a checkpoint at all).
+DAMAGED_CHECKPOINT_ERRORS = (OSError, ValueError, RuntimeError, KeyError, EOFError, pickle.UnpicklingError,
+                             SafetensorError)
+
+
+def read_checkpoint(path):
+    """Everything a checkpoint folder holds, read into memory: (state, model, EMA and optimizer states)."""
+    return (json.loads((path / "state.json").read_text()), load_file(path / "model.safetensors"),
+            torch.load(path / "ema.pt", weights_only=True), torch.load(path / "optimizer.pt", weights_only=True))
+
+
+def newest_intact_checkpoint(out, log):
+    """(path, read_checkpoint(path)) of the newest checkpoint that reads back whole, or None when there is
+    none; each damaged newer one is reported and passed over."""
+    for path in sorted((Path(out) / "checkpoints").glob("step-*"), reverse=True):
+        try:
+            return path, read_checkpoint(path)
+        except DAMAGED_CHECKPOINT_ERRORS as e:
+            log(f"{path} is damaged ({first_line(e)}); trying the checkpoint before it")
+    if any((Path(out) / "checkpoints").glob("step-*")):
+        raise FacegenError(f"{out}: every checkpoint is damaged; start a new run with another --out")
+    return None
+
+
+def load_checkpoint(path, contents, model, ema, optimizer, state):
+    """Put a read checkpoint's weights into the model, EMA and optimizer; returns its step."""
+    saved, model_state, ema_state, optimizer_state = contents
     for key in ("preset", "model_config", "attributes"):
         if saved.get(key) != state[key]:
             raise FacegenError(f"{path} was made with {key.replace('_', ' ')} {saved.get(key)!r}, "
                                f"not {state[key]!r}; resume with the same preset and data")
-    model.load_state_dict(load_file(path / "model.safetensors"))
-    ema.load_state_dict(torch.load(path / "ema.pt", weights_only=True))
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+    model.load_state_dict(model_state)
+    ema.load_state_dict(ema_state)
+    optimizer.load_state_dict(optimizer_state)
     return saved["step"]
 
 
@@ -197,9 +224,9 @@ def train(preset, data, out, vae_source=None, max_steps=None, batch_size=None, r
     state = {"preset": preset.name, "model_config": model_config, "attributes": cache_meta["attributes"]}
     init = None  # the model this run fine-tunes, if any: where from, its steps, its latent statistics
     init_weights = None  # its DiT weights, when this run starts from it rather than from a checkpoint
-    checkpoint = latest_checkpoint(out) if resume else None
+    checkpoint = newest_intact_checkpoint(out, log) if resume else None
     if checkpoint:  # a fine-tuning run resumes from its own checkpoints
-        init = json.loads((checkpoint / "state.json").read_text()).get("init")
+        init = checkpoint[1][0].get("init")
     elif init_from:
         base = load_init_model(init_from, model_config, cache_meta)
         init_weights = base.dit.state_dict()
@@ -222,8 +249,8 @@ def train(preset, data, out, vae_source=None, max_steps=None, batch_size=None, r
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     start_step = 0
     if checkpoint:
-        start_step = load_checkpoint(checkpoint, model, ema, optimizer, state)
-        log(f"resuming from {checkpoint} at step {start_step}")
+        start_step = load_checkpoint(*checkpoint, model, ema, optimizer, state)
+        log(f"resuming from {checkpoint[0]} at step {start_step}")
     steps_before = init["trained_steps"] if init else 0
     model, optimizer = accelerator.prepare(model, optimizer)
     ema.to(accelerator.device)

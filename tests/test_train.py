@@ -73,6 +73,27 @@ def test_resume_continues_bit_for_bit(tmp_path, tiny_run):
     assert a["final_layer.linear.weight"].abs().sum() > 0
 
 
+def test_resume_passes_over_a_damaged_latest_checkpoint_and_still_ends_bit_for_bit(tmp_path, tiny_run):
+    cache = tiny_run / "latents"
+    preset = load_preset("tiny")
+    train(preset, cache, tmp_path / "straight", max_steps=6, log=quiet)
+    run = tmp_path / "damaged"
+    train(preset, cache, run, max_steps=2, log=quiet)
+    train(preset, cache, run, max_steps=4, resume=True, log=quiet)
+    (run / "checkpoints/step-000004/model.safetensors").write_bytes(b"cut short")
+    messages = []
+    train(preset, cache, run, max_steps=6, resume=True, log=messages.append)
+    assert any("step-000004 is damaged" in m for m in messages)
+    assert any("resuming from" in m and "step-000002" in m for m in messages)
+    a = load_file(tmp_path / "straight/checkpoints/step-000006/model.safetensors")
+    b = load_file(run / "checkpoints/step-000006/model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    for step in ("000004", "000006"):  # the two kept
+        (run / f"checkpoints/step-{step}/ema.pt").write_bytes(b"")
+    with pytest.raises(FacegenError, match="every checkpoint is damaged"):
+        train(preset, cache, run, max_steps=8, resume=True, log=quiet)
+
+
 def test_a_run_is_not_overwritten_and_resumes_only_with_its_preset(tmp_path, tiny_run):
     cache = tiny_run / "latents"
     train(load_preset("tiny"), cache, tmp_path / "run", max_steps=2, log=quiet)
