@@ -19,6 +19,7 @@ touches its border is padded and tried again. Progress is journalled photo by ph
 
 import csv
 import json
+import multiprocessing
 import os
 import zlib
 from concurrent.futures import ProcessPoolExecutor
@@ -217,7 +218,10 @@ def align_dataset(src, out, attributes=None, size=CANONICAL_SIZE, holdout=0.05, 
     (out / "img_align_celeba").mkdir(exist_ok=True)
     task = progress.add_task("aligning", total=len(names), completed=len(done)) if progress else None
     workers = workers or os.cpu_count() or 1
-    with open(journal_path, "a") as journal, ProcessPoolExecutor(workers, initializer=_start_worker) as pool:
+    # Workers are spawned, not forked: a fork of a process whose MediaPipe graphs run threads can crash.
+    context = multiprocessing.get_context("spawn")
+    with open(journal_path, "a") as journal, \
+            ProcessPoolExecutor(workers, mp_context=context, initializer=_start_worker) as pool:
         for record in pool.map(_align_one, todo, chunksize=16):
             done[record["name"]] = record
             journal.write(json.dumps(record) + "\n")

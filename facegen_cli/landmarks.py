@@ -6,6 +6,11 @@ the wheel, so nothing is downloaded. The full-range detector finds faces of any 
 runs on a square crop around each, which is what makes small faces in large photos work.
 """
 
+import os
+import sys
+import warnings
+from contextlib import contextmanager
+
 import numpy as np
 from PIL import Image, ImageFilter
 
@@ -27,15 +32,36 @@ MESH_POINTS = {
 }
 
 
+@contextmanager
+def quiet_stderr():
+    """Send what is written to file descriptor 2 (C++ libraries' logging included) to /dev/null."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+            yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 class FaceFinder:
     """MediaPipe face detection + face mesh; call it on an RGB uint8 image, get named points per face."""
 
     def __init__(self, max_faces=10, min_confidence=0.5):
-        from mediapipe.python.solutions import face_detection, face_mesh
+        with quiet_stderr():  # MediaPipe's and TensorFlow Lite's start-up logging, and a protobuf warning
+            from mediapipe.python.solutions import face_detection, face_mesh
 
-        self.detector = face_detection.FaceDetection(model_selection=1, min_detection_confidence=min_confidence)
-        self.mesh = face_mesh.FaceMesh(static_image_mode=True, max_num_faces=1, refine_landmarks=False,
-                                       min_detection_confidence=min_confidence)
+            self.detector = face_detection.FaceDetection(model_selection=1, min_detection_confidence=min_confidence)
+            self.mesh = face_mesh.FaceMesh(static_image_mode=True, max_num_faces=1, refine_landmarks=False,
+                                           min_detection_confidence=min_confidence)
+            blank = np.zeros((64, 64, 3), dtype=np.uint8)
+            self.detector.process(blank)  # the graphs log as they start: start them now
+            self.mesh.process(blank)
+        # protobuf's deprecation warning, raised inside MediaPipe when it reads its first result
+        warnings.filterwarnings("ignore", message=r"SymbolDatabase\.GetPrototype\(\) is deprecated")
         self.max_faces = max_faces
 
     def __call__(self, image):

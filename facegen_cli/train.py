@@ -239,6 +239,9 @@ def train(preset, data, out, vae_source=None, max_steps=None, batch_size=None, r
     std = torch.tensor(info["latent_std"]).view(1, -1, 1, 1)
     latents = (latents - mean) / std
     vae = load_vae(cache_meta["vae_source"], accelerator.device)
+    if vae_fingerprint(vae) != cache_meta["vae_fingerprint"]:  # the exported model would decode other latents
+        raise FacegenError(f"the VAE {cache_meta['vae_source']} has changed since the latents were encoded; "
+                           "encode them again (facegen encode) or restore that VAE")
 
     torch.manual_seed(cfg.seed)
     model = LatentDiT(**model_config)

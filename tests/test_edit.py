@@ -250,3 +250,16 @@ def test_contradictory_edits_are_refused_before_any_photo_is_read(tmp_path, tiny
                           (["--add", "black_hair", "--add", "blond_hair"], "cannot add both black_hair and blond_hair")):
         result = runner.invoke(app, ["edit", str(photo), *args, "--model", str(tiny_model_dir)])
         assert result.exit_code == 1 and message in result.stderr, result.stderr
+
+
+def test_finding_faces_prints_no_library_logging():
+    import subprocess
+    import sys
+
+    pytest.importorskip("mediapipe")
+    pytest.importorskip("skimage.data")
+    code = ("import sys; from skimage.data import astronaut; from facegen_cli.landmarks import FaceFinder; "
+            "f = FaceFinder(); n = len(f(astronaut())); f.close(); print('own message', file=sys.stderr); print(n)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "1"
+    assert result.stderr.strip() == "own message"  # facegen's own output still shows

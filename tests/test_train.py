@@ -149,3 +149,19 @@ def test_fine_tuning_refuses_a_model_of_another_preset_or_vae(tmp_path, tiny_run
     vae.save_pretrained(other_vae / "vae")
     with pytest.raises(FacegenError, match="another VAE"):
         train(load_preset("tiny"), cache, tmp_path / "b", max_steps=1, init_from=other_vae, log=quiet)
+
+
+def test_train_refuses_latents_whose_vae_has_changed_since_encoding(tmp_path, tiny_data):
+    from conftest import make_tiny_vae
+    from facegen_cli.cache import encode_dataset
+
+    vae_dir = tmp_path / "vae"
+    make_tiny_vae().save_pretrained(vae_dir)
+    encode_dataset(tiny_data, str(vae_dir), tmp_path / "latents", 128, log=quiet)
+    changed = make_tiny_vae()
+    with torch.no_grad():
+        changed.decoder.conv_out.weight.add_(0.1)
+    changed.save_pretrained(vae_dir)  # replaced in place after encoding
+    with pytest.raises(FacegenError, match="has changed since the latents were encoded"):
+        train(load_preset("tiny"), tmp_path / "latents", tmp_path / "run", max_steps=1, log=quiet)
+    assert not (tmp_path / "run" / "model").exists()
