@@ -12,8 +12,8 @@ written in CelebA's layout, so every other command reads it unchanged:
     OUT/not_aligned.txt               every photo left out, and why
     OUT/align.json                    the counts
 
-Small photos are enlarged before detection (the detector misses small faces), and a photo whose face
-touches its border is padded and tried again. Progress is journalled photo by photo
+The face finder enlarges small photos before detection and pads a photo whose face touches its border
+(landmarks.FaceFinder). Progress is journalled photo by photo
 (OUT/align-journal.jsonl), so an interrupted run resumes where it stopped.
 """
 
@@ -34,8 +34,6 @@ from .errors import FacegenError
 from .files import atomic_path, write_json
 from .landmarks import CANONICAL_SIZE, FaceFinder, align_face
 
-# The detector works on a downscaled copy of the photo; faces in photos smaller than this are enlarged first.
-MIN_DETECTION_SIDE = 384
 JOURNAL = "align-journal.jsonl"
 
 
@@ -116,27 +114,11 @@ def partition_of(name, holdout):
 # ---------------------------------------------------------------------------------------------
 
 def find_main_face(finder, image):
-    """The landmarks of the largest face in an RGB uint8 image, or None. Small images are enlarged
-    first; when nothing is found, the image is padded by its border (a face that fills the whole
-    photo, chin and hair cut by the edges, is easier to find with room around it) and tried again."""
-    height, width = image.shape[:2]
-    scale = max(1.0, MIN_DETECTION_SIDE / min(height, width))
-    if scale > 1:
-        image = np.asarray(Image.fromarray(image).resize((round(width * scale), round(height * scale)),
-                                                         Image.Resampling.BICUBIC))
-    pad = 0
+    """The landmarks of the largest face in an RGB uint8 image (the photo's subject), or None."""
     faces = finder(image)
     if not faces:
-        pad = min(image.shape[:2]) // 3
-        faces = finder(np.pad(image, ((pad, pad), (pad, pad), (0, 0)), mode="edge"))
-    if not faces:
         return None
-
-    def eye_distance(points):
-        return np.hypot(*np.subtract(points["right_eye"], points["left_eye"]))
-
-    points = max(faces, key=eye_distance)
-    return {name: ((x - pad) / scale, (y - pad) / scale) for name, (x, y) in points.items()}
+    return max(faces, key=lambda points: np.hypot(*np.subtract(points["right_eye"], points["left_eye"])))
 
 
 _finder = None

@@ -15,6 +15,8 @@ import numpy as np
 from PIL import Image, ImageFilter
 
 CANONICAL_SIZE = 128
+# The detector works on a downscaled copy of the photo; faces in photos smaller than this are enlarged first.
+MIN_DETECTION_SIDE = 384
 # Where the built-in renderer puts the eyes and mouth corners (its geometry's means), in pixels of a
 # 128-pixel frame; the similarity transform to these four points defines the framing.
 CANONICAL_POINTS = {"left_eye": (49.92, 64.0), "right_eye": (78.08, 64.0),
@@ -65,7 +67,24 @@ class FaceFinder:
         self.max_faces = max_faces
 
     def __call__(self, image):
-        """A list of {name: (x, y)}, left to right, one per face found (empty when none)."""
+        """A list of {name: (x, y)}, left to right, one per face found (empty when none).
+
+        Small images are enlarged first (the detector misses small faces), and when nothing is found the
+        image is padded by its border and tried again (a face that fills the photo, chin or hair cut by its
+        edges, is easier to find with room around it)."""
+        height, width = image.shape[:2]
+        scale = max(1.0, MIN_DETECTION_SIDE / min(height, width))
+        if scale > 1:
+            image = np.asarray(Image.fromarray(image).resize((round(width * scale), round(height * scale)),
+                                                             Image.Resampling.BICUBIC))
+        pad = 0
+        faces = self._find(image)
+        if not faces:
+            pad = min(image.shape[:2]) // 3
+            faces = self._find(np.pad(image, ((pad, pad), (pad, pad), (0, 0)), mode="edge"))
+        return [{name: ((x - pad) / scale, (y - pad) / scale) for name, (x, y) in face.items()} for face in faces]
+
+    def _find(self, image):
         height, width = image.shape[:2]
         detections = self.detector.process(np.ascontiguousarray(image)).detections or []
         faces = []

@@ -263,3 +263,21 @@ def test_finding_faces_prints_no_library_logging():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "1"
     assert result.stderr.strip() == "own message"  # facegen's own output still shows
+
+
+def test_a_face_that_fills_the_photo_and_a_small_photo_are_found():
+    from pathlib import Path
+
+    pytest.importorskip("mediapipe")
+    photos = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "photos"
+    if not photos.is_dir():
+        pytest.skip(f"{photos} is not here (the shared fixtures live beside the project)")
+    from facegen_cli.landmarks import FaceFinder
+
+    finder = FaceFinder()
+    close_up = np.asarray(Image.open(photos / "45-m7-di-ph.jpg").convert("RGB"))  # chin cut by the edge
+    small = np.asarray(Image.open(photos / "single_face.jpg").convert("RGB").resize((110, 108)))
+    assert len(finder(close_up)) == 1 and len(finder(small)) == 1
+    p = finder(small)[0]
+    assert 0 < p["left_eye"][0] < p["right_eye"][0] < 110  # in the small photo's own pixels
+    finder.close()
