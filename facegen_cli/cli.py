@@ -25,6 +25,7 @@ from .errors import FacegenError
 app = typer.Typer(help="Attribute-controlled faces from a latent Diffusion Transformer.", no_args_is_help=True,
                   pretty_exceptions_show_locals=False)
 console = Console(stderr=True, soft_wrap=True)  # one log line stays one line in pipelines
+MAX_SEED = 2**63 - 1  # torch generators take seeds below 2**64; seed + i stays there
 MODEL_HELP = "Model folder, or a shipped model by name: faces (real faces; the default) or demo (built-in faces)."
 
 
@@ -131,7 +132,7 @@ def data_synth(
     out: Path = typer.Argument(..., help="Folder to write (CelebA layout)."),
     count: int = typer.Option(1000, "--count", "-n", min=1, help="Number of faces."),
     size: int = typer.Option(128, min=16, help="Image side in pixels."),
-    seed: int = typer.Option(0, help="Face i is rendered from seed + i."),
+    seed: int = typer.Option(0, min=0, max=MAX_SEED, help="Face i is rendered from seed + i."),
     workers: Optional[int] = typer.Option(None, min=1, help="Worker processes (default: all cores)."),
     labels: str = typer.Option("celeba", help="celeba: CelebA-like frequencies and dependencies (beards mostly "
                                               "on men); independent: every attribute half the time, whatever the "
@@ -379,7 +380,7 @@ def edit(
     face: Optional[int] = typer.Option(None, min=0, help="Edit only face K (0 = leftmost); default: every face."),
     free_others: bool = typer.Option(False, "--free-others",
                                      help="Leave the other attributes free instead of as the classifier reads them."),
-    seed: int = typer.Option(0, help="Seed of the noise; same seed, same result."),
+    seed: int = typer.Option(0, min=0, max=MAX_SEED, help="Seed of the noise; same seed, same result."),
     batch_size: int = typer.Option(8, min=1, help="Photos per batch on the model's device."),
     recursive: bool = typer.Option(False, "--recursive", "-r", help="Descend into sub-folders."),
     allow_missing: bool = typer.Option(False, "--allow-missing", help="Exit 0 even when some photos have no face."),
@@ -552,7 +553,8 @@ def generate(
     n: int = typer.Option(16, "-n", help="Number of faces."),
     model: Optional[Path] = typer.Option(None, help=MODEL_HELP),
     out: Path = typer.Option(Path("faces"), "--out", "-o", help="Output folder."),
-    seed: Optional[int] = typer.Option(None, help="Seed of the first face; face i uses seed + i."),
+    seed: Optional[int] = typer.Option(None, min=0, max=MAX_SEED,
+                                       help="Seed of the first face; face i uses seed + i."),
     steps: Optional[int] = typer.Option(None, min=1, help="Sampling steps (default: the model's)."),
     guidance: Optional[float] = typer.Option(None, callback=finite,
                                              help="Classifier-free guidance scale (default: the model's)."),

@@ -203,3 +203,9 @@ def test_save_mask_with_in_place_is_refused(tmp_path, tiny_model_dir):
     result = runner.invoke(app, ["edit", str(tmp_path), "--add", "beard", "--in-place", "--save-mask",
                                  "--model", str(tiny_model_dir)])
     assert result.exit_code == 1 and "--save-mask with --in-place" in result.stderr
+
+
+@pytest.mark.parametrize("seed", ["-1", "18446744073709551616"])
+def test_seeds_out_of_range_are_usage_errors(seed, tmp_path):
+    result = runner.invoke(app, ["generate", "--seed", seed, "--out", str(tmp_path)])
+    assert result.exit_code == 2 and "--seed" in result.stderr and "Traceback" not in result.stderr
