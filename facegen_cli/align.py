@@ -192,8 +192,9 @@ def align_dataset(src, out, attributes=None, size=CANONICAL_SIZE, holdout=0.05, 
                 record = json.loads(line)
             except json.JSONDecodeError:  # a line cut short by an interruption
                 continue
-            if record["name"] in sources and ("error" in record or (out / "img_align_celeba" / targets[record["name"]]).is_file()):
-                done[record["name"]] = record
+            name = record["name"]
+            if name in sources and ("error" in record or (out / "img_align_celeba" / targets[name]).is_file()):
+                done[name] = record
         if done:
             log(f"resuming: {len(done)} of {len(names)} photos already done")
     todo = [(n, str(sources[n]), str(out / "img_align_celeba" / targets[n]), size) for n in names if n not in done]

@@ -135,7 +135,8 @@ def held_out_accuracy(model, data_dir, load_size=128):
     def by_attribute(scores):
         return dict(zip(model.attributes, [round(v, 4) for v in scores.tolist()]))
 
-    return by_attribute(accuracy(predictions, labels)), len(images), by_attribute(balanced_accuracy(predictions, labels))
+    balanced = balanced_accuracy(predictions, labels)
+    return by_attribute(accuracy(predictions, labels)), len(images), by_attribute(balanced)
 
 
 def train_classifier(data_dir, out, epochs=8, batch_size=64, image_size=64, load_size=128, also_test=(),

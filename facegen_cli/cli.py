@@ -181,11 +181,12 @@ def vae_train(
     steps: int = typer.Option(4000, min=1),
     batch_size: int = typer.Option(16, min=1),
     learning_rate: float = typer.Option(1e-3),
-    crop_size: int = typer.Option(128, min=8, help="Train on random crops of this size (faster; must be a multiple of 8)."),
+    crop_size: int = typer.Option(128, min=8, help="Train on random crops of this size (faster; a multiple of 8)."),
     size: str = typer.Option("compact", help="Network size: compact (built-in faces) or faces (real photos)."),
     disc_start: Optional[int] = typer.Option(None, min=0, help="Step at which the patch discriminator's loss starts "
                                                                "(default: never)."),
-    disc_weight: float = typer.Option(0.5, min=0.0, help="Weight of the adversarial loss (times the adaptive balance)."),
+    disc_weight: float = typer.Option(0.5, min=0.0, help="Weight of the adversarial loss (times the adaptive "
+                                                         "balance)."),
     precision: str = typer.Option("no", help="no or bf16 (autocast; pays on CPUs with AVX-512 BF16 and on GPUs)."),
     checkpoint_every: int = typer.Option(250, min=1, help="Steps between checkpoints and sample grids."),
     resume: bool = typer.Option(False, "--resume"),

@@ -166,7 +166,8 @@ def frame(photo, matrix, size=CANONICAL_SIZE):
     edges, the photo is extended (extend_past_edges) instead of filled with black, which no face shows.
     """
     corners = invert(matrix) @ np.array([[0, size, 0, size], [0, 0, size, size], [1, 1, 1, 1]], dtype=np.float64)
-    (x0, y0), (x1, y1) = (np.floor(corners.min(1)).astype(int) - 2).tolist(), (np.ceil(corners.max(1)).astype(int) + 2).tolist()
+    x0, y0 = (np.floor(corners.min(1)).astype(int) - 2).tolist()
+    x1, y1 = (np.ceil(corners.max(1)).astype(int) + 2).tolist()
     image = np.asarray(photo)
     height, width = image.shape[:2]
     region = image[max(y0, 0):min(y1, height), max(x0, 0):min(x1, width)]
