@@ -13,10 +13,11 @@ import json
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .data import ImageDataset, collate_readable, read_dataset, to_tensor
-from .errors import FacegenError
+from .errors import FacegenError, first_line
 from .files import atomic_path, write_json
 from .vae import encode, load_vae, vae_fingerprint
 
@@ -70,8 +71,9 @@ def encode_dataset(data_dir, vae_source, out, image_size=128, split="all", batch
     task = progress.add_task("encoding", total=len(data.paths)) if progress else None
     for k in range(num_shards):
         start, stop = k * SHARD_SIZE, min((k + 1) * SHARD_SIZE, len(data.paths))
-        if _shard_path(out, k).is_file():
-            unreadable += [int(i) for i in load_file(_shard_path(out, k)).get("unreadable", torch.zeros(0)).tolist()]
+        shard = _read_shard(out, k, log)
+        if shard is not None:
+            unreadable += [int(i) for i in shard.get("unreadable", torch.zeros(0)).tolist()]
             progress and progress.advance(task, stop - start)
             continue
         loader = torch.utils.data.DataLoader(
@@ -124,8 +126,26 @@ def read_meta(path):
     return meta
 
 
+def _read_shard(out, k, log):
+    """Shard k's tensors, or None when it is missing or damaged (then reported: it is encoded again)."""
+    path = _shard_path(out, k)
+    if not path.is_file():
+        return None
+    try:
+        return load_file(path)
+    except (OSError, SafetensorError) as e:
+        log(f"{path} is damaged ({first_line(e)}); encoding its images again")
+        return None
+
+
 def load_latents(path, num_shards):
-    shards = [load_file(_shard_path(path, k)) for k in range(num_shards)]
+    shards = []
+    for k in range(num_shards):
+        try:
+            shards.append(load_file(_shard_path(path, k)))
+        except (OSError, SafetensorError) as e:
+            raise FacegenError(f"{_shard_path(path, k)} is damaged ({first_line(e)}); run `facegen encode` "
+                               "again with the same arguments: it encodes that shard anew") from None
     shards = [s for s in shards if s["latents"].numel()]
     if not shards:
         return torch.zeros(0), torch.zeros(0, dtype=torch.int8)

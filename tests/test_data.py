@@ -111,6 +111,23 @@ def test_encode_skips_corrupt_images_counts_them_and_refuses_another_vae(tmp_pat
         encode_dataset(root, tmp_path / "other-vae", tmp_path / "cache", workers=0)
 
 
+def test_a_damaged_shard_is_reported_by_train_and_encoded_anew_by_encode(tmp_path, tiny_vae_dir):
+    from conftest import write_labelled_folder
+
+    root = write_labelled_folder(tmp_path / "data", 5)
+    meta = encode_dataset(root, tiny_vae_dir, tmp_path / "cache", workers=0, log=lambda m: None)
+    latents, _, _ = load_cache(tmp_path / "cache")
+    shard = tmp_path / "cache" / "shard-00000.safetensors"
+    shard.write_bytes(shard.read_bytes()[:100])  # cut short
+    with pytest.raises(FacegenError, match="shard-00000.safetensors is damaged.*facegen encode"):
+        load_cache(tmp_path / "cache")
+    messages = []
+    again = encode_dataset(root, tiny_vae_dir, tmp_path / "cache", workers=0, log=messages.append)
+    assert any("shard-00000.safetensors is damaged" in m for m in messages)
+    assert again["latent_mean"] == meta["latent_mean"]
+    assert __import__("torch").equal(load_cache(tmp_path / "cache")[0], latents)
+
+
 def test_encode_of_only_unreadable_images_fails(tmp_path, tiny_vae_dir):
     root = tmp_path / "data"
     root.mkdir()
