@@ -12,7 +12,7 @@ from typing import Optional
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageDraw, ImageFilter, ImageOps
+from PIL import Image, ImageDraw, ImageFilter, ImageOps, JpegImagePlugin
 
 from . import flow
 from .attributes import EXCLUSIVE, check_names, exclusive_pairs, hold_readings
@@ -247,25 +247,42 @@ class NoFaceFound(FacegenError):
 class PreparedPhoto:
     path: Path
     target: Path
-    photo: Image.Image  # RGB, EXIF orientation applied
-    alpha: Image.Image | None
+    photo: Image.Image  # RGB, EXIF orientation applied: what the model sees
+    original: Image.Image  # the same picture in its own mode (CMYK, L, RGBA, ...), what is written back
+    save_options: dict  # how the source was encoded: JPEG tables, EXIF, ICC profile
     crops: np.ndarray  # (F, S, S, 3) one aligned crop per face to edit
     matrices: list
     masks: np.ndarray  # (F, S, S) in [0, 1]
 
 
+# Modes in which the edited pixels are composited into the original as it is; other modes (palette,
+# 16-bit grey, 1-bit) are written as 8-bit RGB(A) or grey.
+KEPT_MODES = ("RGB", "RGBA", "L", "LA", "CMYK")
+
+
 def read_photo(path):
-    """(RGB image with EXIF orientation applied, alpha or None, format name)."""
+    """(the picture with EXIF orientation applied, in its own mode or the nearest kept one; the options
+    that write it back the way it was encoded). Animated images are refused."""
     with Image.open(path) as image:
+        if getattr(image, "n_frames", 1) > 1:
+            raise FacegenError(f"an animated image ({image.n_frames} frames): only still photos can be edited")
         image.load()
-        image_format = image.format
-        image = ImageOps.exif_transpose(image)
-    alpha = image.getchannel("A") if image.mode in ("RGBA", "LA") else None
-    return to_rgb(image), alpha, image_format
+        options = {"icc_profile": image.info.get("icc_profile")}
+        if image.format == "JPEG":  # the source's own compression, not Pillow's default quality 75
+            options.update(qtables=image.quantization, subsampling=JpegImagePlugin.get_sampling(image))
+        upright = ImageOps.exif_transpose(image)  # also drops the orientation tag from its EXIF
+    if "exif" in upright.info:
+        options["exif"] = upright.info["exif"]
+    if upright.mode not in KEPT_MODES:
+        kind = "LA" if upright.mode == "PA" or "transparency" in upright.info else ""
+        upright = to_rgb(upright).convert("L") if upright.mode.startswith("I") or upright.mode == "1" \
+            else upright.convert("RGBA" if kind else "RGB")
+    return upright, {k: v for k, v in options.items() if v is not None and v != -1}
 
 
 def prepare_photo(path, target, finder, request, size, face=None):
-    photo, alpha, _ = read_photo(path)
+    original, save_options = read_photo(path)
+    photo = to_rgb(original)
     faces = finder(np.asarray(photo))
     if not faces:
         raise NoFaceFound("no face found")
@@ -279,7 +296,8 @@ def prepare_photo(path, target, finder, request, size, face=None):
         crops.append(crop)
         matrices.append(matrix)
         masks.append(region_mask(request.changed, aligned_points, size, grow=request.mask_grow))
-    return PreparedPhoto(Path(path), Path(target), photo, alpha, np.stack(crops), matrices, np.stack(masks))
+    return PreparedPhoto(Path(path), Path(target), photo, original, save_options, np.stack(crops), matrices,
+                         np.stack(masks))
 
 
 def edit_prepared(pipe, prepared, request, classifier=None):
@@ -300,11 +318,16 @@ def edit_prepared(pipe, prepared, request, classifier=None):
 
 
 def save_edited(prepared, pixels, mask, save_mask=False):
-    """Write the edited photo (same format; alpha kept) atomically, and its mask beside it if asked."""
-    image = Image.fromarray(pixels)
-    if prepared.alpha is not None:
-        image.putalpha(prepared.alpha)
-    save_image(image, prepared.target)
+    """Write the edited photo atomically, as its source was: same format and mode, the source's JPEG
+    tables, EXIF, ICC profile and file permissions; pixels outside the mask are the source's own (for a
+    JPEG, re-encoded with its own tables). The mask goes beside it if asked."""
+    original = prepared.original
+    changed = Image.fromarray(np.where(mask > 0, 255, 0).astype(np.uint8))
+    edited = Image.fromarray(pixels).convert(original.mode)
+    result = Image.composite(edited, original, changed)
+    if original.mode in ("RGBA", "LA"):
+        result.putalpha(original.getchannel("A"))
+    save_image(result, prepared.target, save_options=prepared.save_options, mode_from=prepared.path)
     if save_mask:
         save_image(Image.fromarray(mask), prepared.target.with_name(prepared.target.stem + ".mask.png"))
     return prepared.target

@@ -59,18 +59,35 @@ def write_json(path, data):
         Path(tmp).write_text(json.dumps(data, indent=2) + "\n")
 
 
-def save_image(image, path, metadata=None):
-    """Save a PIL image atomically, in the format its suffix names; PNGs carry `metadata` as text."""
+def save_image(image, path, metadata=None, save_options=None, mode_from=None):
+    """Save a PIL image atomically, in the format its suffix names; PNGs carry `metadata` as text.
+
+    save_options: extra keywords for PIL's writer (EXIF, ICC profile, JPEG tables), those the format
+    does not take left out. mode_from: a file whose permissions the output takes (otherwise 0666 less
+    the umask, as a newly created file would have).
+    """
     path = Path(path)
-    kwargs = {}
-    if metadata and path.suffix.lower() == ".png":
+    fmt = Image.registered_extensions().get(path.suffix.lower(), "PNG")
+    kwargs = dict(save_options or {})
+    if fmt != "JPEG":
+        kwargs = {k: v for k, v in kwargs.items() if k not in ("qtables", "subsampling")}
+    if fmt not in ("JPEG", "PNG", "WEBP", "TIFF", "MPO"):
+        kwargs.pop("exif", None)
+    if fmt == "JPEG" and "qtables" not in kwargs:
+        kwargs["quality"] = 95
+    if metadata and fmt == "PNG":
         info = PngImagePlugin.PngInfo()
         for key, value in metadata.items():
             info.add_text(key, value if isinstance(value, str) else json.dumps(value))
         kwargs["pnginfo"] = info
-    fmt = Image.registered_extensions().get(path.suffix.lower(), "PNG")
     with atomic_path(path) as tmp:
         image.save(tmp, format=fmt, **kwargs)
+        if mode_from is not None:
+            shutil.copymode(mode_from, tmp)
+        else:
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o666 & ~umask)
     return path
 
 

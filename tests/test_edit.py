@@ -281,3 +281,59 @@ def test_a_face_that_fills_the_photo_and_a_small_photo_are_found():
     p = finder(small)[0]
     assert 0 < p["left_eye"][0] < p["right_eye"][0] < 110  # in the small photo's own pixels
     finder.close()
+
+
+def test_in_place_edits_keep_the_photo_as_it_was_outside_the_mask(tmp_path, tiny_model_dir):
+    """PNG: every pixel outside the mask, the ICC profile, EXIF and the file mode are kept. JPEG: written
+    with the source's own quantization tables and subsampling, so the pixels outside the mask differ only
+    by one re-encoding (measured here: mean < 1 grey level), EXIF and ICC kept. CMYK stays CMYK."""
+    import os
+
+    from PIL import ImageCms
+
+    pytest.importorskip("mediapipe")
+    base = Image.open(write_face_photo(tmp_path / "face.png")).convert("RGB")
+    icc = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    exif = Image.Exif()
+    exif[0x013B] = "A. Photographer"  # Artist
+    base.save(tmp_path / "face.png", icc_profile=icc, exif=exif)
+    base.save(tmp_path / "face.jpg", quality=92, icc_profile=icc, exif=exif)
+    base.convert("CMYK").save(tmp_path / "cmyk.jpg", quality=90)
+    for name in ("face.png", "face.jpg", "cmyk.jpg"):
+        os.chmod(tmp_path / name, 0o644)
+    before = {name: Image.open(tmp_path / name) for name in ("face.png", "face.jpg", "cmyk.jpg")}
+    for image in before.values():
+        image.load()
+    result = runner.invoke(app, ["edit", str(tmp_path / "face.png"), str(tmp_path / "face.jpg"),
+                                 str(tmp_path / "cmyk.jpg"), "--add", "mustache", "--in-place", "--steps", "1",
+                                 "--model", str(tiny_model_dir)])
+    assert result.exit_code == 0, result.stderr
+    masks = {}
+    for name, old in before.items():
+        new = Image.open(tmp_path / name)
+        assert new.format == old.format and new.mode == old.mode and new.size == old.size
+        assert oct(os.stat(tmp_path / name).st_mode & 0o777) == oct(0o644)
+        changed = np.asarray(new).astype(int) != np.asarray(old).astype(int)
+        masks[name] = changed
+        if name != "cmyk.jpg":
+            assert new.info.get("icc_profile") == icc and new.getexif().get(0x013B) == "A. Photographer"
+    assert masks["face.png"].any()
+    # PNG: exact outside the region the edit touched; the region is a small part of the photo
+    assert masks["face.png"].any(-1).mean() < 0.1
+    for name in ("face.jpg", "cmyk.jpg"):
+        new, old = Image.open(tmp_path / name), before[name]
+        assert new.quantization == old.quantization
+        outside = ~masks["face.png"].any(-1)  # the same faces and masks as the PNG's
+        difference = np.abs(np.asarray(new).astype(int) - np.asarray(old).astype(int))[outside]
+        assert difference.mean() < 1.0, (name, difference.mean())
+
+
+def test_animated_images_are_refused_and_left_alone(tmp_path, tiny_model_dir):
+    pytest.importorskip("mediapipe")
+    face = Image.open(write_face_photo(tmp_path / "face.png")).convert("RGB")
+    face.save(tmp_path / "anim.gif", save_all=True, append_images=[face.rotate(5)], duration=100)
+    original = (tmp_path / "anim.gif").read_bytes()
+    result = runner.invoke(app, ["edit", str(tmp_path / "anim.gif"), "--add", "beard", "--in-place",
+                                 "--steps", "1", "--model", str(tiny_model_dir)])
+    assert result.exit_code == 1 and "animated image (2 frames)" in result.stderr
+    assert (tmp_path / "anim.gif").read_bytes() == original
