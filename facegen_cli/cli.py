@@ -304,24 +304,29 @@ def eval_train_classifier(
 def process_files(files, problems, action, describe):
     """Run action(path, relative) -> output path for every file with a progress bar; print outputs.
 
-    A file that fails is reported on stderr and skipped. Returns the number of failures
-    (problems found while collecting the inputs included).
+    A file that fails is reported on stderr and skipped; one whose output exists (OutputExists) is
+    reported and skipped without failing. Returns the number of failures (problems found while
+    collecting the inputs included).
     """
     from .data import UNREADABLE_IMAGE_ERRORS
+    from .files import OutputExists
 
     for problem in problems:
         log(problem)
-    failures = len(problems)
+    failures, skipped = len(problems), 0
     with progress_bar() as progress:
         task = progress.add_task(describe, total=len(files))
         for path, relative in files:
             try:
                 print(action(path, relative), flush=True)
+            except OutputExists as e:
+                log(str(e))
+                skipped += 1
             except (FacegenError, *UNREADABLE_IMAGE_ERRORS) as e:
                 log(f"{path}: {e if isinstance(e, FacegenError) else f'cannot read the image ({e})'}")
                 failures += 1
             progress.advance(task)
-    log(f"{len(files) + len(problems) - failures} done, {failures} failed")
+    log(f"{len(files) + len(problems) - failures - skipped} done, {skipped} skipped, {failures} failed")
     return failures
 
 
@@ -336,22 +341,27 @@ def upscale(
     weights: Optional[Path] = typer.Option(None, help="RRDBNet weights (.pth or .safetensors)."),
     recursive: bool = typer.Option(False, "--recursive", "-r", help="Descend into sub-folders."),
     bf16: bool = typer.Option(False, "--bf16", help="bfloat16 autocast (faster where supported)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace outputs that exist (default: skip them)."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
 ):
     """4x super-resolution with Real-ESRGAN x4plus (basicsr RRDBNet); prints each output's path."""
     from PIL import Image
 
-    from .files import check_output_folder, collect_inputs, save_image
+    from .files import OutputExists, check_output_folder, collect_inputs, save_image
     from .upscale import load_upscaler, upscale_image
 
     check_output_folder(out)
     files, problems = collect_inputs(inputs, recursive)
+    if not files and not problems:
+        raise FacegenError("no images in the inputs given")
     net = load_upscaler(weights, pick_device(device), log)
 
     def action(path, relative):
         target = out / relative
         if target.resolve() == path.resolve():
             raise FacegenError("the output would overwrite the input; choose another --out")
+        if target.exists() and not overwrite:
+            raise OutputExists(target)
         with Image.open(path) as image:
             image.load()
         return save_image(upscale_image(net, image, scale, tile, tile_pad, bf16), target)
@@ -385,13 +395,14 @@ def edit(
     batch_size: int = typer.Option(8, min=1, help="Photos per batch on the model's device."),
     recursive: bool = typer.Option(False, "--recursive", "-r", help="Descend into sub-folders."),
     allow_missing: bool = typer.Option(False, "--allow-missing", help="Exit 0 even when some photos have no face."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace outputs that exist (default: skip them)."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
 ):
     """Change one feature of the faces in photos (--add mustache, --remove eyeglasses, ...); prints each output."""
     from .classifier import load_classifier
     from .data import UNREADABLE_IMAGE_ERRORS
     from .edit import EditRequest, NoFaceFound, check_request, edit_prepared, prepare_photo, save_edited
-    from .files import check_output_folder, collect_inputs
+    from .files import OutputExists, check_output_folder, collect_inputs
     from .landmarks import FaceFinder
     from .pipeline import FacegenModel
 
@@ -412,9 +423,11 @@ def edit(
     if not free_others and (pipe.path / "classifier").is_dir():
         reader = load_classifier(pipe.path / "classifier", pipe.device)[0]
     files, problems = collect_inputs(inputs, recursive)
+    if not files and not problems:
+        raise FacegenError("no photos in the inputs given")
     for problem in problems:
         log(problem)
-    counts = {"edited": 0, "no face": 0, "unreadable": len(problems), "failed": 0}
+    counts = {"edited": 0, "no face": 0, "unreadable": len(problems), "failed": 0, "skipped": 0}
     finder = FaceFinder()
     with progress_bar() as progress:
         task = progress.add_task("editing", total=len(files))
@@ -422,6 +435,10 @@ def edit(
             prepared = []
             for path, relative in files[start:start + batch_size]:
                 target = path if in_place else out / relative
+                if not in_place and target.exists() and not overwrite and target.resolve() != path.resolve():
+                    log(str(OutputExists(target)))
+                    counts["skipped"] += 1
+                    continue
                 try:
                     if not in_place and target.resolve() == path.resolve():
                         raise FacegenError("the output would overwrite the input; choose another --out or --in-place")
@@ -564,6 +581,7 @@ def generate(
     upscale: Optional[float] = typer.Option(None, "--upscale", min=1.0, max=8.0,
                                             help="Super-resolve the faces (e.g. 4: 128 -> 512 px)."),
     batch_size: int = typer.Option(16, min=1),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace face files that exist (default: refuse)."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
     wanted: List[str] = (),
     unwanted: List[str] = (),
@@ -584,6 +602,11 @@ def generate(
     y = request_vector(pipe.attributes, wanted, unwanted)
     seed = secrets.randbelow(2**31) if seed is None else seed
     seeds = list(range(seed, seed + n))
+    paths = [out / f"face-{s:010d}.png" for s in seeds]
+    existing = [p for p in paths if p.exists()]
+    if existing and not overwrite:
+        raise FacegenError(f"{existing[0]}" + (f" and {len(existing) - 1} more" if len(existing) > 1 else "")
+                           + " exist; --overwrite replaces them, or choose another --out or --seed")
     settings = {**pipe.info.get("sample", {}), **{k: v for k, v in
                 dict(steps=steps, guidance=guidance, method=sampler).items() if v is not None}}
     log(f"generating {n} faces: {describe(pipe.attributes, y)}; seeds {seed}..{seed + n - 1}; {settings}")
@@ -599,10 +622,10 @@ def generate(
         faces = [upscale_image(net, face, upscale) for face in faces]
         settings["upscale"] = upscale
     wanted_attributes = dict(zip(pipe.attributes, y.tolist()))
-    for s, face in zip(seeds, faces):
+    for s, face, path in zip(seeds, faces, paths):
         meta = {"facegen": {"attributes": wanted_attributes, "seed": s, **settings,
                             "model": str(model) if model else pipe.path.name}}
-        print(save_image(face, out / f"face-{s:010d}.png", meta), flush=True)
+        print(save_image(face, path, meta), flush=True)
     if grid:
         import numpy as np
         import torch

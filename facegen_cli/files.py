@@ -45,6 +45,11 @@ def atomic_dir(path):
             shutil.rmtree(tmp)
 
 
+class OutputExists(FacegenError):
+    def __init__(self, path):
+        super().__init__(f"{path} exists; skipped (--overwrite replaces it)")
+
+
 def check_output_folder(folder):
     """Fail now, with one line, when `folder` cannot be made a folder (it or a parent is a file)."""
     for path in (Path(folder), *Path(folder).parents):
@@ -118,7 +123,8 @@ def _collect(inputs, recursive, stdin):
     files, problems = [], []
     for item in inputs:
         if str(item) == "-":
-            lines = [line.strip() for line in (stdin or sys.stdin).read().splitlines() if line.strip()]
+            # Names may begin or end with spaces: only the line break is taken off.
+            lines = [line for line in (stdin or sys.stdin).read().splitlines() if line.strip()]
             found, missing = _collect(lines, recursive, None)
             files += found
             problems += missing
@@ -126,8 +132,9 @@ def _collect(inputs, recursive, stdin):
         path = Path(item)
         if path.is_dir():
             pattern = path.rglob("*") if recursive else path.iterdir()
-            files += sorted((p, p.relative_to(path)) for p in pattern
-                            if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts))
+            visible = [p for p in pattern if not any(part.startswith(".") for part in p.relative_to(path).parts)]
+            files += sorted((p, p.relative_to(path)) for p in visible if p.is_file())
+            problems += sorted(f"{p}: a broken link" for p in visible if p.is_symlink() and not p.exists())
         elif path.is_file():
             files.append((path, Path(path.name)))
         else:

@@ -209,3 +209,27 @@ def test_save_mask_with_in_place_is_refused(tmp_path, tiny_model_dir):
 def test_seeds_out_of_range_are_usage_errors(seed, tmp_path):
     result = runner.invoke(app, ["generate", "--seed", seed, "--out", str(tmp_path)])
     assert result.exit_code == 2 and "--seed" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_existing_outputs_are_kept_unless_overwrite_is_given(tmp_path, tiny_model_dir):
+    args = ["generate", "--model", str(tiny_model_dir), "-n", "2", "--seed", "5", "--steps", "1",
+            "--out", str(tmp_path / "faces")]
+    assert runner.invoke(app, args).exit_code == 0
+    first = (tmp_path / "faces" / "face-0000000005.png").read_bytes()
+    again = runner.invoke(app, args)
+    assert again.exit_code == 1 and "face-0000000005.png and 1 more exist; --overwrite" in again.stderr
+    assert runner.invoke(app, [*args, "--overwrite"]).exit_code == 0
+    assert (tmp_path / "faces" / "face-0000000005.png").read_bytes() == first  # same seed, same face
+
+
+def test_an_empty_folder_or_stdin_is_an_error_not_success(tmp_path, tiny_model_dir):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "gone.png").symlink_to(tmp_path / "nowhere.png")
+    linked = runner.invoke(app, ["edit", str(tmp_path / "empty"), "--add", "beard", "--model", str(tiny_model_dir),
+                                 "--out", str(tmp_path / "o")])
+    assert linked.exit_code == 1 and "gone.png: a broken link" in linked.stderr
+    (tmp_path / "empty" / "gone.png").unlink()
+    for args in (["edit", str(tmp_path / "empty"), "--add", "beard", "--model", str(tiny_model_dir)],
+                 ["edit", "-", "--add", "beard", "--model", str(tiny_model_dir)]):
+        result = runner.invoke(app, [*args, "--out", str(tmp_path / "o")], input="")
+        assert result.exit_code == 1 and "no photos in the inputs" in result.stderr

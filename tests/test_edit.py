@@ -337,3 +337,15 @@ def test_animated_images_are_refused_and_left_alone(tmp_path, tiny_model_dir):
                                  "--steps", "1", "--model", str(tiny_model_dir)])
     assert result.exit_code == 1 and "animated image (2 frames)" in result.stderr
     assert (tmp_path / "anim.gif").read_bytes() == original
+
+
+def test_a_second_run_skips_the_outputs_it_made_unless_overwrite(tmp_path, tiny_model_dir):
+    pytest.importorskip("mediapipe")
+    photo = write_face_photo(tmp_path / " spaced name .png")  # names from stdin keep their spaces
+    args = ["edit", "-", "--add", "beard", "--model", str(tiny_model_dir), "--steps", "1", "--out", str(tmp_path / "o")]
+    assert runner.invoke(app, args, input=f"{photo}\n").exit_code == 0
+    again = runner.invoke(app, args, input=f"{photo}\n")
+    assert again.exit_code == 0 and "exists; skipped (--overwrite replaces it)" in again.stderr
+    assert "0 edited" in again.stderr and "1 skipped" in again.stderr
+    forced = runner.invoke(app, [*args, "--overwrite"], input=f"{photo}\n")
+    assert forced.exit_code == 0 and "1 edited" in forced.stderr
