@@ -8,6 +8,7 @@
 
 import copy
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -40,6 +41,21 @@ def model_path(name_or_path=None):
     return path
 
 
+def check_info(info, where):
+    """A model's facegen.json must give the image size and a finite mean and positive std per latent channel."""
+    if not isinstance(info, dict):
+        raise FacegenError(f"{where}: not a facegen model description")
+    for key in ("image_size", "latent_mean", "latent_std"):
+        if key not in info:
+            raise FacegenError(f"{where}: no {key!r}")
+    mean, std = info["latent_mean"], info["latent_std"]
+    if not (isinstance(mean, list) and isinstance(std, list) and len(mean) == len(std) and mean
+            and all(isinstance(v, (int, float)) and math.isfinite(v) for v in mean + std)
+            and all(v > 0 for v in std)):
+        raise FacegenError(f"{where}: latent_mean and latent_std must be lists of finite numbers, one per channel, "
+                           "every std above 0")
+
+
 class FacegenModel:
     def __init__(self, dit, vae, info, path=None):
         self.dit, self.vae, self.info, self.path = dit, vae, info, path
@@ -65,6 +81,10 @@ class FacegenModel:
                                "give the model/ folder that `facegen train` writes")
         try:
             info = json.loads((path / MODEL_FILE).read_text())
+        except (OSError, ValueError) as e:
+            raise FacegenError(f"{path / MODEL_FILE}: not readable JSON ({first_line(e)})") from None
+        check_info(info, path / MODEL_FILE)
+        try:
             dit = LatentDiT.from_pretrained(path / "dit")
         except (OSError, ValueError, RuntimeError, KeyError, TypeError) as e:
             raise FacegenError(f"{path}: the DiT checkpoint does not load: {first_line(e)}") from None

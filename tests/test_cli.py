@@ -233,3 +233,22 @@ def test_an_empty_folder_or_stdin_is_an_error_not_success(tmp_path, tiny_model_d
                  ["edit", "-", "--add", "beard", "--model", str(tiny_model_dir)]):
         result = runner.invoke(app, [*args, "--out", str(tmp_path / "o")], input="")
         assert result.exit_code == 1 and "no photos in the inputs" in result.stderr
+
+
+@pytest.mark.parametrize("change", [{"latent_std": [1.0, 0.0, 1.0, 1.0]}, {"latent_mean": None},
+                                    {"latent_std": [float("nan")] * 4}])
+def test_a_damaged_model_description_gives_one_line(tmp_path, tiny_model_dir, change):
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    info = json.loads((model / "facegen.json").read_text())
+    for key, value in change.items():
+        if value is None:
+            del info[key]
+        else:
+            info[key] = value
+    (model / "facegen.json").write_text(json.dumps(info))
+    result = runner.invoke(app, ["generate", "--model", str(model), "-n", "1", "--out", str(tmp_path / "o")])
+    assert result.exit_code == 1 and "facegen.json" in result.stderr and "Traceback" not in result.stderr
+    (model / "facegen.json").write_text("{ not json")
+    assert "not readable JSON" in runner.invoke(app, ["generate", "--model", str(model), "--out",
+                                                      str(tmp_path / "o")]).stderr
