@@ -75,14 +75,14 @@ def reports_errors(command):
 def with_attribute_flags(command):
     """Add --male/--female, --beard/--no-beard ... (the default vocabulary) to a command.
 
-    The command receives them as `wanted` and `unwanted` lists, joined with any --with/--without.
+    The command receives them as `wanted` and `unwanted` lists, joined with any --with/--without. Each
+    side is a flag of its own, so that `--male --female` is refused instead of the last one winning.
     """
     params = [p for p in inspect.signature(command).parameters.values() if p.name not in ("wanted", "unwanted")]
     flags = [
-        inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=Optional[bool],
-                          default=typer.Option(None, "/".join(flag_names(name)), show_default=False,
-                                               rich_help_panel="Attributes"))
-        for name in DEFAULT_ATTRIBUTES
+        inspect.Parameter(f"{name}{side}", inspect.Parameter.KEYWORD_ONLY, annotation=bool,
+                          default=typer.Option(False, flag, show_default=False, rich_help_panel="Attributes"))
+        for name in DEFAULT_ATTRIBUTES for side, flag in zip(("", "__against"), flag_names(name))
     ]
     extra = [
         inspect.Parameter("with_", inspect.Parameter.KEYWORD_ONLY, annotation=List[str],
@@ -95,9 +95,11 @@ def with_attribute_flags(command):
 
     @functools.wraps(command)
     def wrapper(**kwargs):
-        values = {name: kwargs.pop(name) for name in DEFAULT_ATTRIBUTES}
-        wanted = [n for n, v in values.items() if v is True] + list(kwargs.pop("with_"))
-        unwanted = [n for n, v in values.items() if v is False] + list(kwargs.pop("without"))
+        wanted = [n for n in DEFAULT_ATTRIBUTES if kwargs.pop(n)] + list(kwargs.pop("with_"))
+        unwanted = [n for n in DEFAULT_ATTRIBUTES if kwargs.pop(f"{n}__against")] + list(kwargs.pop("without"))
+        both = [" and ".join(flag_names(n)) for n in DEFAULT_ATTRIBUTES if n in wanted and n in unwanted]
+        if both:
+            raise typer.BadParameter(f"{'; '.join(both)} both given: ask for an attribute or against it")
         return command(wanted=wanted, unwanted=unwanted, **kwargs)
 
     wrapper.__signature__ = inspect.Signature(params + flags + extra)

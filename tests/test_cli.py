@@ -252,3 +252,9 @@ def test_a_damaged_model_description_gives_one_line(tmp_path, tiny_model_dir, ch
     (model / "facegen.json").write_text("{ not json")
     assert "not readable JSON" in runner.invoke(app, ["generate", "--model", str(model), "--out",
                                                       str(tmp_path / "o")]).stderr
+
+
+def test_asking_for_and_against_one_attribute_is_refused(tmp_path):
+    result = runner.invoke(app, ["generate", "--male", "--female", "--out", str(tmp_path)])
+    assert result.exit_code == 2 and "--male and --female both given" in result.stderr
+    assert not any(tmp_path.iterdir())
