@@ -349,3 +349,25 @@ def test_a_second_run_skips_the_outputs_it_made_unless_overwrite(tmp_path, tiny_
     assert "0 edited" in again.stderr and "1 skipped" in again.stderr
     forced = runner.invoke(app, [*args, "--overwrite"], input=f"{photo}\n")
     assert forced.exit_code == 0 and "1 edited" in forced.stderr
+
+
+def test_an_unwritable_output_fails_each_photo_in_one_line_and_the_run_ends_with_its_summary(tmp_path, tiny_model_dir):
+    import os
+
+    pytest.importorskip("mediapipe")
+    if not os.path.isdir("/proc/self"):
+        pytest.skip("needs /proc, a file system where no folder can be made")
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    write_face_photo(photos / "a.png")
+    write_face_photo(photos / "b.png", seed=4)
+    result = runner.invoke(app, ["edit", str(photos), "--add", "beard", "--steps", "1", "--model",
+                                 str(tiny_model_dir), "--out", "/proc/facegen-out"])
+    assert result.exit_code == 1 and "Traceback" not in result.stderr
+    assert result.stderr.count("cannot write /proc/facegen-out/") == 2
+    assert "0 edited, 0 no face, 0 unreadable, 2 failed" in result.stderr
+
+
+def test_a_strength_that_is_not_a_finite_number_is_refused(tmp_path):
+    result = runner.invoke(app, ["edit", str(tmp_path), "--add", "beard", "--strength", "nan"])
+    assert result.exit_code == 2 and "--strength" in result.stderr and "Traceback" not in result.stderr
