@@ -9,6 +9,7 @@ import secrets
 from pathlib import Path
 from typing import List, Optional
 
+import click
 import typer
 from rich.console import Console
 from rich.markup import escape
@@ -59,7 +60,8 @@ def describe_error(error):
 
 def reports_errors(command):
     """Turn a FacegenError, or an operating-system error such as a read-only or full output folder, into
-    one line on stderr and exit code 1, with no traceback."""
+    one line on stderr and exit code 1, with no traceback. Anything else is a bug: its traceback is shown,
+    and a line says so."""
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
@@ -68,6 +70,13 @@ def reports_errors(command):
         except (FacegenError, OSError) as e:
             console.print(f"[bold red]error:[/] {escape(describe_error(e))}", highlight=False)
             raise typer.Exit(1) from None
+        except (click.exceptions.Exit, click.ClickException, click.exceptions.Abort):
+            raise
+        except Exception:
+            console.print_exception(show_locals=False)
+            console.print("[bold red]error:[/] this is a bug in facegen, not a problem with the input: please "
+                          "report it with the traceback above", highlight=False)
+            raise typer.Exit(2) from None
 
     return wrapper
 
@@ -425,6 +434,10 @@ def edit(
     if not free_others and (pipe.path / "classifier").is_dir():
         reader = load_classifier(pipe.path / "classifier", pipe.device)[0]
     files, problems = collect_inputs(inputs, recursive)
+    masks = [path for path, _ in files if path.name.endswith(".mask.png")]  # what --save-mask wrote before
+    if masks:
+        log(f"skipping {len(masks)} mask(s) that --save-mask wrote (NAME.mask.png): they are not photos")
+        files = [(path, relative) for path, relative in files if not path.name.endswith(".mask.png")]
     if not files and not problems:
         raise FacegenError("no photos in the inputs given")
     for problem in problems:

@@ -258,3 +258,15 @@ def test_asking_for_and_against_one_attribute_is_refused(tmp_path):
     result = runner.invoke(app, ["generate", "--male", "--female", "--out", str(tmp_path)])
     assert result.exit_code == 2 and "--male and --female both given" in result.stderr
     assert not any(tmp_path.iterdir())
+
+
+def test_a_bug_shows_its_traceback_and_says_it_is_a_bug(tmp_path, monkeypatch):
+    from facegen_cli import config
+
+    def broken(name):
+        raise ZeroDivisionError("a bug")
+
+    monkeypatch.setattr(config, "load_preset", broken)
+    monkeypatch.setattr("facegen_cli.cli.load_preset", broken)
+    result = runner.invoke(app, ["presets"])
+    assert result.exit_code == 2 and "ZeroDivisionError" in result.stderr and "this is a bug in facegen" in result.stderr

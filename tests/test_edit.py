@@ -371,3 +371,16 @@ def test_an_unwritable_output_fails_each_photo_in_one_line_and_the_run_ends_with
 def test_a_strength_that_is_not_a_finite_number_is_refused(tmp_path):
     result = runner.invoke(app, ["edit", str(tmp_path), "--add", "beard", "--strength", "nan"])
     assert result.exit_code == 2 and "--strength" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_masks_written_by_save_mask_are_not_taken_as_photos(tmp_path, tiny_model_dir):
+    pytest.importorskip("mediapipe")
+    (tmp_path / "photos").mkdir()
+    write_face_photo(tmp_path / "photos" / "a.png")
+    first = runner.invoke(app, ["edit", str(tmp_path / "photos"), "--add", "beard", "--steps", "1", "--save-mask",
+                                "--model", str(tiny_model_dir), "--out", str(tmp_path / "once")])
+    assert first.exit_code == 0 and (tmp_path / "once" / "a.mask.png").is_file()
+    second = runner.invoke(app, ["edit", str(tmp_path / "once"), "--add", "smiling", "--steps", "1",
+                                 "--model", str(tiny_model_dir), "--out", str(tmp_path / "twice")])
+    assert second.exit_code == 0, second.stderr
+    assert "skipping 1 mask(s)" in second.stderr and sorted(p.name for p in (tmp_path / "twice").iterdir()) == ["a.png"]
