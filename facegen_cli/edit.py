@@ -255,9 +255,9 @@ class PreparedPhoto:
     masks: np.ndarray  # (F, S, S) in [0, 1]
 
 
-# Modes in which the edited pixels are composited into the original as it is; other modes (palette,
-# 16-bit grey, 1-bit) are written as 8-bit RGB(A) or grey.
-KEPT_MODES = ("RGB", "RGBA", "L", "LA", "CMYK")
+# Modes in which the edited pixels are composited into the original as it is (16- and 32-bit grey
+# included); the others (palette, 1-bit) are written as 8-bit RGB(A) or grey, every colour kept.
+KEPT_MODES = ("RGB", "RGBA", "L", "LA", "CMYK", "I;16", "I")
 
 
 def read_photo(path):
@@ -275,8 +275,7 @@ def read_photo(path):
         options["exif"] = upright.info["exif"]
     if upright.mode not in KEPT_MODES:
         kind = "LA" if upright.mode == "PA" or "transparency" in upright.info else ""
-        upright = to_rgb(upright).convert("L") if upright.mode.startswith("I") or upright.mode == "1" \
-            else upright.convert("RGBA" if kind else "RGB")
+        upright = upright.convert("L" if upright.mode == "1" else "RGBA" if kind else "RGB")
     return upright, {k: v for k, v in options.items() if v is not None and v != -1}
 
 
@@ -322,9 +321,14 @@ def save_edited(prepared, pixels, mask, save_mask=False):
     tables, EXIF, ICC profile and file permissions; pixels outside the mask are the source's own (for a
     JPEG, re-encoded with its own tables). The mask goes beside it if asked."""
     original = prepared.original
-    changed = Image.fromarray(np.where(mask > 0, 255, 0).astype(np.uint8))
-    edited = Image.fromarray(pixels).convert(original.mode)
-    result = Image.composite(edited, original, changed)
+    if original.mode.startswith("I"):  # deep grey: the edit's 8 bits spread over the original's range
+        deep = np.asarray(original)
+        scale = 257 if original.mode == "I;16" or deep.max() > 255 else 1
+        grey = np.asarray(Image.fromarray(pixels).convert("L")).astype(deep.dtype) * scale
+        result = Image.fromarray(np.where(mask > 0, grey, deep).astype(deep.dtype))
+    else:
+        changed = Image.fromarray(np.where(mask > 0, 255, 0).astype(np.uint8))
+        result = Image.composite(Image.fromarray(pixels).convert(original.mode), original, changed)
     if original.mode in ("RGBA", "LA"):
         result.putalpha(original.getchannel("A"))
     save_image(result, prepared.target, save_options=prepared.save_options, mode_from=prepared.path)

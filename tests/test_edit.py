@@ -384,3 +384,17 @@ def test_masks_written_by_save_mask_are_not_taken_as_photos(tmp_path, tiny_model
                                  "--model", str(tiny_model_dir), "--out", str(tmp_path / "twice")])
     assert second.exit_code == 0, second.stderr
     assert "skipping 1 mask(s)" in second.stderr and sorted(p.name for p in (tmp_path / "twice").iterdir()) == ["a.png"]
+
+
+def test_sixteen_bit_grey_photos_stay_sixteen_bit_and_exact_outside_the_mask(tmp_path, tiny_model_dir):
+    pytest.importorskip("mediapipe")
+    grey = np.asarray(Image.open(write_face_photo(tmp_path / "face.png")).convert("L")).astype(np.uint16)
+    deep = grey * 257 + np.random.default_rng(0).integers(0, 200, grey.shape).astype(np.uint16)
+    Image.fromarray(deep).save(tmp_path / "deep.png")
+    result = runner.invoke(app, ["edit", str(tmp_path / "deep.png"), "--add", "beard", "--steps", "1", "--save-mask",
+                                 "--model", str(tiny_model_dir), "--out", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.stderr
+    edited = Image.open(tmp_path / "out" / "deep.png")
+    mask = np.asarray(Image.open(tmp_path / "out" / "deep.mask.png"))
+    assert edited.mode == "I;16" and (mask > 0).any()
+    assert np.array_equal(np.asarray(edited)[mask == 0], deep[mask == 0])  # every 16-bit value kept
