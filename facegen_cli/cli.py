@@ -212,6 +212,25 @@ def vae_train(
     print(out / "vae")
 
 
+@vae_app.command("eval")
+@reports_errors
+def vae_eval(
+    data: Path = typer.Argument(..., help="Labelled image folder."),
+    vae: str = typer.Option(..., help="The autoencoder: a save_pretrained folder or a hub id."),
+    split: str = typer.Option("test", help="train, valid, test or all."),
+    grid: Optional[Path] = typer.Option(None, help="Also write faces (top) above their reconstructions (bottom)."),
+    columns: int = typer.Option(8, min=1, help="Faces in the grid."),
+):
+    """Measure an autoencoder's PSNR on held-out faces; prints the PSNR (and the grid's path)."""
+    from .vae_train import evaluate_vae
+
+    value, count = evaluate_vae(vae, data, split, grid, columns)
+    log(f"{vae}: PSNR {value:.2f} dB on the {count} faces of {data} ({split})")
+    print(f"{value:.4f}")
+    if grid is not None:
+        print(grid)
+
+
 eval_app = typer.Typer(help="Measure models: the attribute classifier and the evaluation report.",
                        no_args_is_help=True)
 app.add_typer(eval_app, name="eval")

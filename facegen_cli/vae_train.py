@@ -176,3 +176,17 @@ def train_vae(data_dir, out, steps=4000, batch_size=16, learning_rate=1e-3, kl_w
         vae.eval().save_pretrained(tmp)
     log(f"VAE held-out PSNR {value:.2f} dB")
     return value
+
+
+def evaluate_vae(vae_source, data_dir, split="test", grid=None, columns=8, batch_size=32):
+    """Held-out PSNR (dB, mean over faces) of an autoencoder on a split of a labelled folder; with `grid`,
+    also writes its first `columns` faces (top) above their reconstructions (bottom). Returns (psnr, faces)."""
+    from .vae import load_vae
+
+    vae = load_vae(vae_source)
+    images = to_tensor(load_images_and_labels(data_dir, split, 128)[0])
+    with torch.inference_mode():
+        reconstructions = torch.cat([vae(chunk).sample.float().clamp(-1, 1) for chunk in images.split(batch_size)])
+    if grid is not None:
+        save_image(comparison_grid(images[:columns], reconstructions[:columns]), grid)
+    return psnr(reconstructions, images), len(images)

@@ -36,3 +36,18 @@ def test_train_vae_checkpoints_resumes_and_saves_an_f8_autoencoder(tmp_path, tin
     vae = load_vae(out / "vae")
     assert encode(vae, torch.zeros(1, 3, 128, 128)).shape == (1, 4, 16, 16)
     assert 0 < value < 100
+
+
+def test_vae_eval_measures_psnr_and_writes_the_comparison_grid(tmp_path, tiny_data, tiny_vae_dir):
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from facegen_cli.cli import app
+    from facegen_cli.vae_train import evaluate_vae
+
+    value, count = evaluate_vae(tiny_vae_dir, tiny_data, "all", tmp_path / "grid.png", columns=4)
+    assert count == 24 and 0 < value < 60
+    with Image.open(tmp_path / "grid.png") as grid:  # 4 faces above 4 reconstructions, 2-px borders
+        assert grid.size == (4 * 130 + 2, 2 * 130 + 2)
+    result = CliRunner().invoke(app, ["vae", "eval", str(tiny_data), "--vae", str(tiny_vae_dir), "--split", "all"])
+    assert result.exit_code == 0 and float(result.stdout.split()[0]) == pytest.approx(value, abs=1e-3)
