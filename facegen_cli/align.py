@@ -23,6 +23,7 @@ import multiprocessing
 import os
 import zlib
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import ExitStack
 from pathlib import Path
 
 import numpy as np
@@ -201,11 +202,15 @@ def align_dataset(src, out, attributes=None, size=CANONICAL_SIZE, holdout=0.05, 
     (out / "img_align_celeba").mkdir(exist_ok=True)
     task = progress.add_task("aligning", total=len(names), completed=len(done)) if progress else None
     workers = workers or os.cpu_count() or 1
-    # Workers are spawned, not forked: a fork of a process whose MediaPipe graphs run threads can crash.
-    context = multiprocessing.get_context("spawn")
-    with open(journal_path, "a") as journal, \
-            ProcessPoolExecutor(workers, mp_context=context, initializer=_start_worker) as pool:
-        for record in pool.map(_align_one, todo, chunksize=16):
+    with open(journal_path, "a") as journal, ExitStack() as stack:
+        if workers == 1:
+            _start_worker()
+            records = map(_align_one, todo)
+        else:  # spawned, not forked: a fork of a process whose MediaPipe graphs run threads can crash
+            pool = stack.enter_context(ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                                                           initializer=_start_worker))
+            records = pool.map(_align_one, todo, chunksize=16)
+        for record in records:
             done[record["name"]] = record
             journal.write(json.dumps(record) + "\n")
             journal.flush()

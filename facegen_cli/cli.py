@@ -9,7 +9,6 @@ import secrets
 from pathlib import Path
 from typing import List, Optional
 
-import click
 import typer
 from rich.console import Console
 from rich.markup import escape
@@ -70,7 +69,7 @@ def reports_errors(command):
         except (FacegenError, OSError) as e:
             console.print(f"[bold red]error:[/] {escape(describe_error(e))}", highlight=False)
             raise typer.Exit(1) from None
-        except (click.exceptions.Exit, click.ClickException, click.exceptions.Abort):
+        except (typer.Exit, typer.Abort, typer.TyperException):  # exits and usage errors pass through
             raise
         except Exception:
             console.print_exception(show_locals=False)
