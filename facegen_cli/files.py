@@ -14,6 +14,16 @@ from PIL import Image, PngImagePlugin
 from .errors import FacegenError
 
 
+def _new_file_mode():
+    """0666 less the process's umask: what open() gives a new file (mkstemp's temporary files are 0600)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+NEW_FILE_MODE = _new_file_mode()
+
+
 @contextmanager
 def atomic_path(path):
     """Yield a temporary path beside `path`; on success it is renamed to `path`, else removed."""
@@ -90,9 +100,7 @@ def save_image(image, path, metadata=None, save_options=None, mode_from=None):
         if mode_from is not None:
             shutil.copymode(mode_from, tmp)
         else:
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(tmp, 0o666 & ~umask)
+            os.chmod(tmp, NEW_FILE_MODE)
     return path
 
 

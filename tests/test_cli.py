@@ -270,3 +270,17 @@ def test_a_bug_shows_its_traceback_and_says_it_is_a_bug(tmp_path, monkeypatch):
     monkeypatch.setattr("facegen_cli.cli.load_preset", broken)
     result = runner.invoke(app, ["presets"])
     assert result.exit_code == 2 and "ZeroDivisionError" in result.stderr and "this is a bug in facegen" in result.stderr
+
+
+def test_new_outputs_get_the_usual_permissions_not_the_temporary_files_0600(tmp_path, tiny_model_dir):
+    import os
+
+    from facegen_cli.files import NEW_FILE_MODE
+
+    result = runner.invoke(app, ["generate", "--model", str(tiny_model_dir), "-n", "1", "--steps", "1",
+                                 "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.stderr
+    mode = os.stat(result.stdout.split()[0]).st_mode & 0o777
+    umask = os.umask(0)
+    os.umask(umask)
+    assert mode == NEW_FILE_MODE == 0o666 & ~umask
