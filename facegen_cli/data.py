@@ -96,13 +96,17 @@ def _read_csv(root):
     return LabelledImages(root, paths, labels, attributes)
 
 
+def deep_grey_scale(image):
+    """How many of a 16- or 32-bit grey image's levels make one 8-bit level: 257 for 16-bit data, 1 for an
+    "I" image that holds only 8-bit values."""
+    return 257 if image.mode.startswith("I;16") or np.asarray(image).max() > 255 else 1
+
+
 def to_rgb(image):
     """A PIL image of any mode as 8-bit RGB. 16- and 32-bit grey ("I;16", "I") are scaled to 8 bits first:
     PIL's own convert clips them, which turns a 16-bit photo white."""
     if image.mode.startswith("I"):
-        grey = np.asarray(image, dtype=np.float64)
-        if image.mode.startswith("I;16") or grey.max() > 255:
-            grey = grey / 257
+        grey = np.asarray(image, dtype=np.float64) / deep_grey_scale(image)
         image = Image.fromarray(np.clip(np.rint(grey), 0, 255).astype(np.uint8))
     return image.convert("RGB")
 

@@ -16,7 +16,7 @@ from PIL import Image, ImageDraw, ImageFilter, ImageOps, JpegImagePlugin
 
 from . import flow
 from .attributes import EXCLUSIVE, check_names, exclusive_pairs, hold_readings
-from .data import to_rgb, to_tensor, to_uint8
+from .data import deep_grey_scale, to_rgb, to_tensor, to_uint8
 from .errors import FacegenError
 from .files import save_image
 from .landmarks import align_face, invert, warp
@@ -274,8 +274,8 @@ def read_photo(path):
     if "exif" in upright.info:
         options["exif"] = upright.info["exif"]
     if upright.mode not in KEPT_MODES:
-        kind = "LA" if upright.mode == "PA" or "transparency" in upright.info else ""
-        upright = upright.convert("L" if upright.mode == "1" else "RGBA" if kind else "RGB")
+        has_alpha = upright.mode == "PA" or "transparency" in upright.info
+        upright = upright.convert("L" if upright.mode == "1" else "RGBA" if has_alpha else "RGB")
     return upright, {k: v for k, v in options.items() if v is not None and v != -1}
 
 
@@ -323,8 +323,7 @@ def save_edited(prepared, pixels, mask, save_mask=False):
     original = prepared.original
     if original.mode.startswith("I"):  # deep grey: the edit's 8 bits spread over the original's range
         deep = np.asarray(original)
-        scale = 257 if original.mode == "I;16" or deep.max() > 255 else 1
-        grey = np.asarray(Image.fromarray(pixels).convert("L")).astype(deep.dtype) * scale
+        grey = np.asarray(Image.fromarray(pixels).convert("L")).astype(deep.dtype) * deep_grey_scale(original)
         result = Image.fromarray(np.where(mask > 0, grey, deep).astype(deep.dtype))
     else:
         changed = Image.fromarray(np.where(mask > 0, 255, 0).astype(np.uint8))
