@@ -30,9 +30,9 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from .attributes import celeba_column
-from .data import IMAGE_SUFFIXES, UNREADABLE_IMAGE_ERRORS, to_rgb
+from .data import IMAGE_SUFFIXES, to_rgb
 from .errors import FacegenError
-from .files import atomic_path, write_json
+from .files import UNREADABLE_IMAGE_ERRORS, atomic_path, write_json
 from .landmarks import CANONICAL_SIZE, FaceFinder, align_face
 
 JOURNAL = "align-journal.jsonl"

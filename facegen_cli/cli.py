@@ -3,134 +3,24 @@ logs and progress bars on stderr, one-line errors and a non-zero exit code on ba
 
 import dataclasses
 import functools
-import inspect
-import math
 import secrets
 from pathlib import Path
 from typing import List, Optional
 
 import typer
-from rich.console import Console
-from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeRemainingColumn
-from rich.text import Text
 
-from .attributes import DEFAULT_ATTRIBUTES, describe, flag_names, request_vector
+from .attributes import DEFAULT_ATTRIBUTES, describe, request_vector
 from .config import load_preset, preset_names
 from .errors import FacegenError
+from .terminal import finite, log, pick_device, progress_bar, report_results, reports_errors, with_attribute_flags
 
 # Heavy libraries (torch, numpy, PIL, torchvision) are imported inside the commands that use them, so that
 # `facegen --help` and argument errors answer at once.
 
 app = typer.Typer(help="Attribute-controlled faces from a latent Diffusion Transformer.", no_args_is_help=True,
                   pretty_exceptions_show_locals=False)
-console = Console(stderr=True, soft_wrap=True)  # one log line stays one line in pipelines
 MAX_SEED = 2**63 - 1  # torch generators take seeds below 2**64; seed + i stays there
 MODEL_HELP = "Model folder, or a shipped model by name: faces (real faces; the default) or demo (built-in faces)."
-
-
-def log(message):
-    console.print(message, highlight=False, markup=False)
-
-
-class FieldsColumn(ProgressColumn):
-    """Shows a task's extra fields (loss, speed, ...) with their formats; tasks without them show nothing."""
-
-    def __init__(self, formats):
-        super().__init__()
-        self.formats = formats
-
-    def render(self, task):
-        return Text(" ".join(f"{name} {task.fields[name]:{fmt}}" for name, fmt in self.formats.items()
-                             if name in task.fields))
-
-
-def progress_bar(**formats):
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), FieldsColumn(formats),
-                    TimeRemainingColumn(), console=console)
-
-
-def describe_error(error):
-    """One line for a FacegenError or an OSError ("out/face.png: Read-only file system")."""
-    if isinstance(error, OSError) and error.strerror:
-        return f"{error.filename}: {error.strerror}" if error.filename else error.strerror
-    return str(error)
-
-
-def reports_errors(command):
-    """Turn a FacegenError, or an operating-system error such as a read-only or full output folder, into
-    one line on stderr and exit code 1, with no traceback. Anything else is a bug: its traceback is shown,
-    and a line says so."""
-
-    @functools.wraps(command)
-    def wrapper(*args, **kwargs):
-        try:
-            return command(*args, **kwargs)
-        except (FacegenError, OSError) as e:
-            console.print(f"[bold red]error:[/] {escape(describe_error(e))}", highlight=False)
-            raise typer.Exit(1) from None
-        except (typer.Exit, typer.Abort, typer.TyperException):  # exits and usage errors pass through
-            raise
-        except Exception:
-            console.print_exception(show_locals=False)
-            console.print("[bold red]error:[/] this is a bug in facegen, not a problem with the input: please "
-                          "report it with the traceback above", highlight=False)
-            raise typer.Exit(2) from None
-
-    return wrapper
-
-
-def with_attribute_flags(command):
-    """Add --male/--female, --beard/--no-beard ... (the default vocabulary) to a command.
-
-    The command receives them as `wanted` and `unwanted` lists, joined with any --with/--without. Each
-    side is a flag of its own, so that `--male --female` is refused instead of the last one winning.
-    """
-    params = [p for p in inspect.signature(command).parameters.values() if p.name not in ("wanted", "unwanted")]
-    flags = [
-        inspect.Parameter(f"{name}{side}", inspect.Parameter.KEYWORD_ONLY, annotation=bool,
-                          default=typer.Option(False, flag, show_default=False, rich_help_panel="Attributes"))
-        for name in DEFAULT_ATTRIBUTES for side, flag in zip(("", "__against"), flag_names(name))
-    ]
-    extra = [
-        inspect.Parameter("with_", inspect.Parameter.KEYWORD_ONLY, annotation=List[str],
-                          default=typer.Option([], "--with", help="Ask for an attribute by name (any vocabulary).",
-                                               rich_help_panel="Attributes")),
-        inspect.Parameter("without", inspect.Parameter.KEYWORD_ONLY, annotation=List[str],
-                          default=typer.Option([], "--without", help="Ask against an attribute by name.",
-                                               rich_help_panel="Attributes")),
-    ]
-
-    @functools.wraps(command)
-    def wrapper(**kwargs):
-        wanted = [n for n in DEFAULT_ATTRIBUTES if kwargs.pop(n)] + list(kwargs.pop("with_"))
-        unwanted = [n for n in DEFAULT_ATTRIBUTES if kwargs.pop(f"{n}__against")] + list(kwargs.pop("without"))
-        both = [" and ".join(flag_names(n)) for n in DEFAULT_ATTRIBUTES if n in wanted and n in unwanted]
-        if both:
-            raise typer.BadParameter(f"{'; '.join(both)} both given: ask for an attribute or against it")
-        return command(wanted=wanted, unwanted=unwanted, **kwargs)
-
-    wrapper.__signature__ = inspect.Signature(params + flags + extra)
-    return wrapper
-
-
-def finite(value):
-    """Typer callback: refuse nan and inf (NaN passes every min/max check, and a NaN guidance paints black)."""
-    values = value if isinstance(value, list) else [value]
-    if any(v is not None and not math.isfinite(v) for v in values):
-        raise typer.BadParameter(f"must be a finite number, not {value}")
-    return value
-
-
-def pick_device(device):
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise FacegenError("--device cuda asked for, but no CUDA device is available")
-    return device
-
 
 data_app = typer.Typer(help="Labelled face data: built-in faces and aligned real photos.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
@@ -187,7 +77,7 @@ app.add_typer(vae_app, name="vae")
 @reports_errors
 def vae_train(
     data: Path = typer.Argument(..., help="Labelled image folder (its train and valid splits are used)."),
-    out: Path = typer.Option(..., "--out", "-o", help="Folder for OUT/vae, OUT/checkpoint and OUT/samples."),
+    out: Path = typer.Option(..., "--out", "-o", help="Folder for OUT/vae, OUT/checkpoints and OUT/samples."),
     steps: int = typer.Option(4000, min=1),
     batch_size: int = typer.Option(16, min=1),
     learning_rate: float = typer.Option(1e-3),
@@ -261,40 +151,21 @@ def eval_report(
     if ctx.invoked_subcommand is not None:
         return
     from .classifier import load_classifier
-    from .evaluate import evaluate_model, inception_fid_to
-    from .pipeline import FacegenModel
+    from .evaluate import evaluate_model, inception_fid_to, load_held_out_faces
+    from .pipeline import FacegenPipeline
 
-    pipe = FacegenModel.load(model, pick_device(device))
+    pipe = FacegenPipeline.load(model, pick_device(device))
     if classifier is None:
         classifier = pipe.path / "classifier"  # a model folder may carry the classifier it was measured with
         if not classifier.is_dir():
             raise FacegenError(f"{pipe.path} carries no classifier: give --classifier "
                                "(train one with `facegen eval train-classifier --data D`)")
-    reader, reader_report = load_classifier(classifier, pipe.device)
-    real, edits, data_labels = None, None, None
-    if data is not None:
-        from PIL import Image
-
-        from .data import load_images_and_labels, read_dataset, read_landmarks
-        from .edit import EditRequest
-
-        size = pipe.info["image_size"]
-        real, labels, _ = load_images_and_labels(data, "test", size)
-        train = read_dataset(data, "train")
-        if set(pipe.attributes) <= set(train.attributes):
-            data_labels = train.labels[:, [train.attributes.index(a) for a in pipe.attributes]]
-        landmarks, paths = read_landmarks(data), read_dataset(data, "test").paths
-        if landmarks and len(paths) == len(real):  # built-in faces: landmarks known, edit locality measurable
-            with Image.open(paths[0]) as first:
-                scale = size / first.width
-            points = [{n: (x * scale, y * scale) for n, (x, y) in landmarks[p.name].items()} for p in paths]
-            defaults = pipe.info.get("sample", {})
-            edits = (labels, points, lambda name: EditRequest(add=(name,), steps=steps or defaults.get("steps", 25),
-                                                               guidance=defaults.get("guidance", 3.0), resample=2))
+    attribute_classifier, classifier_report = load_classifier(classifier, pipe.device)
+    held_out = load_held_out_faces(data, pipe.attributes, pipe.info.image_size) if data is not None else None
+    fid_to = functools.partial(inception_fid_to, weights=inception_weights) if inception_fid else None
     with progress_bar() as progress:
-        fid_to = functools.partial(inception_fid_to, weights=inception_weights) if inception_fid else None
-        evaluate_model(pipe, reader, reader_report, out, faces, guidance, steps, real, combinations, edits=edits,
-                       fid_to=fid_to, data_labels=data_labels, progress=progress)
+        evaluate_model(pipe, attribute_classifier, classifier_report, out, faces, guidance, pipe.settings(steps=steps),
+                       held_out, combinations, fid_to=fid_to, progress=progress)
     print(out / "report.md")
 
 
@@ -330,35 +201,6 @@ def eval_train_classifier(
     print(out)
 
 
-def process_files(files, problems, action, describe):
-    """Run action(path, relative) -> output path for every file with a progress bar; print outputs.
-
-    A file that fails is reported on stderr and skipped; one whose output exists (OutputExists) is
-    reported and skipped without failing. Returns the number of failures (problems found while
-    collecting the inputs included).
-    """
-    from .data import UNREADABLE_IMAGE_ERRORS
-    from .files import OutputExists
-
-    for problem in problems:
-        log(problem)
-    failures, skipped = len(problems), 0
-    with progress_bar() as progress:
-        task = progress.add_task(describe, total=len(files))
-        for path, relative in files:
-            try:
-                print(action(path, relative), flush=True)
-            except OutputExists as e:
-                log(str(e))
-                skipped += 1
-            except (FacegenError, *UNREADABLE_IMAGE_ERRORS) as e:
-                log(f"{path}: {e if isinstance(e, FacegenError) else f'cannot read the image ({e})'}")
-                failures += 1
-            progress.advance(task)
-    log(f"{len(files) + len(problems) - failures - skipped} done, {skipped} skipped, {failures} failed")
-    return failures
-
-
 @app.command()
 @reports_errors
 def upscale(
@@ -374,28 +216,17 @@ def upscale(
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
 ):
     """4x super-resolution with Real-ESRGAN x4plus (basicsr RRDBNet); prints each output's path."""
-    from PIL import Image
-
-    from .files import OutputExists, check_output_folder, collect_inputs, save_image
-    from .upscale import load_upscaler, upscale_image
+    from .files import check_output_folder, collect_inputs
+    from .upscale import load_upscaler, upscale_files
 
     check_output_folder(out)
     files, problems = collect_inputs(inputs, recursive)
     if not files and not problems:
         raise FacegenError("no images in the inputs given")
     net = load_upscaler(weights, pick_device(device), log)
-
-    def action(path, relative):
-        target = out / relative
-        if target.resolve() == path.resolve():
-            raise FacegenError("the output would overwrite the input; choose another --out")
-        if target.exists() and not overwrite:
-            raise OutputExists(target)
-        with Image.open(path) as image:
-            image.load()
-        return save_image(upscale_image(net, image, scale, tile, tile_pad, bf16), target)
-
-    if process_files(files, problems, action, "upscaling"):
+    results = upscale_files(net, files, out, scale, tile, tile_pad, bf16, overwrite)
+    counts = report_results(results, len(files), problems, "upscaling")
+    if counts["unreadable"] + counts["failed"]:
         raise typer.Exit(1)
 
 
@@ -429,11 +260,9 @@ def edit(
 ):
     """Change one feature of the faces in photos (--add mustache, --remove eyeglasses, ...); prints each output."""
     from .classifier import load_classifier
-    from .data import UNREADABLE_IMAGE_ERRORS
-    from .edit import EditRequest, NoFaceFound, check_request, edit_prepared, prepare_photo, save_edited
-    from .files import OutputExists, check_output_folder, collect_inputs
-    from .landmarks import FaceFinder
-    from .pipeline import FacegenModel
+    from .edit import EditRequest, check_request, edit_photos, without_masks
+    from .files import check_output_folder, collect_inputs
+    from .pipeline import FacegenPipeline
 
     if not add and not remove:
         raise FacegenError("nothing to change: give --add ATTRIBUTE and/or --remove ATTRIBUTE")
@@ -442,60 +271,22 @@ def edit(
                            "them as photos next time); edit into --out to keep the masks")
     if not in_place:
         check_output_folder(out)
-    pipe = FacegenModel.load(model, pick_device(device))
-    defaults = pipe.info.get("sample", {})
+    pipe = FacegenPipeline.load(model, pick_device(device))
     request = EditRequest(tuple(a.replace("-", "_") for a in add), tuple(r.replace("-", "_") for r in remove),
-                          strength, steps or defaults.get("steps", 25),
-                          defaults.get("guidance", 3.0) if guidance is None else guidance, resample, mask_grow, seed)
+                          strength, pipe.settings(steps=steps, guidance=guidance), resample, mask_grow, seed)
     check_request(pipe.attributes, request)
-    reader = None
+    classifier = None
     if not free_others and (pipe.path / "classifier").is_dir():
-        reader = load_classifier(pipe.path / "classifier", pipe.device)[0]
+        classifier = load_classifier(pipe.path / "classifier", pipe.device)[0]
     files, problems = collect_inputs(inputs, recursive)
-    masks = [path for path, _ in files if path.name.endswith(".mask.png")]  # what --save-mask wrote before
+    files, masks = without_masks(files)
     if masks:
-        log(f"skipping {len(masks)} mask(s) that --save-mask wrote (NAME.mask.png): they are not photos")
-        files = [(path, relative) for path, relative in files if not path.name.endswith(".mask.png")]
+        log(f"skipping {masks} mask(s) that --save-mask wrote (NAME.mask.png): they are not photos")
     if not files and not problems:
         raise FacegenError("no photos in the inputs given")
-    for problem in problems:
-        log(problem)
-    counts = {"edited": 0, "no face": 0, "unreadable": len(problems), "failed": 0, "skipped": 0}
-    finder = FaceFinder()
-    with progress_bar() as progress:
-        task = progress.add_task("editing", total=len(files))
-        for start in range(0, len(files), batch_size):
-            prepared = []
-            for path, relative in files[start:start + batch_size]:
-                target = path if in_place else out / relative
-                if not in_place and target.exists() and not overwrite and target.resolve() != path.resolve():
-                    log(str(OutputExists(target)))
-                    counts["skipped"] += 1
-                    continue
-                try:
-                    if not in_place and target.resolve() == path.resolve():
-                        raise FacegenError("the output would overwrite the input; choose another --out or --in-place")
-                    prepared.append(prepare_photo(path, target, finder, request, pipe.info["image_size"], face))
-                except NoFaceFound:
-                    log(f"{path}: no face found")
-                    counts["no face"] += 1
-                except FacegenError as e:
-                    log(f"{path}: {e}")
-                    counts["failed"] += 1
-                except UNREADABLE_IMAGE_ERRORS as e:
-                    log(f"{path}: cannot read the image ({e})")
-                    counts["unreadable"] += 1
-            if prepared:
-                for photo, (pixels, mask) in zip(prepared, edit_prepared(pipe, prepared, request, reader)):
-                    try:
-                        print(save_edited(photo, pixels, mask, save_mask), flush=True)
-                        counts["edited"] += 1
-                    except OSError as e:  # an output that cannot be written fails that photo, not the run
-                        log(f"{photo.path}: cannot write {photo.target}: {describe_error(e)}")
-                        counts["failed"] += 1
-            progress.advance(task, len(files[start:start + batch_size]))
-    finder.close()
-    log(", ".join(f"{n} {name}" for name, n in counts.items()))
+    results = edit_photos(pipe, files, request, None if in_place else out, classifier, face, save_mask, overwrite,
+                          batch_size)
+    counts = report_results(results, len(files), problems, "editing")
     if counts["unreadable"] + counts["failed"] or (counts["no face"] and not allow_missing):
         raise typer.Exit(1)
 
@@ -586,14 +377,14 @@ def export(
     import torch
 
     from .classifier import load_classifier, save_classifier
-    from .pipeline import FacegenModel
+    from .pipeline import FacegenPipeline
 
     dtype = torch.float16 if half else None
-    FacegenModel.load(model).save(out, dtype)
+    FacegenPipeline.load(model).save(out, dtype)
     classifier = classifier or (model / "classifier" if (model / "classifier").is_dir() else None)
     if classifier is not None:
-        reader, report = load_classifier(classifier)
-        save_classifier(reader.to(dtype) if half else reader, out / "classifier", report)
+        attribute_classifier, report = load_classifier(classifier)
+        save_classifier(attribute_classifier.to(dtype) if half else attribute_classifier, out / "classifier", report)
     print(out)
 
 
@@ -620,18 +411,13 @@ def generate(
     unwanted: List[str] = (),
 ):
     """Generate faces with the asked-for attributes; the rest stay free."""
-    from PIL import Image
-
-    from .data import to_uint8
-    from .files import check_output_folder, save_image
-    from .pipeline import FacegenModel
+    from .files import check_output_folder
+    from .pipeline import FacegenPipeline, save_faces
 
     if n < 1:
         raise FacegenError(f"-n must be at least 1, not {n}")
-    if sampler not in (None, "euler", "heun"):
-        raise FacegenError(f"unknown sampler {sampler!r}; use euler or heun")
     check_output_folder(out)  # a bad --out fails now, not after the faces are made
-    pipe = FacegenModel.load(model, pick_device(device))
+    pipe = FacegenPipeline.load(model, pick_device(device))
     y = request_vector(pipe.attributes, wanted, unwanted)
     seed = secrets.randbelow(2**31) if seed is None else seed
     seeds = list(range(seed, seed + n))
@@ -640,34 +426,15 @@ def generate(
     if existing and not overwrite:
         raise FacegenError(f"{existing[0]}" + (f" and {len(existing) - 1} more" if len(existing) > 1 else "")
                            + " exist; --overwrite replaces them, or choose another --out or --seed")
-    settings = {**pipe.info.get("sample", {}), **{k: v for k, v in
-                dict(steps=steps, guidance=guidance, method=sampler).items() if v is not None}}
+    settings = pipe.settings(steps=steps, guidance=guidance, method=sampler)
     log(f"generating {n} faces: {describe(pipe.attributes, y)}; seeds {seed}..{seed + n - 1}; {settings}")
     with progress_bar() as progress:
         task = progress.add_task("generating", total=n)
-        images = pipe.generate(y, seeds, settings.get("steps"), settings.get("guidance"), settings.get("method"),
-                               batch_size, on_batch=lambda k: progress.advance(task, k))
-    faces = [Image.fromarray(image) for image in to_uint8(images)]
-    if upscale:
-        from .upscale import load_upscaler, upscale_image
-
-        net = load_upscaler(device=pipe.device, log=log)
-        faces = [upscale_image(net, face, upscale) for face in faces]
-        settings["upscale"] = upscale
-    wanted_attributes = dict(zip(pipe.attributes, y.tolist()))
-    for s, face, path in zip(seeds, faces, paths):
-        meta = {"facegen": {"attributes": wanted_attributes, "seed": s, **settings,
-                            "model": str(model) if model else pipe.path.name}}
-        print(save_image(face, path, meta), flush=True)
-    if grid:
-        import numpy as np
-        import torch
-        from torchvision.utils import make_grid
-
-        pixels = np.stack([np.asarray(face) for face in faces])
-        tiles = make_grid(torch.from_numpy(pixels).permute(0, 3, 1, 2), nrow=int(n**0.5 + 0.999), padding=0)
-        meta = {"facegen": {"attributes": wanted_attributes, "seeds": seeds, **settings}}
-        print(save_image(Image.fromarray(tiles.permute(1, 2, 0).numpy()), out / f"grid-{seed:010d}.png", meta))
+        images = pipe.generate(y, seeds, settings, batch_size, on_batch=lambda k: progress.advance(task, k))
+    for path in save_faces(pipe, images, y, seeds, settings, paths, upscale=upscale, log=log,
+                           grid=out / f"grid-{seed:010d}.png" if grid else None,
+                           model_name=str(model) if model else pipe.path.name):
+        print(path, flush=True)
 
 
 if __name__ == "__main__":

@@ -1,12 +1,15 @@
-"""Presets: a model shape, training hyper-parameters and sampler defaults, one TOML file each.
+"""Typed settings: presets (a model shape, training hyper-parameters and sampler defaults, one TOML file
+each) and a model folder's description (`facegen.json`, read into `ModelInfo`).
 
-The files live in the repository's `presets/` folder (`facegen_cli/presets` links to it).
+The preset files live in the repository's `presets/` folder (`facegen_cli/presets` links to it).
 `load_preset` takes a preset name or a path to a TOML file of the same form.
 """
 
+import math
 import tomllib
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from typing import Optional
 
 from .errors import FacegenError
 
@@ -37,11 +40,24 @@ class TrainConfig:
     seed: int = 0
 
 
-@dataclass
+SAMPLERS = ("euler", "heun")
+
+
+@dataclass(frozen=True)
 class SampleConfig:
+    """How a model samples: the one owner of these defaults. A command derives its own settings with
+    `dataclasses.replace(pipe.sample, **overrides)`."""
     steps: int = 30
     method: str = "euler"
     guidance: float = 3.0
+
+    def __post_init__(self):
+        if self.method not in SAMPLERS:
+            raise FacegenError(f"unknown sampler {self.method!r}; use {' or '.join(SAMPLERS)}")
+        if not (isinstance(self.steps, int) and self.steps >= 1):
+            raise FacegenError(f"sampling steps must be a whole number of at least 1, not {self.steps!r}")
+        if not math.isfinite(self.guidance):
+            raise FacegenError(f"guidance must be a finite number, not {self.guidance}")
 
 
 @dataclass
@@ -91,3 +107,50 @@ def load_preset(name_or_path):
         train=_section(TrainConfig, data.get("train", {}), f"preset {name} [train]"),
         sample=_section(SampleConfig, data.get("sample", {}), f"preset {name} [sample]"),
     )
+
+
+MODEL_FORMAT = "facegen-model"
+
+
+@dataclass(kw_only=True)
+class ModelInfo:
+    """A model folder's description (MODEL/facegen.json): how its latents are scaled and how it samples."""
+    format: str = MODEL_FORMAT
+    version: int = 1
+    preset: str = ""
+    image_size: int
+    latent_mean: list  # one per latent channel: the DiT works on (latent - mean) / std
+    latent_std: list
+    vae_source: str = ""  # the VAE the training latents were encoded with
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    init_from: Optional[str] = None  # the model folder a fine-tuning run started from
+    trained_steps: Optional[int] = None
+
+    def __post_init__(self):
+        mean, std = self.latent_mean, self.latent_std
+        if not (isinstance(mean, list) and isinstance(std, list) and len(mean) == len(std) and mean
+                and all(isinstance(v, (int, float)) and math.isfinite(v) for v in mean + std)
+                and all(v > 0 for v in std)):
+            raise FacegenError("latent_mean and latent_std must be lists of finite numbers, one per channel, "
+                               "every std above 0")
+
+    @classmethod
+    def from_dict(cls, data, where):
+        """Read a facegen.json's contents; keys this version does not know are ignored, missing ones named."""
+        if not isinstance(data, dict) or data.get("format", MODEL_FORMAT) != MODEL_FORMAT:
+            raise FacegenError(f"{where}: not a facegen model description")
+        missing = [key for key in ("image_size", "latent_mean", "latent_std") if key not in data]
+        if missing:
+            raise FacegenError(f"{where}: no {missing[0]!r}")
+        known = {f.name for f in fields(cls)}
+        values = {k: v for k, v in data.items() if k in known}
+        try:
+            values["sample"] = _section(SampleConfig, data.get("sample", {}), f"{where} [sample]")
+            return cls(**values)
+        except FacegenError as e:
+            raise FacegenError(f"{where}: {e}") from None
+        except TypeError as e:
+            raise FacegenError(f"{where}: {e}") from None
+
+    def to_dict(self):
+        return {key: value for key, value in asdict(self).items() if value is not None}

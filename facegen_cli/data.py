@@ -14,15 +14,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps
 
 from .attributes import DEFAULT_ATTRIBUTES, celeba_column
 from .errors import FacegenError
+from .files import UNREADABLE_IMAGE_ERRORS
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"}
 SPLITS = {"train": "0", "valid": "1", "test": "2"}
-# What PIL raises for a file that is not a readable image.
-UNREADABLE_IMAGE_ERRORS = (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError)
 
 
 @dataclass
@@ -129,6 +128,20 @@ def to_tensor(images):
 def to_uint8(images):
     """float (B, 3, H, W) in [-1, 1] -> uint8 (B, H, W, 3)."""
     return ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+def image_grid(images, columns, padding=2):
+    """uint8 images (N, H, W, C) -> one uint8 image (H', W', C), `columns` to a row, each framed by
+    `padding` black pixels (torchvision's make_grid layout)."""
+    count, height, width, channels = images.shape
+    columns = min(columns, count)
+    rows = -(-count // columns)
+    grid = np.zeros((rows * (height + padding) + padding, columns * (width + padding) + padding, channels),
+                    dtype=np.uint8)
+    for i, image in enumerate(images):
+        top, left = (i // columns) * (height + padding) + padding, (i % columns) * (width + padding) + padding
+        grid[top:top + height, left:left + width] = image
+    return grid
 
 
 class ImageDataset(torch.utils.data.Dataset):

@@ -5,7 +5,7 @@ Pixels where the (feathered, grown) mask is 0 come back exactly as they were; in
 redraws the face with the requested attributes, the rest of the face held fixed around it.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -16,10 +16,11 @@ from PIL import Image, ImageDraw, ImageFilter, ImageOps, JpegImagePlugin
 
 from . import flow
 from .attributes import EXCLUSIVE, check_names, exclusive_pairs, hold_readings
+from .config import SampleConfig
 from .data import deep_grey_scale, to_rgb, to_tensor, to_uint8
 from .errors import FacegenError
-from .files import save_image
-from .landmarks import align_face, invert, warp
+from .files import FileResult, attempt, output_path, save_image
+from .landmarks import FaceFinder, align_face, invert, warp
 
 
 # ---------------------------------------------------------------------------------------------
@@ -157,11 +158,11 @@ COLOUR_CHANGES = {"black_hair", "blond_hair", "bald", "pale_skin"}
 
 @dataclass
 class EditRequest:
+    """What to change in every face, and how to sample it (the model's `SampleConfig`, overridden)."""
     add: tuple = ()
     remove: tuple = ()
     strength: Optional[float] = None  # sampler start time, 1 = pure noise inside the mask; None: see `start`
-    steps: int = 25
-    guidance: float = 3.0
+    sample: SampleConfig = field(default_factory=SampleConfig)
     resample: int = 1
     mask_grow: int = 4
     seed: int = 0
@@ -213,9 +214,8 @@ def edit_crops(pipe, crops, masks, request, current=None):
     latent = torch.cat([latent_mask(m, known.shape[-1]) for m in masks]).to(pipe.device)
     noise = pipe.noise([request.seed] * len(crops)).to(pipe.device)
     generator = torch.Generator(pipe.device).manual_seed(request.seed)
-    latents = flow.sample(pipe.dit, noise, y, steps=request.steps, guidance=request.guidance,
-                          start=request.start, known=known, mask=latent, resample=request.resample,
-                          generator=generator)
+    latents = flow.sample(pipe.dit, noise, y, request.sample, start=request.start, known=known, mask=latent,
+                          resample=request.resample, generator=generator)
     decoded = to_uint8(pipe.decode(latents).cpu())
     m = masks[..., None]
     out = np.rint(crops * (1 - m) + decoded * m).astype(np.uint8)
@@ -240,7 +240,7 @@ def paste_back(photo, edited, mask, matrix):
 # ---------------------------------------------------------------------------------------------
 
 class NoFaceFound(FacegenError):
-    pass
+    kind = "no face"  # what FileResult calls it
 
 
 @dataclass
@@ -334,3 +334,37 @@ def save_edited(prepared, pixels, mask, save_mask=False):
     if save_mask:
         save_image(Image.fromarray(mask), prepared.target.with_name(prepared.target.stem + ".mask.png"))
     return prepared.target
+
+
+def without_masks(files):
+    """(the inputs less the NAME.mask.png files that --save-mask wrote: they are not photos, how many)."""
+    photos = [(path, relative) for path, relative in files if not path.name.endswith(".mask.png")]
+    return photos, len(files) - len(photos)
+
+
+def edit_photos(pipe, files, request, out=None, classifier=None, face=None, save_mask=False, overwrite=False,
+                batch_size=8):
+    """Edit every (path, relative) of `files` into OUT/relative, or over the photo itself when `out` is
+    None; yields one FileResult per photo, a bad one (unreadable, no face, ...) reported and passed over.
+
+    Photos are prepared (read, faces found and aligned) a batch at a time, and every face of a batch is
+    repainted in one sampling run on the model's device. With a classifier, the attributes not asked
+    about are held at its readings of each face, so that only the asked ones change.
+    """
+    finder = FaceFinder()
+    try:
+        for start in range(0, len(files), batch_size):
+            prepared = []
+            for path, relative in files[start:start + batch_size]:
+                photo, problem = attempt(path, lambda: prepare_photo(
+                    path, output_path(path, relative, out, overwrite), finder, request, pipe.info.image_size, face))
+                if problem:
+                    yield problem
+                else:
+                    prepared.append(photo)
+            if prepared:
+                for photo, (pixels, mask) in zip(prepared, edit_prepared(pipe, prepared, request, classifier)):
+                    saved, problem = attempt(photo.path, lambda: save_edited(photo, pixels, mask, save_mask))
+                    yield problem or FileResult(photo.path, saved)
+    finally:
+        finder.close()

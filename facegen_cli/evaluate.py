@@ -13,18 +13,19 @@ which is what `facegen edit` does to a photo. The classifier's own held-out accu
 these numbers and is reported beside them.
 """
 
+import dataclasses
 import math
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
 from PIL import Image
-from torchvision.utils import make_grid
-
 from .attributes import EXCLUSIVE, describe, exclusive_pairs, hold_readings
-from .data import to_tensor, to_uint8
+from .data import image_grid, load_images_and_labels, read_dataset, read_landmarks, to_tensor, to_uint8
 from .errors import FacegenError, first_line
-from .files import atomic_path, save_image, write_json
+from .files import atomic_path, save_figure, save_image, write_json
 
 SIGNS = (1, -1)
 
@@ -210,23 +211,50 @@ def inception_fid_to(real, weights=None, feature=2048, batch_size=64):
 def attribute_grid(images, columns=8):
     """Two rows of faces (2, K, 3, H, W) in [-1, 1] -> uint8 (H', W', 3): the first `columns` of each."""
     faces = images[:, :columns].reshape(-1, *images.shape[2:])
-    grid = make_grid(torch.from_numpy(to_uint8(faces)).permute(0, 3, 1, 2), nrow=min(columns, images.shape[1]))
-    return grid.permute(1, 2, 0).numpy()
+    return image_grid(to_uint8(faces), min(columns, images.shape[1]))
 
 
-def evaluate_model(pipe, classifier, classifier_report, out, num_seeds=32, guidances=(3.0,), steps=None,
-                   real_images=None, combinations=8, first_seed=0, edits=None, fid_to=None, data_labels=None,
-                   progress=None):
+@dataclass
+class HeldOutFaces:
+    """A labelled folder's test faces as the evaluation reads them, labels in the model's attribute order."""
+    images: np.ndarray  # uint8 (N, S, S, 3)
+    labels: torch.Tensor  # (N, A)
+    points: Optional[list] = None  # named landmarks per face in the S x S frame (built-in faces: edits measurable)
+    train_labels: Optional[torch.Tensor] = None  # the train split's labels, for the free-flip ceiling
+
+
+def load_held_out_faces(data, attributes, size):
+    """The test split of a labelled folder at `size`, with its landmarks when the folder lists them."""
+    images, labels, data_attributes = load_images_and_labels(data, "test", size)
+    if set(attributes) <= set(data_attributes):
+        labels = labels[:, [data_attributes.index(a) for a in attributes]]
+    train = read_dataset(data, "train")
+    train_labels = train.labels[:, [train.attributes.index(a) for a in attributes]] \
+        if set(attributes) <= set(train.attributes) else None
+    landmarks, paths, points = read_landmarks(data), read_dataset(data, "test").paths, None
+    if landmarks and len(paths) == len(images):
+        with Image.open(paths[0]) as first:
+            scale = size / first.width
+        points = [{n: (x * scale, y * scale) for n, (x, y) in landmarks[p.name].items()} for p in paths]
+    return HeldOutFaces(images, labels, points, train_labels)
+
+
+def evaluate_model(pipe, classifier, classifier_report, out, num_seeds=32, guidances=(3.0,), settings=None,
+                   held_out=None, combinations=8, first_seed=0, fid_to=None, progress=None):
     """Measure `pipe` with `classifier` at each guidance and write OUT/report.json, OUT/report.md,
     OUT/grids/<attribute>-g<guidance>.png and OUT/plots/*.png. Returns the report dict.
 
-    real_images: optional uint8 (N, H, W, 3) held-out faces for the Fréchet distances.
+    settings: the SampleConfig to sample with (default: the model's), its guidance replaced by each of
+              `guidances`.
+    held_out: optional HeldOutFaces: the real side of the Fréchet distances, the free-flip ceiling from
+              its train labels and, with landmarks, edit locality on its faces.
     fid_to: optional fid_to(real_uint8) -> fid(generated_uint8) -> float, the standard FID
             (inception_fid_to); when it raises FacegenError the report says why it was not measured.
-    edits: optional (labels (N, A), landmarks [{name: (x, y)}] of real_images, request_for(attribute))
-           to measure edit locality on the real faces.
-    data_labels: optional labels (N, A) of the training data, for the free-flip ceiling.
     """
+    from .edit import EditRequest
+
+    settings = settings or pipe.sample
+    real_images = held_out.images if held_out is not None else None
     out = Path(out)
     attributes = pipe.attributes
     if classifier.attributes != attributes:
@@ -244,13 +272,14 @@ def evaluate_model(pipe, classifier, classifier_report, out, num_seeds=32, guida
             fid = fid_to(real_images)
         except FacegenError as e:
             fid_unavailable = str(e)
-    report = {"model": pipe.info.get("preset"), "seeds": [seeds[0], seeds[-1]], "faces_per_condition": num_seeds,
+    report = {"model": pipe.info.preset, "seeds": [seeds[0], seeds[-1]], "faces_per_condition": num_seeds,
               "classifier_test_accuracy": classifier_report.get("test_accuracy", {}), "guidance": {}}
-    if data_labels is not None:
-        ceiling = free_flip_ceiling(data_labels).tolist()
+    if held_out is not None and held_out.train_labels is not None:
+        ceiling = free_flip_ceiling(held_out.train_labels).tolist()
         report["free_flip_ceiling"] = {a: None if math.isnan(v) else round(v, 4) for a, v in zip(attributes, ceiling)}
     for guidance in guidances:
-        generate = lambda y, s: pipe.generate(y, s, steps=steps, guidance=guidance)  # noqa: E731
+        at_guidance = dataclasses.replace(settings, guidance=guidance)
+        generate = lambda y, s: pipe.generate(y, s, at_guidance)  # noqa: E731
         readings, features, images = read_single_attribute_faces(generate, classifier.read, len(attributes), seeds,
                                                                  advance)
         control, leakage = control_rates(readings), leakage_matrix(readings)
@@ -291,9 +320,8 @@ def evaluate_model(pipe, classifier, classifier_report, out, num_seeds=32, guida
             save_image(Image.fromarray(attribute_grid(before_after)), out / "grids" / f"{name}-held-g{guidance:g}.png",
                        {"facegen": {"attribute": name, "guidance": guidance,
                                     "rows": "asked against, the same faces with it added and the others held"}})
-    if edits is not None:
-        labels, points, request_for = edits
-        report["edit_locality"] = edit_locality(pipe, classifier, real_images, labels, points, request_for)
+    if held_out is not None and held_out.points is not None:
+        report["edit_locality"] = edit_locality(pipe, classifier, held_out, EditRequest(sample=settings, resample=2))
     save_plots(report, attributes, out / "plots")
     write_json(out / "report.json", report)
     with atomic_path(out / "report.md") as tmp:
@@ -320,9 +348,7 @@ def save_plots(report, attributes, folder):
     axes.set_title(f"Leakage at guidance {guidances[-1]}")
     figure.colorbar(image)
     figure.tight_layout()
-    with atomic_path(folder / "leakage.png") as tmp:
-        figure.savefig(tmp, format="png", dpi=100)
-    plt.close(figure)
+    save_figure(figure, folder / "leakage.png")
 
     figure, axes = plt.subplots(figsize=(7, 5))
     for name in attributes:
@@ -334,9 +360,7 @@ def save_plots(report, attributes, folder):
     axes.set_ylim(0, 1.02)
     axes.legend(fontsize=7, ncol=2)
     figure.tight_layout()
-    with atomic_path(folder / "control-vs-guidance.png") as tmp:
-        figure.savefig(tmp, format="png", dpi=100)
-    plt.close(figure)
+    save_figure(figure, folder / "control-vs-guidance.png")
 
 
 def percent(fraction):
@@ -399,11 +423,11 @@ def report_markdown(report, attributes):
     return "\n".join(lines) + "\n"
 
 
-def edit_locality(pipe, classifier, crops, labels, points, request_for, num_faces=8):
-    """Edit locality per attribute on aligned faces with known landmarks.
+def edit_locality(pipe, classifier, faces, request, num_faces=8):
+    """Edit locality per attribute on aligned faces with known landmarks (HeldOutFaces with points).
 
-    For each attribute, the first `num_faces` faces whose label is -1 get `--add attribute`
-    (request_for(attribute) gives the EditRequest). Returns {attribute: {success, psnr_outside,
+    For each attribute, the first `num_faces` faces whose label is -1 get `--add attribute` (`request`
+    with that attribute added: its sampler settings, resampling, mask growth and seed). Returns {attribute: {success, psnr_outside,
     ssim_outside, others_changed, pixels_changed_outside, texture_ratio, texture_ratio_before, faces}}: the
     fraction the classifier then reads as having it, PSNR and SSIM over the pixels outside the mask (inf
     and 1.0 when untouched), how often the other attributes' readings change, the number of pixels changed
@@ -416,14 +440,14 @@ def edit_locality(pipe, classifier, crops, labels, points, request_for, num_face
     results = {}
     attributes = pipe.attributes
     for i, name in enumerate(attributes):
-        chosen = torch.nonzero(labels[:, i] < 0).flatten()[:num_faces].tolist()
+        chosen = torch.nonzero(faces.labels[:, i] < 0).flatten()[:num_faces].tolist()
         if not chosen:
             continue
-        request = request_for(name)
-        before = crops[chosen]
-        masks = np.stack([region_mask([name], points[k], before.shape[1], grow=request.mask_grow) for k in chosen])
+        before = faces.images[chosen]
+        masks = np.stack([region_mask([name], faces.points[k], before.shape[1], grow=request.mask_grow)
+                          for k in chosen])
         current = classifier.predict(to_tensor(before))
-        after = edit_crops(pipe, before, masks, request, current)
+        after = edit_crops(pipe, before, masks, dataclasses.replace(request, add=(name,)), current)
         read_after = classifier.predict(to_tensor(after))
         outside = np.repeat(masks[..., None] == 0, 3, axis=-1)
         others = [j for j in range(len(attributes)) if j != i]

@@ -7,9 +7,11 @@ import shutil
 import sys
 import tempfile
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
-from PIL import Image, PngImagePlugin
+from PIL import Image, PngImagePlugin, UnidentifiedImageError
 
 from .errors import FacegenError
 
@@ -56,8 +58,49 @@ def atomic_dir(path):
 
 
 class OutputExists(FacegenError):
+    kind = "skipped"  # what FileResult calls it: not a failure
+
     def __init__(self, path):
         super().__init__(f"{path} exists; skipped (--overwrite replaces it)")
+
+
+# What PIL raises for a file that is not a readable image.
+UNREADABLE_IMAGE_ERRORS = (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError)
+
+
+@dataclass
+class FileResult:
+    """What became of one input file of a folder command: its output, or the kind of problem and why.
+    kind: done, skipped (the output exists), no face, unreadable or failed."""
+    path: Path
+    output: Optional[Path] = None
+    kind: str = "done"
+    reason: str = ""
+
+
+def attempt(path, action):
+    """(action(), None), or (None, a FileResult saying why) when it fails the way one bad input can: a
+    FacegenError (its `kind` attribute, else failed) or an image that cannot be read."""
+    try:
+        return action(), None
+    except FacegenError as e:
+        return None, FileResult(Path(path), kind=getattr(e, "kind", "failed"), reason=str(e))
+    except UNREADABLE_IMAGE_ERRORS as e:
+        return None, FileResult(Path(path), kind="unreadable", reason=f"cannot read the image ({e})")
+
+
+def output_path(path, relative, out, overwrite=False):
+    """Where the result for input `path` goes: OUT/relative, or the input itself when `out` is None (in
+    place). Raises when that would overwrite the input by accident, or skip (OutputExists) an output
+    that exists unless `overwrite`."""
+    if out is None:
+        return Path(path)
+    target = Path(out) / relative
+    if target.resolve() == Path(path).resolve():
+        raise FacegenError("the output would overwrite the input; choose another --out")
+    if target.exists() and not overwrite:
+        raise OutputExists(target)
+    return target
 
 
 def check_output_folder(folder):
@@ -95,13 +138,26 @@ def save_image(image, path, metadata=None, save_options=None, mode_from=None):
         for key, value in metadata.items():
             info.add_text(key, value if isinstance(value, str) else json.dumps(value))
         kwargs["pnginfo"] = info
-    with atomic_path(path) as tmp:
-        image.save(tmp, format=fmt, **kwargs)
-        if mode_from is not None:
-            shutil.copymode(mode_from, tmp)
-        else:
-            os.chmod(tmp, NEW_FILE_MODE)
+    try:
+        with atomic_path(path) as tmp:
+            image.save(tmp, format=fmt, **kwargs)
+            if mode_from is not None:
+                shutil.copymode(mode_from, tmp)
+            else:
+                os.chmod(tmp, NEW_FILE_MODE)
+    except OSError as e:  # a full disk or a read-only folder fails this output, not the program
+        raise FacegenError(f"cannot write {path}: {e.strerror or e}") from None
     return path
+
+
+def save_figure(figure, path):
+    """Write a matplotlib figure as a PNG atomically, and free it."""
+    import matplotlib.pyplot as plt
+
+    with atomic_path(path) as tmp:
+        figure.savefig(tmp, format="png", dpi=100)
+    plt.close(figure)
+    return Path(path)
 
 
 def collect_inputs(inputs, recursive=False, stdin=None):

@@ -72,12 +72,12 @@ def guided_velocity(model, x, t, y, guidance):
 
 
 @torch.inference_mode()
-def sample(model, noise, y, steps=30, guidance=3.0, method="euler", start=1.0, known=None, mask=None,
-           resample=1, generator=None):
+def sample(model, noise, y, settings, start=1.0, known=None, mask=None, resample=1, generator=None):
     """Integrate from t = `start` to t = 0 and return the clean latent.
 
     noise:  (B, C, H, W) Gaussian noise; it fixes the result (a seed makes sampling reproducible).
     y:      (B, A) attribute requests.
+    settings: a config.SampleConfig: the number of steps, euler or heun, the guidance scale.
     start:  1.0 generates from pure noise; s < 1 starts from `known` noised to t = s (img2img).
     known:  (B, C, H, W) clean latent to keep (required when start < 1 or a mask is given).
     mask:   (B, 1 or C, H, W) in [0, 1]; 1 = generate, 0 = keep `known`. The known part is
@@ -86,8 +86,7 @@ def sample(model, noise, y, steps=30, guidance=3.0, method="euler", start=1.0, k
             from t_next to t with fresh noise (from `generator`) in between, so that the generated
             region settles against the known one.
     """
-    if method not in ("euler", "heun"):
-        raise ValueError(f"unknown sampler {method!r}; use 'euler' or 'heun'")
+    steps, guidance, method = settings.steps, settings.guidance, settings.method
     if (mask is not None or start < 1.0) and known is None:
         raise ValueError("a mask or start < 1 needs the known latent")
     times = torch.linspace(start, 0.0, steps + 1, device=noise.device)

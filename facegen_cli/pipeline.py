@@ -1,19 +1,21 @@
 """A facegen model folder and what it does: latents <-> images and attribute-controlled sampling.
 
-    MODEL/facegen.json   image size, latent mean/std, preset name, sampler defaults
+    MODEL/facegen.json   config.ModelInfo: image size, latent mean/std, preset name, sampler settings
     MODEL/dit/           LatentDiT.save_pretrained (config.json with the attribute vocabulary
                          + diffusion_pytorch_model.safetensors, EMA weights)
     MODEL/vae/           AutoencoderKL.save_pretrained
 """
 
 import copy
+import dataclasses
 import json
-import math
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from . import flow, vae as vae_lib
+from .config import ModelInfo, SampleConfig
 from .errors import FacegenError, first_line
 from .files import atomic_dir
 from .model import LatentDiT
@@ -41,31 +43,27 @@ def model_path(name_or_path=None):
     return path
 
 
-def check_info(info, where):
-    """A model's facegen.json must give the image size and a finite mean and positive std per latent channel."""
-    if not isinstance(info, dict):
-        raise FacegenError(f"{where}: not a facegen model description")
-    for key in ("image_size", "latent_mean", "latent_std"):
-        if key not in info:
-            raise FacegenError(f"{where}: no {key!r}")
-    mean, std = info["latent_mean"], info["latent_std"]
-    if not (isinstance(mean, list) and isinstance(std, list) and len(mean) == len(std) and mean
-            and all(isinstance(v, (int, float)) and math.isfinite(v) for v in mean + std)
-            and all(v > 0 for v in std)):
-        raise FacegenError(f"{where}: latent_mean and latent_std must be lists of finite numbers, one per channel, "
-                           "every std above 0")
+class FacegenPipeline:
+    """A loaded model folder (the front door, as a diffusers pipeline is): its DiT, its VAE and its
+    `ModelInfo`, whose `sample` settings every command starts from."""
 
-
-class FacegenModel:
-    def __init__(self, dit, vae, info, path=None):
+    def __init__(self, dit, vae, info: ModelInfo, path=None):
         self.dit, self.vae, self.info, self.path = dit, vae, info, path
         shape = (1, -1, 1, 1)
-        self.latent_mean = torch.tensor(info["latent_mean"]).view(shape)
-        self.latent_std = torch.tensor(info["latent_std"]).view(shape)
+        self.latent_mean = torch.tensor(info.latent_mean).view(shape)
+        self.latent_std = torch.tensor(info.latent_std).view(shape)
 
     @property
     def attributes(self):
         return self.dit.attributes
+
+    @property
+    def sample(self) -> SampleConfig:
+        return self.info.sample
+
+    def settings(self, **overrides) -> SampleConfig:
+        """The model's sampler settings with the given ones (None: keep the model's) put in."""
+        return dataclasses.replace(self.sample, **{k: v for k, v in overrides.items() if v is not None})
 
     @property
     def device(self):
@@ -80,10 +78,9 @@ class FacegenModel:
             raise FacegenError(f"{path}: not a facegen model (no {MODEL_FILE}); "
                                "give the model/ folder that `facegen train` writes")
         try:
-            info = json.loads((path / MODEL_FILE).read_text())
+            info = ModelInfo.from_dict(json.loads((path / MODEL_FILE).read_text()), path / MODEL_FILE)
         except (OSError, ValueError) as e:
             raise FacegenError(f"{path / MODEL_FILE}: not readable JSON ({first_line(e)})") from None
-        check_info(info, path / MODEL_FILE)
         try:
             dit = LatentDiT.from_pretrained(path / "dit")
         except (OSError, ValueError, RuntimeError, KeyError, TypeError) as e:
@@ -96,7 +93,7 @@ class FacegenModel:
         with atomic_dir(path) as tmp:
             for name, module in (("dit", self.dit), ("vae", self.vae)):
                 (module if dtype is None else copy.deepcopy(module).to(dtype)).save_pretrained(tmp / name)
-            (tmp / MODEL_FILE).write_text(json.dumps(self.info, indent=2) + "\n")
+            (tmp / MODEL_FILE).write_text(json.dumps(self.info.to_dict(), indent=2) + "\n")
         return Path(path)
 
     def normalize(self, latents):
@@ -115,20 +112,42 @@ class FacegenModel:
         shape = (self.dit.config.latent_channels, self.dit.config.latent_size, self.dit.config.latent_size)
         return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds])
 
-    def generate(self, y, seeds, steps=None, guidance=None, method=None, batch_size=16, on_batch=None):
-        """Images in [-1, 1], one per seed, for attribute request(s) y of shape (A,) or (len(seeds), A)."""
-        defaults = self.info.get("sample", {})
-        steps = steps or defaults.get("steps", 30)
-        guidance = defaults.get("guidance", 3.0) if guidance is None else guidance
-        method = method or defaults.get("method", "euler")
+    def generate(self, y, seeds, settings=None, batch_size=16, on_batch=None):
+        """Images in [-1, 1], one per seed, for attribute request(s) y of shape (A,) or (len(seeds), A),
+        sampled with `settings` (a SampleConfig; default: the model's)."""
+        settings = settings or self.sample
         y = y.expand(len(seeds), -1) if y.ndim == 1 else y
         images = []
         for start in range(0, len(seeds), batch_size):
             chunk = seeds[start:start + batch_size]
             noise = self.noise(chunk).to(self.device)
-            latents = flow.sample(self.dit, noise, y[start:start + len(chunk)].to(self.device),
-                                  steps=steps, guidance=guidance, method=method)
+            latents = flow.sample(self.dit, noise, y[start:start + len(chunk)].to(self.device), settings)
             images.append(self.decode(latents).cpu())
             if on_batch:
                 on_batch(len(chunk))
         return torch.cat(images)
+
+
+def save_faces(pipe, images, y, seeds, settings, paths, upscale=None, grid=None, model_name=None, log=print):
+    """Write generated faces (images in [-1, 1], one per seed) as PNGs that carry their request: the
+    attributes asked, the seed, the sampler settings, the model (and the upscale factor). With `grid`,
+    also all of them as one image there. Yields each path as it is written."""
+    from PIL import Image
+
+    from .data import image_grid, to_uint8
+    from .files import save_image
+
+    faces = [Image.fromarray(image) for image in to_uint8(images)]
+    meta = dataclasses.asdict(settings)
+    if upscale:
+        from .upscale import load_upscaler, upscale_image
+
+        net = load_upscaler(device=pipe.device, log=log)
+        faces = [upscale_image(net, face, upscale) for face in faces]
+        meta["upscale"] = upscale
+    asked = dict(zip(pipe.attributes, y.tolist()))
+    for seed, face, path in zip(seeds, faces, paths):
+        yield save_image(face, path, {"facegen": {"attributes": asked, "seed": seed, **meta, "model": model_name}})
+    if grid is not None:
+        tiles = image_grid(np.stack([np.asarray(face) for face in faces]), int(len(faces) ** 0.5 + 0.999), padding=0)
+        yield save_image(Image.fromarray(tiles), grid, {"facegen": {"attributes": asked, "seeds": seeds, **meta}})

@@ -13,6 +13,7 @@ pixels. `write_dataset` writes a CelebA-layout folder that `facegen train` reads
 import math
 import os
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -196,18 +197,22 @@ def _shaded(base, px, light_dir, strength):
     return np.asarray(small.resize((px, px), Image.Resampling.BILINEAR))
 
 
-def render_face(seed, size=128, labels=None, label_distribution="celeba"):
-    """Render one face: (uint8 (size, size, 3), {attribute: bool}, {landmark: (x, y) in pixels}).
-    Without `labels`, they are drawn from LABEL_DISTRIBUTIONS[label_distribution]."""
-    # One random stream per concern, so that changing one attribute changes only what it draws.
-    streams = [np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(len(STREAMS))]
-    labels_rng, geometry_rng, rng, beard_rng, glasses_rng, hat_rng, hair_rng, nuisance_rng = streams
-    labels = dict(LABEL_DISTRIBUTIONS[label_distribution](labels_rng) if labels is None else labels)
-    g = FaceGeometry(geometry_rng, labels)
-    canvas = Canvas(size, rng)
-    px, full = canvas.px, canvas.full
+@dataclass
+class Look:
+    """A face's colours and light, drawn from the colours stream."""
+    skin: tuple
+    hair: tuple
+    hair_name: str
+    light_dir: tuple
+    lighting: float
+    long_hair: bool
 
-    # Every draw is made whatever the labels, so that the colours of a seed stay put when a label flips.
+    @property
+    def beard_colour(self):
+        return _mix(self.hair, (0, 0, 0), 0.15)
+
+
+def _choose_look(labels, rng):
     pale, other = PALE_SKIN[rng.integers(len(PALE_SKIN))], SKIN_TONES[rng.integers(len(SKIN_TONES))]
     skin = _jitter(rng, tuple(pale if labels["pale_skin"] else other), 6)
     grey_when_old, red = rng.random() < 0.85, rng.random() < 0.2
@@ -224,7 +229,13 @@ def render_face(seed, size=128, labels=None, label_distribution="celeba"):
     light_dir = (rng.uniform(-0.8, 0.8), rng.uniform(-0.6, 0.2))
     lighting = rng.uniform(0.15, 0.45)
     long_hair = rng.random() < 0.85 and not labels["male"] and not labels["bald"]
+    return Look(skin, hair, hair_name, light_dir, lighting, long_hair)
 
+
+def _paint_head(canvas, g, labels, look, rng):
+    """Hair behind the head, neck and shoulders (the shirt's colour from `rng`), ears and the lit face;
+    returns the face's mask."""
+    skin, hair, long_hair, px, full = look.skin, look.hair, look.long_hair, canvas.px, canvas.full
     # Hair behind the head (long hair falls to the shoulders).
     if not labels["bald"]:
         bottom = g.chin_y + (0.12 if long_hair else -0.25)
@@ -242,10 +253,13 @@ def render_face(seed, size=128, labels=None, label_distribution="celeba"):
     # The face, lit.
     outline = g.face_outline()
     face_mask = canvas.layer_mask(lambda d: d.polygon(canvas.xy(outline), fill=255))
-    canvas.paste(_shaded(skin, full, light_dir, lighting), face_mask)
+    canvas.paste(_shaded(skin, full, look.light_dir, look.lighting), face_mask)
+    return face_mask
 
+
+def _paint_wrinkles(canvas, g, labels, look):
     # Wrinkles of age.
-    line_colour = _mix(skin, (60, 30, 20), 0.5)
+    line_colour = _mix(look.skin, (60, 30, 20), 0.5)
     if not labels["young"]:
         for k in range(3):
             y = g.hairline_y + 0.035 + 0.022 * k
@@ -261,8 +275,10 @@ def render_face(seed, size=128, labels=None, label_distribution="celeba"):
             canvas.line(_curve((bag_x - g.eye_w, g.eye_y + 0.03), (bag_x, g.eye_y + 0.05), (bag_x + g.eye_w, g.eye_y + 0.03)),
                         line_colour, 0.005)
 
+
+def _paint_beard(canvas, g, labels, look, face_mask, rng):
+    full = canvas.full
     # Beard: the jaw, chin and lower cheeks below the mouth line, textured.
-    beard_colour = _mix(hair, (0, 0, 0), 0.15)
     if labels["beard"]:
         jaw = g.jaw()
         top = g.mouth_y - 0.045
@@ -270,12 +286,15 @@ def render_face(seed, size=128, labels=None, label_distribution="celeba"):
                  [(g.cx + g.face_w * 0.98, g.eye_y + 0.07), (g.cx + g.mouth_w * 1.1, top),
                   (g.cx - g.mouth_w * 1.1, top)]
         mask = canvas.layer_mask(lambda d: d.polygon(canvas.xy(region), fill=255))
-        texture = (beard_rng.random((full // 4, full // 4)) * 90 + 165).astype(np.uint8)
+        texture = (rng.random((full // 4, full // 4)) * 90 + 165).astype(np.uint8)
         texture = Image.fromarray(texture).resize((full, full), Image.Resampling.NEAREST)
         mask = Image.fromarray((np.asarray(mask, dtype=np.uint16) * np.asarray(texture) // 255).astype(np.uint8))
         mask = Image.fromarray(np.minimum(np.asarray(mask), np.asarray(face_mask)))
-        canvas.paste(np.broadcast_to(np.array(beard_colour, dtype=np.uint8), (full, full, 3)).copy(), mask)
+        canvas.paste(np.broadcast_to(np.array(look.beard_colour, dtype=np.uint8), (full, full, 3)).copy(), mask)
 
+
+def _paint_eyes(canvas, g, labels, look, rng):
+    skin, hair = look.skin, look.hair
     # Eyes and brows.
     eye_colour = EYE_COLOURS[rng.integers(len(EYE_COLOURS))]
     brow_w = 0.011 if labels["male"] else 0.006
@@ -290,6 +309,10 @@ def render_face(seed, size=128, labels=None, label_distribution="celeba"):
         canvas.line(_curve((inner, g.brow_y + 0.004), (ex, g.brow_y - 0.012), (outer, g.brow_y + 0.006)),
                     _mix(hair, (0, 0, 0), 0.3), brow_w)
 
+
+def _paint_nose(canvas, g, look):
+    """The nose; returns the height of its base."""
+    skin = look.skin
     # Nose.
     nose_shade = _mix(skin, (40, 20, 10), 0.35)
     canvas.line(_curve((g.cx - 0.012, g.eye_y + 0.02), (g.cx - 0.02, g.nose_tip_y - 0.03), (g.cx - 0.016, g.nose_tip_y)),
@@ -299,9 +322,13 @@ def render_face(seed, size=128, labels=None, label_distribution="celeba"):
     for side in (-1, 1):
         canvas.ellipse(g.cx + side * 0.014, g.nose_tip_y + 0.012, 0.008, 0.005, fill=_mix(skin, (30, 10, 5), 0.55))
     nose_base_y = g.nose_tip_y + 0.022
+    return nose_base_y
 
+
+def _paint_mouth(canvas, g, labels, look):
+    """The mouth; returns its corners and the heights of the lips."""
+    lip = _mix(look.skin, (150, 40, 50), 0.45)
     # Mouth: a smile curves up and shows teeth; a neutral mouth is a flat pair of lips.
-    lip = _mix(skin, (150, 40, 50), 0.45)
     ml, mr = (g.cx - g.mouth_w, g.mouth_y), (g.cx + g.mouth_w, g.mouth_y)
     if labels["smiling"]:
         ml, mr = (ml[0] - 0.02, ml[1] - 0.03), (mr[0] + 0.02, mr[1] - 0.03)
@@ -317,14 +344,22 @@ def render_face(seed, size=128, labels=None, label_distribution="celeba"):
         canvas.polygon(_curve(ml, (g.cx, g.mouth_y - 0.02), mr) + _curve(mr, (g.cx, g.mouth_y + 0.028), ml), lip)
         canvas.line(_curve(ml, (g.cx, g.mouth_y + 0.004), mr), _mix(lip, (0, 0, 0), 0.45), 0.004)
         upper_lip_y, lower_lip_y = g.mouth_y - 0.011, g.mouth_y + 0.014
+    return ml, mr, upper_lip_y, lower_lip_y
 
+
+def _paint_mustache(canvas, g, labels, look, nose_base_y, mouth):
+    ml, mr, upper_lip_y, _ = mouth
     # Mustache between the nose base and the upper lip.
     if labels["mustache"]:
         top_y, low_y = nose_base_y + 0.004, upper_lip_y - 0.002
         shape = _curve((ml[0] - 0.008, low_y + 0.012), (g.cx, top_y - 0.012), (mr[0] + 0.008, low_y + 0.012)) + \
                 _curve((mr[0] + 0.004, low_y + 0.014), (g.cx, low_y - 0.004), (ml[0] - 0.004, low_y + 0.014))
-        canvas.polygon(shape, _mix(beard_colour, (0, 0, 0), 0.1))
+        canvas.polygon(shape, _mix(look.beard_colour, (0, 0, 0), 0.1))
 
+
+def _paint_hair(canvas, g, labels, look, rng):
+    """The hairline, bangs or a bald crown, and strands (from `rng`); returns the hairline's three points."""
+    skin, hair = look.skin, look.hair
     # Hair in front: the hairline, optional bangs, or a bald crown with side hair.
     if labels["bald"]:
         for side in (-1, 1):
@@ -351,17 +386,21 @@ def render_face(seed, size=128, labels=None, label_distribution="celeba"):
             strands += [(g.cx + g.face_w * 0.95, line_y), (g.cx, line_y - 0.05)]
             canvas.polygon(strands, _mix(hair, (255, 255, 255), 0.05))
             hairline = [(g.cx - g.face_w * 0.9, fringe_y), (g.cx, fringe_y), (g.cx + g.face_w * 0.9, fringe_y)]
-    if not labels["bald"] and hair_name != "black":
+    if not labels["bald"] and look.hair_name != "black":
         for k in range(14):  # strands for texture
-            x = g.cx + hair_rng.uniform(-0.8, 0.8) * g.face_w
-            canvas.line(_curve((x, g.top_y + 0.02), (x + hair_rng.uniform(-0.03, 0.03), g.top_y + 0.05),
-                               (x + hair_rng.uniform(-0.04, 0.04), g.hairline_y)), _mix(hair, (0, 0, 0), 0.2), 0.003)
+            x = g.cx + rng.uniform(-0.8, 0.8) * g.face_w
+            canvas.line(_curve((x, g.top_y + 0.02), (x + rng.uniform(-0.03, 0.03), g.top_y + 0.05),
+                               (x + rng.uniform(-0.04, 0.04), g.hairline_y)), _mix(hair, (0, 0, 0), 0.2), 0.003)
+    return hairline
 
+
+def _paint_eyeglasses(canvas, g, labels, rng):
+    px, full = canvas.px, canvas.full
     # Eyeglasses: two frames, a bridge and the temples, with a faint lens tint.
     if labels["eyeglasses"]:
-        frame = tuple(int(c) for c in glasses_rng.choice([(20, 20, 20), (90, 60, 30), (150, 150, 160), (120, 20, 30)]))
+        frame = tuple(int(c) for c in rng.choice([(20, 20, 20), (90, 60, 30), (150, 150, 160), (120, 20, 30)]))
         rx, ry = g.eye_w + 0.022, g.eye_h + 0.025
-        round_frames = glasses_rng.random() < 0.4
+        round_frames = rng.random() < 0.4
         for side in (-1, 1):
             ex = g.cx + side * g.eye_dx
             box = canvas.box(ex, g.eye_y + 0.004, rx, ry)
@@ -374,16 +413,24 @@ def render_face(seed, size=128, labels=None, label_distribution="celeba"):
         canvas.line(_curve((g.cx - g.eye_dx + rx, g.eye_y - 0.004), (g.cx, g.eye_y - 0.02),
                            (g.cx + g.eye_dx - rx, g.eye_y - 0.004)), frame, 0.006)
 
+
+def _paint_hat(canvas, g, labels, rng, hairline):
+    """A hat (its colour and height from `rng`); returns the hairline, now at the brim when there is one."""
+    px = canvas.px
     # Hat: a crown over the head and a brim at the forehead.
     if labels["wearing_hat"]:
-        hat = tuple(int(c) for c in hat_rng.integers(20, 235, 3))
-        brim_y = g.hairline_y + hat_rng.uniform(-0.01, 0.02)
+        hat = tuple(int(c) for c in rng.integers(20, 235, 3))
+        brim_y = g.hairline_y + rng.uniform(-0.01, 0.02)
         canvas.draw.chord(canvas.box(g.cx, brim_y, g.face_w * 1.18, brim_y - g.top_y + 0.09), 180, 360, fill=hat)
         canvas.draw.rounded_rectangle(canvas.box(g.cx, brim_y, g.face_w * 1.3, 0.022), radius=int(0.02 * px),
                                       fill=_mix(hat, (0, 0, 0), 0.3))
         hairline = [(g.cx - g.face_w * 0.9, brim_y + 0.02), (g.cx, brim_y + 0.02), (g.cx + g.face_w * 0.9, brim_y + 0.02)]
+    return hairline
 
-    landmarks = {
+
+def _landmarks(g, nose_base_y, mouth, hairline):
+    ml, mr, upper_lip_y, lower_lip_y = mouth
+    return {
         "left_eye": (g.cx - g.eye_dx, g.eye_y), "right_eye": (g.cx + g.eye_dx, g.eye_y),
         "left_eye_outer": (g.cx - g.eye_dx - g.eye_w, g.eye_y), "left_eye_inner": (g.cx - g.eye_dx + g.eye_w, g.eye_y),
         "right_eye_inner": (g.cx + g.eye_dx - g.eye_w, g.eye_y), "right_eye_outer": (g.cx + g.eye_dx + g.eye_w, g.eye_y),
@@ -397,10 +444,14 @@ def render_face(seed, size=128, labels=None, label_distribution="celeba"):
         "hairline_left": hairline[0], "hairline_center": hairline[1], "hairline_right": hairline[2],
     }
 
-    # Nuisance: head size, position and a small rotation, applied to pixels and landmarks alike.
-    angle = math.radians(nuisance_rng.normal(0, 3))
-    scale = nuisance_rng.uniform(0.93, 1.07)
-    shift = nuisance_rng.normal(0, 0.015, 2)
+
+def _apply_nuisance(canvas, size, landmarks, rng):
+    """Head size, position and a small rotation (from `rng`), applied to pixels and landmarks alike, then
+    blur and noise: (uint8 (size, size, 3), {landmark: (x, y) in pixels})."""
+    px = canvas.px
+    angle = math.radians(rng.normal(0, 3))
+    scale = rng.uniform(0.93, 1.07)
+    shift = rng.normal(0, 0.015, 2)
     a, b = scale * math.cos(angle), scale * math.sin(angle)
 
     def forward(p):  # canonical [0,1] -> output [0,1], about the centre
@@ -417,12 +468,37 @@ def render_face(seed, size=128, labels=None, label_distribution="celeba"):
     image = canvas.image.transform(canvas.image.size, Image.Transform.AFFINE, coeffs, resample=Image.Resampling.BILINEAR)
     image = image.crop((int(canvas.offset), int(canvas.offset), int(canvas.offset) + px, int(canvas.offset) + px))
     image = image.resize((size, size), Image.Resampling.LANCZOS)
-    if nuisance_rng.random() < 0.3:
-        image = image.filter(ImageFilter.GaussianBlur(nuisance_rng.uniform(0.2, 0.7) * size / 128))
-    noise_level = nuisance_rng.uniform(0.5, 2.5)
-    pixels = np.asarray(image, dtype=np.float32) + nuisance_rng.normal(0, noise_level, (size, size, 3))
+    if rng.random() < 0.3:
+        image = image.filter(ImageFilter.GaussianBlur(rng.uniform(0.2, 0.7) * size / 128))
+    noise_level = rng.uniform(0.5, 2.5)
+    pixels = np.asarray(image, dtype=np.float32) + rng.normal(0, noise_level, (size, size, 3))
     pixels = np.clip(pixels, 0, 255).astype(np.uint8)
     points = {name: tuple(float(v) * size for v in forward(p)) for name, p in landmarks.items()}
+    return pixels, points
+
+
+def render_face(seed, size=128, labels=None, label_distribution="celeba"):
+    """Render one face: (uint8 (size, size, 3), {attribute: bool}, {landmark: (x, y) in pixels}).
+    Without `labels`, they are drawn from LABEL_DISTRIBUTIONS[label_distribution]."""
+    # One random stream per concern, so that changing one attribute changes only what it draws.
+    streams = [np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(len(STREAMS))]
+    labels_rng, geometry_rng, colours_rng, beard_rng, glasses_rng, hat_rng, hair_rng, nuisance_rng = streams
+    labels = dict(LABEL_DISTRIBUTIONS[label_distribution](labels_rng) if labels is None else labels)
+    g = FaceGeometry(geometry_rng, labels)
+    canvas = Canvas(size, colours_rng)
+    # Every colour is drawn whatever the labels, so that the colours of a seed stay put when a label flips.
+    look = _choose_look(labels, colours_rng)
+    face_mask = _paint_head(canvas, g, labels, look, colours_rng)
+    _paint_wrinkles(canvas, g, labels, look)
+    _paint_beard(canvas, g, labels, look, face_mask, beard_rng)
+    _paint_eyes(canvas, g, labels, look, colours_rng)
+    nose_base_y = _paint_nose(canvas, g, look)
+    mouth = _paint_mouth(canvas, g, labels, look)
+    _paint_mustache(canvas, g, labels, look, nose_base_y, mouth)
+    hairline = _paint_hair(canvas, g, labels, look, hair_rng)
+    _paint_eyeglasses(canvas, g, labels, glasses_rng)
+    hairline = _paint_hat(canvas, g, labels, hat_rng, hairline)
+    pixels, points = _apply_nuisance(canvas, size, _landmarks(g, nose_base_y, mouth, hairline), nuisance_rng)
     return pixels, {k: bool(labels[k]) for k in DEFAULT_ATTRIBUTES}, points
 
 

@@ -1,7 +1,7 @@
 """Training: a LatentDiT on a latent cache with the rectified-flow objective, on accelerate.
 
     RUN/latents/                  the latent cache, when training started from images
-    RUN/checkpoints/step-NNNNNN/  model.safetensors, ema.pt, optimizer.pt, state.json
+    RUN/checkpoints/step-NNNNNN/  model.safetensors, ema.pt, optimizer.pt, state.json (runs.py)
     RUN/samples/step-NNNNNN.png   sample grids (EMA weights)
     RUN/model/                    the usable model (EMA weights), refreshed at each checkpoint
 
@@ -10,47 +10,27 @@ generator seeded by (seed, s, rank), so `--resume` continues bit for bit where a
 One process, one GPU, or many with `accelerate launch -m facegen_cli.cli train ...`.
 """
 
-import json
+import dataclasses
 import math
-import pickle
-import shutil
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from accelerate import Accelerator
 from diffusers.training_utils import EMAModel
 from PIL import Image
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
-from torchvision.utils import make_grid
 
 from . import flow
 from .cache import encode_dataset, is_cache, load_cache
-from .data import to_uint8
-from .errors import FacegenError, first_line
-from .files import atomic_dir, save_image
+from .config import ModelInfo
+from .data import image_grid, to_uint8
+from .errors import FacegenError
+from .files import save_image
 from .model import LatentDiT
-from .pipeline import FacegenModel
+from .pipeline import FacegenPipeline
+from .runs import (ORDER_STREAM, STEP_STREAM, batch_indices, check_same_run, latest_checkpoint,
+                   newest_intact_checkpoint, save_checkpoint, scheduled_lr, seeded_generator)
 from .vae import DEFAULT_VAE, load_vae, vae_fingerprint
-
-
-def seeded_generator(*keys):
-    """A torch generator whose stream depends on every key (non-negative integers)."""
-    return torch.Generator().manual_seed(int(np.random.SeedSequence(list(keys)).generate_state(1)[0]))
-
-
-STEP_STREAM, ORDER_STREAM = 0, 1
-
-
-def batch_indices(num_items, batch_size, step, seed, rank=0, world_size=1):
-    """This process's share of step `step`'s batch: epochs are fixed permutations of the data."""
-    per_epoch = max(num_items // batch_size, 1)
-    epoch, position = divmod(step, per_epoch)
-    order = torch.randperm(num_items, generator=seeded_generator(seed, ORDER_STREAM, epoch))
-    batch = order[position * batch_size:(position + 1) * batch_size]
-    return batch[rank::world_size]
 
 
 def rare_weights(labels, rare_rate):
@@ -76,17 +56,6 @@ def drop_labels(labels, generator, attribute_dropout, condition_dropout):
     return labels.float() * keep
 
 
-def learning_rate(step, cfg, max_steps, cooldown_steps=0):
-    """Warmup, then constant, then (cooldown_steps > 0) a linear decay to 0 at max_steps.
-
-    The constant phase is what `--resume` extends; the cooldown is how a run ends (the
-    warmup-stable-decay schedule), so the length of a run need not be fixed when it starts.
-    """
-    warmup = (step + 1) / max(cfg.warmup_steps, 1)
-    cooldown = (max_steps - step) / cooldown_steps if cooldown_steps else 1.0
-    return cfg.learning_rate * min(1.0, warmup, cooldown)
-
-
 def prepare_latents(data, out, vae_source, image_size, log, progress):
     """Open a latent cache, or encode an image data set into RUN/latents first (resumably)."""
     if is_cache(data):
@@ -100,61 +69,22 @@ def prepare_latents(data, out, vae_source, image_size, log, progress):
     return load_cache(Path(out) / "latents")
 
 
-def latest_checkpoint(out):
-    done = sorted(p for p in (Path(out) / "checkpoints").glob("step-*") if (p / "state.json").is_file())
-    return done[-1] if done else None
-
-
-def save_checkpoint(out, step, model, ema, optimizer, state, keep):
-    with atomic_dir(Path(out) / "checkpoints" / f"step-{step:06d}") as tmp:
-        save_file(model.state_dict(), tmp / "model.safetensors")
-        torch.save(ema.state_dict(), tmp / "ema.pt")
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        (tmp / "state.json").write_text(json.dumps({**state, "step": step}, indent=2))
-    for old in sorted((Path(out) / "checkpoints").glob("step-*"))[:-keep]:
-        shutil.rmtree(old)
-
-
-# What reading a damaged checkpoint file raises (cut short, overwritten, not a checkpoint at all).
-DAMAGED_CHECKPOINT_ERRORS = (OSError, ValueError, RuntimeError, KeyError, EOFError, pickle.UnpicklingError,
-                             SafetensorError)
-
-
-def read_checkpoint(path):
-    """Everything a checkpoint folder holds, read into memory: (state, model, EMA and optimizer states)."""
-    return (json.loads((path / "state.json").read_text()), load_file(path / "model.safetensors"),
-            torch.load(path / "ema.pt", weights_only=True), torch.load(path / "optimizer.pt", weights_only=True))
-
-
-def newest_intact_checkpoint(out, log):
-    """(path, read_checkpoint(path)) of the newest checkpoint that reads back whole, or None when there is
-    none; each damaged newer one is reported and passed over."""
-    for path in sorted((Path(out) / "checkpoints").glob("step-*"), reverse=True):
-        try:
-            return path, read_checkpoint(path)
-        except DAMAGED_CHECKPOINT_ERRORS as e:
-            log(f"{path} is damaged ({first_line(e)}); trying the checkpoint before it")
-    if any((Path(out) / "checkpoints").glob("step-*")):
-        raise FacegenError(f"{out}: every checkpoint is damaged; start a new run with another --out")
-    return None
+CHECKPOINT_NETWORKS, CHECKPOINT_STATES = ("model",), ("ema", "optimizer")
 
 
 def load_checkpoint(path, contents, model, ema, optimizer, state):
     """Put a read checkpoint's weights into the model, EMA and optimizer; returns its step."""
-    saved, model_state, ema_state, optimizer_state = contents
-    for key in ("preset", "model_config", "attributes"):
-        if saved.get(key) != state[key]:
-            raise FacegenError(f"{path} was made with {key.replace('_', ' ')} {saved.get(key)!r}, "
-                               f"not {state[key]!r}; resume with the same preset and data")
-    model.load_state_dict(model_state)
-    ema.load_state_dict(ema_state)
-    optimizer.load_state_dict(optimizer_state)
+    saved, networks, states = contents
+    check_same_run(path, saved, {key: state[key] for key in ("preset", "model_config", "attributes")})
+    model.load_state_dict(networks["model"])
+    ema.load_state_dict(states["ema"])
+    optimizer.load_state_dict(states["optimizer"])
     return saved["step"]
 
 
 def load_init_model(path, model_config, cache_meta):
     """An existing model folder to fine-tune from: it must match the preset, vocabulary and VAE."""
-    base = FacegenModel.load(path)
+    base = FacegenPipeline.load(path)
     base_config = {key: base.dit.config[key] for key in model_config}
     base_config["attributes"] = list(base_config["attributes"])
     different = [f"{key} {base_config[key]} vs {model_config[key]}"
@@ -171,19 +101,19 @@ def export_model(model, ema, vae, info, out):
     """Write RUN/model with the EMA weights."""
     ema_model = LatentDiT.from_config(model.config)
     ema.copy_to(ema_model.parameters())
-    return FacegenModel(ema_model, vae, info).save(Path(out) / "model")
+    return FacegenPipeline(ema_model, vae, info).save(Path(out) / "model")
 
 
 def sample_grid(model, ema, vae, info, path, step):
     """One face per attribute asked for alone, plus an unconditional one, from fixed seeds."""
     ema_model = LatentDiT.from_config(model.config)
     ema.copy_to(ema_model.parameters())
-    pipe = FacegenModel(ema_model.to(model.device).eval(), vae, info)
+    pipe = FacegenPipeline(ema_model.to(model.device).eval(), vae, info)
     num_attributes = len(pipe.attributes)
     y = torch.cat([torch.zeros(1, num_attributes), torch.eye(num_attributes)])
     images = pipe.generate(y, seeds=list(range(len(y))))
-    grid = make_grid(torch.from_numpy(to_uint8(images)).permute(0, 3, 1, 2), nrow=int(math.ceil(len(y) ** 0.5)))
-    save_image(Image.fromarray(grid.permute(1, 2, 0).numpy()), path, {"facegen": {"step": step}})
+    grid = image_grid(to_uint8(images), int(math.ceil(len(y) ** 0.5)))
+    save_image(Image.fromarray(grid), path, {"facegen": {"step": step}})
 
 
 def train(preset, data, out, vae_source=None, max_steps=None, batch_size=None, resume=False,
@@ -211,32 +141,25 @@ def train(preset, data, out, vae_source=None, max_steps=None, batch_size=None, r
     if list(latents.shape[1:]) != expected:
         raise FacegenError(f"the latents have shape {list(latents.shape[1:])} but preset {preset.name} "
                            f"expects {expected}")
-    info = {
-        "format": "facegen-model",
-        "version": 1,
-        "preset": preset.name,
-        "image_size": cache_meta["image_size"],
-        "latent_mean": cache_meta["latent_mean"],
-        "latent_std": cache_meta["latent_std"],
-        "vae_source": cache_meta["vae_source"],
-        "sample": preset.to_dict()["sample"],
-    }
+    info = ModelInfo(preset=preset.name, image_size=cache_meta["image_size"], latent_mean=cache_meta["latent_mean"],
+                     latent_std=cache_meta["latent_std"], vae_source=cache_meta["vae_source"], sample=preset.sample)
     state = {"preset": preset.name, "model_config": model_config, "attributes": cache_meta["attributes"]}
     init = None  # the model this run fine-tunes, if any: where from, its steps, its latent statistics
     init_weights = None  # its DiT weights, when this run starts from it rather than from a checkpoint
-    checkpoint = newest_intact_checkpoint(out, log) if resume else None
+    checkpoint = newest_intact_checkpoint(out, CHECKPOINT_NETWORKS, CHECKPOINT_STATES, log) if resume else None
     if checkpoint:  # a fine-tuning run resumes from its own checkpoints
         init = checkpoint[1][0].get("init")
     elif init_from:
         base = load_init_model(init_from, model_config, cache_meta)
         init_weights = base.dit.state_dict()
-        init = {"source": str(init_from), "trained_steps": base.info.get("trained_steps", 0),
-                "latent_mean": base.info["latent_mean"], "latent_std": base.info["latent_std"]}
+        init = {"source": str(init_from), "trained_steps": base.info.trained_steps or 0,
+                "latent_mean": base.info.latent_mean, "latent_std": base.info.latent_std}
     if init:
         state["init"] = init
-        info.update(latent_mean=init["latent_mean"], latent_std=init["latent_std"], init_from=init["source"])
-    mean = torch.tensor(info["latent_mean"]).view(1, -1, 1, 1)
-    std = torch.tensor(info["latent_std"]).view(1, -1, 1, 1)
+        info = dataclasses.replace(info, latent_mean=init["latent_mean"], latent_std=init["latent_std"],
+                                   init_from=init["source"])
+    mean = torch.tensor(info.latent_mean).view(1, -1, 1, 1)
+    std = torch.tensor(info.latent_std).view(1, -1, 1, 1)
     latents = (latents - mean) / std
     vae = load_vae(cache_meta["vae_source"], accelerator.device)
     if vae_fingerprint(vae) != cache_meta["vae_fingerprint"]:  # the exported model would decode other latents
@@ -282,7 +205,7 @@ def train(preset, data, out, vae_source=None, max_steps=None, batch_size=None, r
         x0 = latents[index].to(accelerator.device)
         y = drop_labels(labels[index], generator, cfg.attribute_dropout, cfg.condition_dropout).to(accelerator.device)
         for group in optimizer.param_groups:
-            group["lr"] = learning_rate(step, cfg, max_steps, cooldown_steps)
+            group["lr"] = scheduled_lr(step, cfg.learning_rate, cfg.warmup_steps, max_steps, cooldown_steps)
         with accelerator.autocast():
             loss, parts = flow.flow_loss(model, x0, y, generator, cfg.laplacian_weight, cfg.t_mean, cfg.t_std)
         accelerator.backward(loss)
@@ -304,8 +227,10 @@ def train(preset, data, out, vae_source=None, max_steps=None, batch_size=None, r
                             done)
             if done % cfg.checkpoint_every == 0 or done == max_steps:
                 unwrapped = accelerator.unwrap_model(model)
-                save_checkpoint(out, done, unwrapped, ema, optimizer, state, cfg.keep_checkpoints)
-                export_model(unwrapped, ema, vae, {**info, "trained_steps": steps_before + done}, out)
+                save_checkpoint(out, done, {"model": unwrapped.state_dict()},
+                                {"ema": ema.state_dict(), "optimizer": optimizer.state_dict()}, state,
+                                cfg.keep_checkpoints)
+                export_model(unwrapped, ema, vae, dataclasses.replace(info, trained_steps=steps_before + done), out)
         accelerator.wait_for_everyone()
     if start_step >= max_steps:
         log(f"{out} is already trained to step {start_step}")

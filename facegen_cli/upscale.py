@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 
 from .data import to_rgb
 from .errors import FacegenError
-from .files import atomic_path
+from .files import FileResult, atomic_path, attempt, output_path, save_image
 
 X4PLUS_URL = "https://github.com/xinntao/Real-ESRGAN/releases/download/v0.1.0/RealESRGAN_x4plus.pth"
 X4PLUS_CACHE_NAME = "realesrgan-x4plus.safetensors"
@@ -222,3 +222,17 @@ def upscale_image(net, image, outscale=4, tile=256, tile_pad=10, bf16=False):
     if alpha is not None:
         result.putalpha(alpha.resize(size, Image.Resampling.BICUBIC))
     return result
+
+
+def upscale_files(net, files, out, outscale=4, tile=256, tile_pad=10, bf16=False, overwrite=False):
+    """Upscale every (path, relative) of `files` into OUT/relative (same name and format); yields one
+    FileResult per file, a bad one reported and passed over."""
+    for path, relative in files:
+        def upscale_one():
+            target = output_path(path, relative, out, overwrite)
+            with Image.open(path) as image:
+                image.load()
+            return save_image(upscale_image(net, image, outscale, tile, tile_pad, bf16), target)
+
+        output, problem = attempt(path, upscale_one)
+        yield problem or FileResult(path, output)

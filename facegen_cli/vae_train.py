@@ -9,28 +9,24 @@ adaptive weight), so the adversarial term sharpens hair, eyes and teeth without 
 reconstruction. The network is convolutional: training on random crops costs less per step and still
 learns whole faces.
 
-    OUT/checkpoint/   vae/, discriminator.safetensors, optimizers.pt, state.json (resumable)
-    OUT/samples/      step-N.png: held-out faces (top) and their reconstructions (bottom)
+    OUT/checkpoints/step-N/  vae.safetensors, discriminator.safetensors, optimizer.pt, disc_optimizer.pt,
+                             state.json (runs.py; resumable)
+    OUT/samples/step-N.png   held-out faces (top) and their reconstructions (bottom)
     OUT/vae/          the finished autoencoder (save_pretrained layout)
 """
 
-import json
-import math
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from diffusers import AutoencoderKL
 from PIL import Image
-from safetensors.torch import load_file, save_file
 from torch import nn
-from torchvision.utils import make_grid
-
-from .data import load_images_and_labels, to_tensor
+from .data import image_grid, load_images_and_labels, to_tensor
 from .errors import FacegenError
 from .files import atomic_dir, save_image
 from .flow import laplacian_loss
-from .train import batch_indices, seeded_generator
+from .runs import (AUGMENT_STREAM, batch_indices, check_same_run, newest_intact_checkpoint, save_checkpoint,
+                   scheduled_lr, seeded_generator)
 from .vae import build_vae, psnr
 
 # Named autoencoder sizes. Few channels per GroupNorm group would make it an instance norm that erases
@@ -77,9 +73,11 @@ def adaptive_weight(reconstruction_loss, generator_loss, last_layer):
 
 def comparison_grid(originals, reconstructions):
     """uint8 image: originals on the top row, their reconstructions below."""
-    grid = make_grid(torch.cat([originals, reconstructions]).clamp(-1, 1), nrow=len(originals), padding=2,
-                     normalize=True, value_range=(-1, 1))
-    return Image.fromarray((grid * 255).round().to(torch.uint8).permute(1, 2, 0).numpy())
+    pixels = ((torch.cat([originals, reconstructions]).clamp(-1, 1) + 1) / 2 * 255).round().to(torch.uint8)
+    return Image.fromarray(image_grid(pixels.permute(0, 2, 3, 1).numpy(), len(originals)))
+
+
+WARMUP_STEPS = 100
 
 
 def train_vae(data_dir, out, steps=4000, batch_size=16, learning_rate=1e-3, kl_weight=1e-6, image_size=128,
@@ -95,8 +93,7 @@ def train_vae(data_dir, out, steps=4000, batch_size=16, learning_rate=1e-3, kl_w
     if precision not in ("no", "bf16"):
         raise FacegenError(f"unknown precision {precision!r}; use no or bf16")
     out = Path(out)
-    checkpoint = out / "checkpoint"
-    if checkpoint.exists() and not resume:
+    if any((out / "checkpoints").glob("step-*")) and not resume:
         raise FacegenError(f"{out} already holds a VAE checkpoint; add --resume to continue it, or choose a new --out")
     train_images = load_images_and_labels(data_dir, "train", image_size)[0]
     held_out = to_tensor(load_images_and_labels(data_dir, "valid", image_size)[0][:256])
@@ -105,18 +102,21 @@ def train_vae(data_dir, out, steps=4000, batch_size=16, learning_rate=1e-3, kl_w
     torch.manual_seed(seed)
     vae = build_vae(**VAE_SIZES[size])
     discriminator = PatchDiscriminator()
-    start = 0
-    if resume and (checkpoint / "state.json").is_file():
-        vae = AutoencoderKL.from_pretrained(checkpoint / "vae")
-        discriminator.load_state_dict(load_file(checkpoint / "discriminator.safetensors"))
-        start = json.loads((checkpoint / "state.json").read_text())["step"]
     optimizer = torch.optim.AdamW(vae.parameters(), lr=learning_rate, weight_decay=0.0)
     disc_optimizer = torch.optim.AdamW(discriminator.parameters(), lr=learning_rate, betas=(0.5, 0.9),
                                        weight_decay=0.0)
-    if start:
-        states = torch.load(checkpoint / "optimizers.pt", weights_only=True)
-        optimizer.load_state_dict(states["vae"])
-        disc_optimizer.load_state_dict(states["discriminator"])
+    run_state = {"size": size, "seed": seed}
+    start = 0
+    checkpoint = newest_intact_checkpoint(out, ("vae", "discriminator"), ("optimizer", "disc_optimizer"), log) \
+        if resume else None
+    if checkpoint:
+        path, (saved, networks, states) = checkpoint
+        check_same_run(path, saved, run_state)
+        vae.load_state_dict(networks["vae"])
+        discriminator.load_state_dict(networks["discriminator"])
+        optimizer.load_state_dict(states["optimizer"])
+        disc_optimizer.load_state_dict(states["disc_optimizer"])
+        start = saved["step"]
         log(f"resuming the VAE at step {start}")
     vae.train()
     last_layer = vae.decoder.conv_out.weight
@@ -131,13 +131,12 @@ def train_vae(data_dir, out, steps=4000, batch_size=16, learning_rate=1e-3, kl_w
 
     task = progress.add_task("training VAE", total=steps, completed=start, loss=float("nan")) if progress else None
     for step in range(start, steps):
-        generator = seeded_generator(seed, 2, step)
+        generator = seeded_generator(seed, AUGMENT_STREAM, step)
         x = to_tensor(train_images[batch_indices(len(train_images), batch_size, step, seed).numpy()])
         flip = torch.rand(len(x), generator=generator) < 0.5
         x = random_crops(torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x), crop_size, generator)
-        lr = learning_rate * min(1.0, (step + 1) / 100) * 0.5 * (1 + math.cos(math.pi * step / steps))
         for group in (*optimizer.param_groups, *disc_optimizer.param_groups):
-            group["lr"] = lr
+            group["lr"] = scheduled_lr(step, learning_rate, WARMUP_STEPS, steps, cooldown_steps=steps)
         adversarial = disc_start is not None and step >= disc_start
         with autocast:
             posterior = vae.encode(x).latent_dist
@@ -164,12 +163,9 @@ def train_vae(data_dir, out, steps=4000, batch_size=16, learning_rate=1e-3, kl_w
         if (step + 1) % checkpoint_every == 0 or step + 1 == steps:
             value, reconstructions = evaluate()
             save_image(comparison_grid(held_out[:8], reconstructions), out / "samples" / f"step-{step + 1:06d}.png")
-            with atomic_dir(checkpoint) as tmp:
-                vae.save_pretrained(tmp / "vae")
-                save_file(discriminator.state_dict(), tmp / "discriminator.safetensors")
-                torch.save({"vae": optimizer.state_dict(), "discriminator": disc_optimizer.state_dict()},
-                           tmp / "optimizers.pt")
-                (tmp / "state.json").write_text(json.dumps({"step": step + 1, "psnr": value, "size": size}))
+            save_checkpoint(out, step + 1, {"vae": vae.state_dict(), "discriminator": discriminator.state_dict()},
+                            {"optimizer": optimizer.state_dict(), "disc_optimizer": disc_optimizer.state_dict()},
+                            {**run_state, "psnr": value}, keep=2)
             log(f"step {step + 1}: held-out PSNR {value:.2f} dB")
     value, _ = evaluate()
     with atomic_dir(out / "vae") as tmp:

@@ -18,7 +18,7 @@ from facegen_cli.evaluate import attribute_grid
 from facegen_cli.files import save_image
 from facegen_cli.data import to_tensor
 from facegen_cli.landmarks import FaceFinder, frame
-from facegen_cli.pipeline import FacegenModel
+from facegen_cli.pipeline import FacegenPipeline
 
 
 def main():
@@ -28,15 +28,13 @@ def main():
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
 
-    pipe = FacegenModel.load(args.model)
+    pipe = FacegenPipeline.load(args.model)
     classifier = load_classifier(pipe.path / "classifier")[0] if (pipe.path / "classifier").is_dir() else None
-    defaults = pipe.info.get("sample", {})
     finder = FaceFinder()
     photos = sorted(p for p in args.photos.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
-    size = pipe.info["image_size"]
+    size = pipe.info.image_size
     for attribute in REGIONS:
-        request = EditRequest(add=(attribute,), steps=defaults.get("steps", 25),
-                              guidance=defaults.get("guidance", 3.0), resample=2)
+        request = EditRequest(add=(attribute,), sample=pipe.sample, resample=2)
         prepared = []
         for path in photos:
             try:

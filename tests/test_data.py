@@ -1,5 +1,6 @@
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from facegen_cli.attributes import DEFAULT_ATTRIBUTES, celeba_column, flag_names, request_vector
@@ -148,3 +149,17 @@ def test_sixteen_bit_grey_photos_are_read_as_their_grey_levels_not_white(tmp_pat
     assert rgb.shape == (64, 64, 3) and rgb.min() == 0 and rgb.max() == 255
     assert np.allclose(rgb[..., 0], np.rint(ramp / 257), atol=1)
     assert 100 < load_image(tmp_path / "deep.png", 32).mean() < 155
+
+
+@pytest.mark.parametrize("count, columns, padding", [(5, 3, 2), (4, 2, 0), (1, 8, 2), (12, 4, 1)])
+def test_image_grid_lays_faces_out_as_torchvisions_make_grid_does(count, columns, padding):
+    from torchvision.utils import make_grid
+
+    from facegen_cli.data import image_grid
+
+    images = np.random.default_rng(count).integers(0, 256, (count, 6, 5, 3), dtype=np.uint8)
+    grid = image_grid(images, columns, padding)
+    if count > 1:  # make_grid returns a lone image unpadded
+        expected = make_grid(torch.from_numpy(images).permute(0, 3, 1, 2), nrow=columns, padding=padding)
+        assert np.array_equal(grid, expected.permute(1, 2, 0).numpy())
+    assert np.array_equal(grid[padding:padding + 6, padding:padding + 5], images[0])

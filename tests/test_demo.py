@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 
 from conftest import assert_shipped_in_float16
 from facegen_cli.cli import app
-from facegen_cli.pipeline import DEMO_MODEL, FacegenModel
+from facegen_cli.pipeline import DEMO_MODEL, FacegenPipeline
 
 
 def test_the_demo_ships_in_float16_within_30_mb():
@@ -36,11 +36,11 @@ def test_the_demo_classifier_reads_what_the_demo_was_asked_for():
     from facegen_cli.attributes import request_vector
     from facegen_cli.classifier import load_classifier
 
-    pipe = FacegenModel.load("demo")
-    reader, report = load_classifier(DEMO_MODEL / "classifier")
+    pipe = FacegenPipeline.load("demo")
+    classifier, report = load_classifier(DEMO_MODEL / "classifier")
     assert min(report["test_accuracy"].values()) > 0.9
     y = request_vector(pipe.attributes, ["male", "beard"])
-    readings = reader.predict(pipe.generate(y, seeds=list(range(6))))
+    readings = classifier.predict(pipe.generate(y, seeds=list(range(6))))
     asked = [pipe.attributes.index(a) for a in ("male", "beard")]
     assert (readings[:, asked] == 1).float().mean() >= 0.8, readings[:, asked]
 
@@ -55,4 +55,4 @@ def test_shipped_models_are_found_by_name_and_the_real_face_model_is_the_default
     (tmp_path / "demo").mkdir()  # a folder of that name in the working directory wins
     assert model_path("demo").resolve() == tmp_path / "demo"
     with pytest.raises(FacegenError, match="not a facegen model"):
-        FacegenModel.load("demo")
+        FacegenPipeline.load("demo")

@@ -6,10 +6,11 @@ from typer.testing import CliRunner
 
 from facegen_cli.cli import app
 from facegen_cli.edit import REGIONS, EditRequest, edit_crops, latent_mask, paste_back, region_mask
+from facegen_cli.config import SampleConfig
 from facegen_cli.errors import FacegenError
 from facegen_cli.landmarks import (CANONICAL_POINTS, align_face, alignment, invert, similarity_transform,
                                    transform_points, warp)
-from facegen_cli.pipeline import FacegenModel
+from facegen_cli.pipeline import FacegenPipeline
 from facegen_cli.synthfaces import render_face
 
 runner = CliRunner()
@@ -136,11 +137,11 @@ def test_similarity_transform_recovers_a_known_one():
 
 
 def test_masked_edit_keeps_every_pixel_outside_the_mask(tiny_model_dir, face):
-    pipe = FacegenModel.load(tiny_model_dir)
+    pipe = FacegenPipeline.load(tiny_model_dir)
     image, points = face
     crops = np.stack([image, image[:, ::-1]])
     masks = np.stack([region_mask(["mustache"], points, 128), region_mask(["eyeglasses"], points, 128)])
-    request = EditRequest(add=("mustache",), steps=2, resample=2, seed=1)
+    request = EditRequest(add=("mustache",), sample=SampleConfig(steps=2), resample=2, seed=1)
     edited = edit_crops(pipe, crops, masks, request)
     outside = masks[..., None].repeat(3, -1) == 0
     assert np.array_equal(edited[outside], crops[outside])
@@ -185,7 +186,7 @@ def test_edit_a_folder_reports_bad_files_and_loses_nothing(tmp_path, tiny_model_
     assert result.stdout.split() == [str(tmp_path / "out" / "good.png")]
     assert "grass.png: no face found" in result.stderr
     assert "corrupt.jpg: cannot read the image" in result.stderr and "notes.txt: cannot read" in result.stderr
-    assert "1 edited, 1 no face, 2 unreadable" in result.stderr
+    assert "1 done, 1 no face, 2 unreadable" in result.stderr
     assert {p.name: p.read_bytes() for p in photos.iterdir()} == before  # inputs untouched
     edited = np.asarray(Image.open(tmp_path / "out" / "good.png"))
     mask = np.asarray(Image.open(tmp_path / "out" / "good.mask.png"))
@@ -346,9 +347,9 @@ def test_a_second_run_skips_the_outputs_it_made_unless_overwrite(tmp_path, tiny_
     assert runner.invoke(app, args, input=f"{photo}\n").exit_code == 0
     again = runner.invoke(app, args, input=f"{photo}\n")
     assert again.exit_code == 0 and "exists; skipped (--overwrite replaces it)" in again.stderr
-    assert "0 edited" in again.stderr and "1 skipped" in again.stderr
+    assert "0 done, 1 skipped" in again.stderr
     forced = runner.invoke(app, [*args, "--overwrite"], input=f"{photo}\n")
-    assert forced.exit_code == 0 and "1 edited" in forced.stderr
+    assert forced.exit_code == 0 and "1 done" in forced.stderr
 
 
 def test_an_unwritable_output_fails_each_photo_in_one_line_and_the_run_ends_with_its_summary(tmp_path, tiny_model_dir):
@@ -365,7 +366,7 @@ def test_an_unwritable_output_fails_each_photo_in_one_line_and_the_run_ends_with
                                  str(tiny_model_dir), "--out", "/proc/facegen-out"])
     assert result.exit_code == 1 and "Traceback" not in result.stderr
     assert result.stderr.count("cannot write /proc/facegen-out/") == 2
-    assert "0 edited, 0 no face, 0 unreadable, 2 failed" in result.stderr
+    assert "0 done, 2 failed" in result.stderr
 
 
 def test_a_strength_that_is_not_a_finite_number_is_refused(tmp_path):

@@ -238,17 +238,17 @@ def test_locality_metrics_are_infinite_and_one_for_untouched_pixels():
 def test_edit_locality_on_built_in_faces_keeps_the_outside_exact(tiny_model_dir):
     from facegen_cli.attributes import DEFAULT_ATTRIBUTES
     from facegen_cli.classifier import AttributeClassifier
+    from facegen_cli.config import SampleConfig
     from facegen_cli.edit import EditRequest
-    from facegen_cli.evaluate import edit_locality
-    from facegen_cli.pipeline import FacegenModel
+    from facegen_cli.evaluate import HeldOutFaces, edit_locality
+    from facegen_cli.pipeline import FacegenPipeline
     from facegen_cli.synthfaces import render_face
 
     faces = [render_face(seed, 128) for seed in range(6)]
-    crops = np.stack([f[0] for f in faces])
     labels = torch.tensor([[1 if f[1][a] else -1 for a in DEFAULT_ATTRIBUTES] for f in faces])
-    result = edit_locality(FacegenModel.load(tiny_model_dir), AttributeClassifier(attributes=DEFAULT_ATTRIBUTES),
-                           crops, labels, [f[2] for f in faces], lambda name: EditRequest(add=(name,), steps=1),
-                           num_faces=2)
+    held_out = HeldOutFaces(np.stack([f[0] for f in faces]), labels, [f[2] for f in faces])
+    result = edit_locality(FacegenPipeline.load(tiny_model_dir), AttributeClassifier(attributes=DEFAULT_ATTRIBUTES),
+                           held_out, EditRequest(sample=SampleConfig(steps=1)), num_faces=2)
     assert set(result) == {a for i, a in enumerate(DEFAULT_ATTRIBUTES) if (labels[:, i] < 0).any()}
     for r in result.values():
         assert r["psnr_outside"] == float("inf") and r["ssim_outside"] == 1.0 and r["pixels_changed_outside"] == 0

@@ -2,7 +2,8 @@ import pytest
 import torch
 
 from facegen_cli import flow
-from facegen_cli.config import load_preset
+from facegen_cli.config import SampleConfig, load_preset
+from facegen_cli.errors import FacegenError
 from facegen_cli.model import LatentDiT
 from test_model import perturbed
 
@@ -54,8 +55,8 @@ def test_guidance_mixes_both_branches_of_one_batched_forward(model):
 @pytest.mark.parametrize("method", ["euler", "heun"])
 def test_sampling_is_reproducible_and_shaped(model, method):
     noise, y = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(1)), torch.zeros(2, 5)
-    a = flow.sample(model, noise, y, steps=4, method=method)
-    b = flow.sample(model, noise.clone(), y, steps=4, method=method)
+    a = flow.sample(model, noise, y, SampleConfig(steps=4, method=method))
+    b = flow.sample(model, noise.clone(), y, SampleConfig(steps=4, method=method))
     assert a.shape == noise.shape and torch.equal(a, b)
     assert not torch.equal(a, noise)
 
@@ -68,7 +69,7 @@ def test_euler_on_a_constant_velocity_lands_exactly():
 
     noise = torch.randn(2, 4, 16, 16)
     for method in ("euler", "heun"):
-        out = flow.sample(Exact(), noise, torch.zeros(2, 1), steps=5, guidance=1.0, method=method)
+        out = flow.sample(Exact(), noise, torch.zeros(2, 1), SampleConfig(steps=5, guidance=1.0, method=method))
         assert torch.allclose(out, torch.zeros_like(out), atol=1e-5)
 
 
@@ -76,7 +77,7 @@ def test_masked_sampling_keeps_the_known_latent_outside_the_mask(model):
     known, noise = torch.randn(2, 4, 16, 16), torch.randn(2, 4, 16, 16)
     mask = torch.zeros(2, 1, 16, 16)
     mask[..., 4:10, 3:12] = 1
-    out = flow.sample(model, noise, torch.zeros(2, 5), steps=6, guidance=2.0, known=known, mask=mask)
+    out = flow.sample(model, noise, torch.zeros(2, 5), SampleConfig(steps=6, guidance=2.0), known=known, mask=mask)
     outside = (mask == 0).expand_as(out)
     assert torch.equal(out[outside], known[outside])
     assert not torch.allclose(out[~outside], known[~outside])
@@ -84,15 +85,15 @@ def test_masked_sampling_keeps_the_known_latent_outside_the_mask(model):
 
 def test_partial_strength_starts_from_the_noised_known_latent(model):
     known, noise = torch.randn(1, 4, 16, 16), torch.randn(1, 4, 16, 16)
-    zero_steps_from = flow.sample(model, noise, torch.zeros(1, 5), steps=3, start=0.0, known=known)
+    zero_steps_from = flow.sample(model, noise, torch.zeros(1, 5), SampleConfig(steps=3), start=0.0, known=known)
     assert torch.equal(zero_steps_from, known)  # strength 0 changes nothing
     with pytest.raises(ValueError):
-        flow.sample(model, noise, torch.zeros(1, 5), start=0.5)
+        flow.sample(model, noise, torch.zeros(1, 5), SampleConfig(), start=0.5)
 
 
-def test_unknown_sampler_is_refused(model):
-    with pytest.raises(ValueError, match="sampler"):
-        flow.sample(model, torch.randn(1, 4, 16, 16), torch.zeros(1, 5), method="ddim")
+def test_unknown_sampler_is_refused():
+    with pytest.raises(FacegenError, match="sampler"):
+        SampleConfig(method="ddim")
 
 
 def test_loss_falls_on_a_tiny_dataset(model):
@@ -127,15 +128,15 @@ def test_resampling_renoises_to_the_same_time_and_keeps_the_known_latent(model):
 
     known, noise = torch.zeros(2, 4, 16, 16), torch.randn(2, 4, 16, 16)
     ones = torch.ones(2, 1, 16, 16)
-    out = flow.sample(Exact(), noise, torch.zeros(2, 1), steps=5, guidance=1.0, known=known, mask=ones, resample=3,
-                      generator=torch.Generator().manual_seed(0))
+    out = flow.sample(Exact(), noise, torch.zeros(2, 1), SampleConfig(steps=5, guidance=1.0), known=known, mask=ones,
+                      resample=3, generator=torch.Generator().manual_seed(0))
     assert torch.allclose(out, known, atol=1e-5)
 
     known = torch.randn(2, 4, 16, 16)
     mask = torch.zeros(2, 1, 16, 16)
     mask[..., 2:8, 2:8] = 1
-    once = flow.sample(model, noise, torch.zeros(2, 5), steps=4, known=known, mask=mask)
-    thrice = flow.sample(model, noise, torch.zeros(2, 5), steps=4, known=known, mask=mask, resample=3,
+    once = flow.sample(model, noise, torch.zeros(2, 5), SampleConfig(steps=4), known=known, mask=mask)
+    thrice = flow.sample(model, noise, torch.zeros(2, 5), SampleConfig(steps=4), known=known, mask=mask, resample=3,
                          generator=torch.Generator().manual_seed(0))
     outside = (mask == 0).expand_as(once)
     assert torch.equal(thrice[outside], known[outside]) and not torch.equal(thrice, once)

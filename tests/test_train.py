@@ -6,10 +6,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from facegen_cli.config import TrainConfig, load_preset
+from facegen_cli.config import load_preset
 from facegen_cli.errors import FacegenError
-from facegen_cli.pipeline import FacegenModel
-from facegen_cli.train import balanced_batch_indices, batch_indices, drop_labels, learning_rate, rare_weights, train
+from facegen_cli.pipeline import FacegenPipeline
+from facegen_cli.runs import batch_indices, scheduled_lr
+from facegen_cli.train import balanced_batch_indices, drop_labels, rare_weights, train
 from facegen_cli.vae import load_vae
 
 
@@ -48,10 +49,9 @@ def test_label_dropout_only_frees_attributes():
 
 
 def test_learning_rate_warms_up_holds_and_cools_down_to_zero():
-    cfg = TrainConfig(learning_rate=1e-3, warmup_steps=10)
-    constant = [learning_rate(step, cfg, max_steps=100) for step in range(100)]
+    constant = [scheduled_lr(step, 1e-3, warmup_steps=10, max_steps=100) for step in range(100)]
     assert constant[0] == pytest.approx(1e-4) and constant[9:] == [pytest.approx(1e-3)] * 91
-    cooled = [learning_rate(step, cfg, max_steps=100, cooldown_steps=20) for step in range(100)]
+    cooled = [scheduled_lr(step, 1e-3, warmup_steps=10, max_steps=100, cooldown_steps=20) for step in range(100)]
     assert cooled[:80] == constant[:80]  # the cooldown leaves the rest of the run alone
     assert cooled[80:] == [pytest.approx(1e-3 * (100 - s) / 20) for s in range(80, 100)]
     assert cooled[-1] == pytest.approx(1e-3 / 20)  # reaches 0 at max_steps itself
@@ -71,6 +71,18 @@ def test_resume_continues_bit_for_bit(tmp_path, tiny_run):
     assert all(torch.equal(x, y) for x, y in zip(ema_a["shadow_params"], ema_b["shadow_params"]))
     # Training moved the weights away from the zero-initialised output layer.
     assert a["final_layer.linear.weight"].abs().sum() > 0
+
+
+def test_checkpoints_read_back_what_was_written_and_keep_the_newest(tmp_path):
+    from facegen_cli.runs import latest_checkpoint, newest_intact_checkpoint, save_checkpoint
+
+    weights = {"net": {"w": torch.arange(6.0).view(2, 3).t()}}  # not contiguous: written all the same
+    for step in (1, 2, 3):
+        save_checkpoint(tmp_path, step, weights, {"optimizer": {"lr": 0.1 * step}}, {"preset": "tiny"}, keep=2)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-000002", "step-000003"]
+    path, (state, networks, states) = newest_intact_checkpoint(tmp_path, ("net",), ("optimizer",), quiet)
+    assert path == latest_checkpoint(tmp_path) and state == {"preset": "tiny", "step": 3}
+    assert torch.equal(networks["net"]["w"], weights["net"]["w"]) and states["optimizer"] == {"lr": 0.1 * 3}
 
 
 def test_resume_passes_over_a_damaged_latest_checkpoint_and_still_ends_bit_for_bit(tmp_path, tiny_run):
@@ -107,12 +119,13 @@ def test_exported_model_carries_config_and_statistics(tiny_model_dir, tiny_run):
     info = json.loads((tiny_model_dir / "facegen.json").read_text())
     cache_meta = json.loads((tiny_run / "latents/cache.json").read_text())
     assert info["latent_mean"] == cache_meta["latent_mean"] and info["preset"] == "tiny"
-    pipe = FacegenModel.load(tiny_model_dir)
+    pipe = FacegenPipeline.load(tiny_model_dir)
     assert pipe.attributes == cache_meta["attributes"]
-    images = pipe.generate(torch.zeros(12), seeds=[0, 1], steps=2)
+    images = pipe.generate(torch.zeros(12), seeds=[0, 1], settings=pipe.settings(steps=2))
     assert images.shape == (2, 3, 128, 128) and images.min() >= -1 and images.max() <= 1
     # Each face depends on its own seed only, not on what else is in the batch.
-    assert torch.allclose(pipe.generate(torch.zeros(12), seeds=[1], steps=2)[0], images[1], atol=1e-4)
+    assert torch.allclose(pipe.generate(torch.zeros(12), seeds=[1], settings=pipe.settings(steps=2))[0], images[1],
+                          atol=1e-4)
 
 
 def test_fine_tuning_starts_from_the_init_model_and_resumes_bit_for_bit(tmp_path, tiny_run, tiny_model_dir):
@@ -121,11 +134,11 @@ def test_fine_tuning_starts_from_the_init_model_and_resumes_bit_for_bit(tmp_path
     frozen = dataclasses.replace(preset, train=dataclasses.replace(preset.train, learning_rate=0.0))
     # With a learning rate of 0 the fine-tuned model is exactly the one it started from.
     model_dir = train(frozen, cache, tmp_path / "frozen", max_steps=2, init_from=tiny_model_dir, log=quiet)
-    start, tuned = FacegenModel.load(tiny_model_dir), FacegenModel.load(model_dir)
+    start, tuned = FacegenPipeline.load(tiny_model_dir), FacegenPipeline.load(model_dir)
     assert all(torch.equal(a, b) for a, b in zip(start.dit.state_dict().values(), tuned.dit.state_dict().values()))
     info = json.loads((model_dir / "facegen.json").read_text())
     assert info["trained_steps"] == 6 + 2 and info["init_from"] == str(tiny_model_dir)
-    assert info["latent_mean"] == start.info["latent_mean"]
+    assert info["latent_mean"] == start.info.latent_mean
 
     train(preset, cache, tmp_path / "straight", max_steps=4, init_from=tiny_model_dir, log=quiet)
     train(preset, cache, tmp_path / "split", max_steps=2, init_from=tiny_model_dir, log=quiet)

@@ -28,11 +28,11 @@ def test_train_vae_checkpoints_resumes_and_saves_an_f8_autoencoder(tmp_path, tin
     out = tmp_path / "vae-run"
     quiet = dict(batch_size=4, crop_size=64, checkpoint_every=2, log=lambda m: None)
     train_vae(tiny_data, out, steps=2, **quiet)
-    assert json.loads((out / "checkpoint" / "state.json").read_text())["step"] == 2
+    assert json.loads((out / "checkpoints" / "step-000002" / "state.json").read_text())["step"] == 2
     with pytest.raises(FacegenError, match="--resume"):
         train_vae(tiny_data, out, steps=4, **quiet)
     value = train_vae(tiny_data, out, steps=4, resume=True, **quiet)
-    assert json.loads((out / "checkpoint" / "state.json").read_text())["step"] == 4
+    assert json.loads((out / "checkpoints" / "step-000004" / "state.json").read_text())["step"] == 4
     vae = load_vae(out / "vae")
     assert encode(vae, torch.zeros(1, 3, 128, 128)).shape == (1, 4, 16, 16)
     assert 0 < value < 100
