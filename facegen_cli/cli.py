@@ -21,6 +21,8 @@ app = typer.Typer(help="Attribute-controlled faces from a latent Diffusion Trans
                   pretty_exceptions_show_locals=False)
 MAX_SEED = 2**63 - 1  # torch generators take seeds below 2**64; seed + i stays there
 MODEL_HELP = "Model folder, or a shipped model by name: faces (real faces; the default) or demo (built-in faces)."
+PRECISION_HELP = ("auto (bf16 where the device runs it natively: about twice as fast; else fp32), fp32 (the same "
+                  "bits on every machine) or bf16.")
 
 data_app = typer.Typer(help="Labelled face data: built-in faces and aligned real photos.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
@@ -146,6 +148,7 @@ def eval_report(
     inception_weights: Optional[Path] = typer.Option(None, help="Local copy of torch-fidelity's Inception weights "
                                                                 "(offline machines; default: download)."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    precision: str = typer.Option("auto", help=PRECISION_HELP),
 ):
     """Measure a model's attribute control and leakage; writes OUT/report.json, report.md and grids."""
     if ctx.invoked_subcommand is not None:
@@ -154,7 +157,7 @@ def eval_report(
     from .evaluate import evaluate_model, inception_fid_to, load_held_out_faces
     from .pipeline import FacegenPipeline
 
-    pipe = FacegenPipeline.load(model, pick_device(device))
+    pipe = FacegenPipeline.load(model, pick_device(device), precision)
     if classifier is None:
         classifier = pipe.path / "classifier"  # a model folder may carry the classifier it was measured with
         if not classifier.is_dir():
@@ -257,6 +260,7 @@ def edit(
     allow_missing: bool = typer.Option(False, "--allow-missing", help="Exit 0 even when some photos have no face."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace outputs that exist (default: skip them)."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    precision: str = typer.Option("auto", help=PRECISION_HELP),
 ):
     """Change one feature of the faces in photos (--add mustache, --remove eyeglasses, ...); prints each output."""
     from .classifier import load_classifier
@@ -271,7 +275,7 @@ def edit(
                            "them as photos next time); edit into --out to keep the masks")
     if not in_place:
         check_output_folder(out)
-    pipe = FacegenPipeline.load(model, pick_device(device))
+    pipe = FacegenPipeline.load(model, pick_device(device), precision)
     request = EditRequest(tuple(a.replace("-", "_") for a in add), tuple(r.replace("-", "_") for r in remove),
                           strength, pipe.settings(steps=steps, guidance=guidance), resample, mask_grow, seed)
     check_request(pipe.attributes, request)
@@ -349,6 +353,8 @@ def train(
     precision: Optional[str] = typer.Option(
         None, help="Mixed precision no, bf16 or fp16 (default: the preset's). bf16 pays on GPUs and on CPUs "
                    "with AVX-512 BF16 or AMX; on other CPUs it is slower than fp32 (no)."),
+    compile: Optional[bool] = typer.Option(None, "--compile/--no-compile",
+                                           help="torch.compile the model (default: on GPUs, not on CPUs)."),
 ):
     """Train a LatentDiT; the usable model lands in OUT/model."""
     from .train import train as run_training
@@ -360,7 +366,7 @@ def train(
         chosen = dataclasses.replace(chosen, train=dataclasses.replace(chosen.train, mixed_precision=precision))
     with progress_bar(loss=".4f", speed=".1f") as progress:
         model_path = run_training(chosen, data, out, vae, steps, batch_size, resume, log, progress,
-                                  cooldown_steps, init_from)
+                                  cooldown_steps, init_from, compile)
     print(model_path)
 
 
@@ -407,6 +413,7 @@ def generate(
     batch_size: int = typer.Option(16, min=1),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace face files that exist (default: refuse)."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    precision: str = typer.Option("auto", help=PRECISION_HELP),
     wanted: List[str] = (),
     unwanted: List[str] = (),
 ):
@@ -417,7 +424,7 @@ def generate(
     if n < 1:
         raise FacegenError(f"-n must be at least 1, not {n}")
     check_output_folder(out)  # a bad --out fails now, not after the faces are made
-    pipe = FacegenPipeline.load(model, pick_device(device))
+    pipe = FacegenPipeline.load(model, pick_device(device), precision)
     y = request_vector(pipe.attributes, wanted, unwanted)
     seed = secrets.randbelow(2**31) if seed is None else seed
     seeds = list(range(seed, seed + n))

@@ -214,8 +214,9 @@ def edit_crops(pipe, crops, masks, request, current=None):
     latent = torch.cat([latent_mask(m, known.shape[-1]) for m in masks]).to(pipe.device)
     noise = pipe.noise([request.seed] * len(crops)).to(pipe.device)
     generator = torch.Generator(pipe.device).manual_seed(request.seed)
-    latents = flow.sample(pipe.dit, noise, y, request.sample, start=request.start, known=known, mask=latent,
-                          resample=request.resample, generator=generator)
+    with pipe.autocast():
+        latents = flow.sample(pipe.dit, noise, y, request.sample, start=request.start, known=known, mask=latent,
+                              resample=request.resample, generator=generator)
     decoded = to_uint8(pipe.decode(latents).cpu())
     m = masks[..., None]
     out = np.rint(crops * (1 - m) + decoded * m).astype(np.uint8)

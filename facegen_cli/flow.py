@@ -21,7 +21,7 @@ def interpolate(x0, noise, t):
 
 def sample_timesteps(n, generator, mean=0.0, std=1.0, device="cpu"):
     """Logit-normal times (Esser et al. 2024): sigmoid of N(mean, std), denser in the middle."""
-    return torch.sigmoid(mean + std * torch.randn(n, generator=generator)).to(device)
+    return torch.sigmoid(mean + std * torch.randn(n, generator=generator, device=device))
 
 
 def laplacian_pyramid(x, levels):
@@ -45,7 +45,7 @@ def flow_loss(model, x0, y, generator, laplacian_weight=0.0, t_mean=0.0, t_std=1
 
     Returns (loss, {"mse": ..., "laplacian": ...}) with the parts detached for logging.
     """
-    noise = torch.randn(x0.shape, generator=generator).to(x0.device, x0.dtype)
+    noise = torch.randn(x0.shape, generator=generator, device=x0.device).to(x0.dtype)
     t = sample_timesteps(x0.shape[0], generator, t_mean, t_std, x0.device)
     x_t = interpolate(x0, noise, t)
     v_pred = model(x_t, t, y).float()
@@ -66,8 +66,9 @@ def guided_velocity(model, x, t, y, guidance):
     training drops to. w = 1 is the plain conditional prediction.
     """
     if guidance == 1.0:
-        return model(x, t, y)
-    v_c, v_u = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, torch.zeros_like(y)])).chunk(2)
+        return model(x, t, y).float()
+    # float(): under bf16 autocast the guidance difference and the steps are still taken in float32
+    v_c, v_u = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, torch.zeros_like(y)])).float().chunk(2)
     return v_u + guidance * (v_c - v_u)
 
 

@@ -27,6 +27,18 @@ DEMO_MODEL = Path(__file__).parent / "demo"
 SHIPPED_MODELS = {"faces": FACES_MODEL, "demo": DEMO_MODEL}
 
 
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+def fast_bf16(device):
+    """Whether bfloat16 matrix products are native on `device` (recent GPUs; CPUs with AVX-512 BF16 or
+    AMX): there sampling in bf16 takes about half the time. Elsewhere it is emulated, and slower."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return device.type == "cpu" and (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+
+
 def model_path(name_or_path=None):
     """The folder of a model: a path, or the name of a shipped model (faces, demo), or None for the default
     (the real-face model where this installation ships it). A folder of that name in the working directory
@@ -47,8 +59,10 @@ class FacegenPipeline:
     """A loaded model folder (the front door, as a diffusers pipeline is): its DiT, its VAE and its
     `ModelInfo`, whose `sample` settings every command starts from."""
 
-    def __init__(self, dit, vae, info: ModelInfo, path=None):
-        self.dit, self.vae, self.info, self.path = dit, vae, info, path
+    def __init__(self, dit, vae, info: ModelInfo, path=None, precision="fp32"):
+        if precision not in ("fp32", "bf16"):
+            raise FacegenError(f"unknown precision {precision!r}; use fp32 or bf16")
+        self.dit, self.vae, self.info, self.path, self.precision = dit, vae, info, path, precision
         shape = (1, -1, 1, 1)
         self.latent_mean = torch.tensor(info.latent_mean).view(shape)
         self.latent_std = torch.tensor(info.latent_std).view(shape)
@@ -69,8 +83,19 @@ class FacegenPipeline:
     def device(self):
         return self.dit.device
 
+    def autocast(self):
+        """The context the networks run in: bfloat16 autocast when the precision is bf16 (the latents are
+        still integrated in float32), nothing otherwise."""
+        return torch.autocast(self.device.type, torch.bfloat16, enabled=self.precision == "bf16")
+
     @classmethod
-    def load(cls, path=None, device="cpu"):
+    def load(cls, path=None, device="cpu", precision="fp32"):
+        """A model folder (a path or a shipped model's name) on `device`, run in `precision`: fp32, bf16, or
+        auto (bf16 where the device does it natively, else fp32)."""
+        if precision not in PRECISIONS:
+            raise FacegenError(f"unknown precision {precision!r}; use {', '.join(PRECISIONS)}")
+        if precision == "auto":
+            precision = "bf16" if fast_bf16(device) else "fp32"
         path = model_path(path)
         if not path.is_dir():
             raise FacegenError(f"{path}: no such model folder")
@@ -86,7 +111,7 @@ class FacegenPipeline:
         except (OSError, ValueError, RuntimeError, KeyError, TypeError) as e:
             raise FacegenError(f"{path}: the DiT checkpoint does not load: {first_line(e)}") from None
         vae = vae_lib.load_vae(path / "vae", device)
-        return cls(dit.to(device).eval().requires_grad_(False), vae, info, path)
+        return cls(dit.to(device).eval().requires_grad_(False), vae, info, path, precision)
 
     def save(self, path, dtype=None):
         """Write the model folder; dtype=torch.float16 halves its size (loading casts back to float32)."""
@@ -101,11 +126,13 @@ class FacegenPipeline:
 
     def encode(self, images):
         """Images in [-1, 1] -> normalised latents, the DiT's data space."""
-        return self.normalize(vae_lib.encode(self.vae, images))
+        with self.autocast():
+            return self.normalize(vae_lib.encode(self.vae, images))
 
     def decode(self, latents):
         """Normalised latents -> images in [-1, 1]."""
-        return vae_lib.decode(self.vae, latents * self.latent_std.to(latents) + self.latent_mean.to(latents))
+        with self.autocast():
+            return vae_lib.decode(self.vae, latents * self.latent_std.to(latents) + self.latent_mean.to(latents))
 
     def noise(self, seeds):
         """One Gaussian latent per seed, independent of batch composition."""
@@ -121,7 +148,8 @@ class FacegenPipeline:
         for start in range(0, len(seeds), batch_size):
             chunk = seeds[start:start + batch_size]
             noise = self.noise(chunk).to(self.device)
-            latents = flow.sample(self.dit, noise, y[start:start + len(chunk)].to(self.device), settings)
+            with self.autocast():
+                latents = flow.sample(self.dit, noise, y[start:start + len(chunk)].to(self.device), settings)
             images.append(self.decode(latents).cpu())
             if on_batch:
                 on_batch(len(chunk))
@@ -138,7 +166,7 @@ def save_faces(pipe, images, y, seeds, settings, paths, upscale=None, grid=None,
     from .files import save_image
 
     faces = [Image.fromarray(image) for image in to_uint8(images)]
-    meta = dataclasses.asdict(settings)
+    meta = {**dataclasses.asdict(settings), "precision": pipe.precision}
     if upscale:
         from .upscale import load_upscaler, upscale_image
 

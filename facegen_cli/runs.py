@@ -24,9 +24,9 @@ from .files import atomic_dir
 STEP_STREAM, ORDER_STREAM, AUGMENT_STREAM = 0, 1, 2
 
 
-def seeded_generator(*keys):
-    """A torch generator whose stream depends on every key (non-negative integers)."""
-    return torch.Generator().manual_seed(int(np.random.SeedSequence(list(keys)).generate_state(1)[0]))
+def seeded_generator(*keys, device="cpu"):
+    """A torch generator on `device` whose stream depends on every key (non-negative integers)."""
+    return torch.Generator(device).manual_seed(int(np.random.SeedSequence(list(keys)).generate_state(1)[0]))
 
 
 def batch_indices(num_items, batch_size, step, seed, rank=0, world_size=1):

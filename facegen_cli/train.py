@@ -11,6 +11,7 @@ One process, one GPU, or many with `accelerate launch -m facegen_cli.cli train .
 """
 
 import dataclasses
+import json
 import math
 import time
 from pathlib import Path
@@ -51,9 +52,21 @@ def balanced_batch_indices(weights, batch_size, step, seed, rank=0, world_size=1
 
 def drop_labels(labels, generator, attribute_dropout, condition_dropout):
     """Set each attribute free (0) with one probability and the whole vector with another."""
-    keep = torch.rand(labels.shape, generator=generator) >= attribute_dropout
-    keep &= torch.rand(labels.shape[0], 1, generator=generator) >= condition_dropout
+    keep = torch.rand(labels.shape, generator=generator, device=labels.device) >= attribute_dropout
+    keep &= torch.rand(labels.shape[0], 1, generator=generator, device=labels.device) >= condition_dropout
     return labels.float() * keep
+
+
+def device_memory(device):
+    """Bytes of free memory on a GPU; on a CPU, all of it counts (the cache is in memory already)."""
+    return torch.cuda.mem_get_info(device)[0] if torch.device(device).type == "cuda" else float("inf")
+
+
+def append_log(out, record):
+    """One line of RUN/log.jsonl: the step, the loss (mean over processes), the learning rate, the speed."""
+    Path(out).mkdir(parents=True, exist_ok=True)
+    with open(Path(out) / "log.jsonl", "a") as f:
+        f.write(json.dumps(record) + "\n")
 
 
 def prepare_latents(data, out, vae_source, image_size, log, progress):
@@ -117,11 +130,13 @@ def sample_grid(model, ema, vae, info, path, step):
 
 
 def train(preset, data, out, vae_source=None, max_steps=None, batch_size=None, resume=False,
-          log=print, progress=None, cooldown_steps=None, init_from=None):
+          log=print, progress=None, cooldown_steps=None, init_from=None, compile=None):
     """Train `preset` on `data` (a latent cache or a labelled image folder) into run folder `out`.
 
     `init_from` (a model folder) starts the DiT and its EMA from that model's weights and latent
     statistics instead of from scratch (fine-tuning); the optimizer starts afresh, with warmup.
+    `compile`: torch.compile the model (None: on GPUs, where it pays, not on CPUs, where compiling
+    costs more than it saves).
 
     Returns the path of the exported model folder.
     """
@@ -171,20 +186,27 @@ def train(preset, data, out, vae_source=None, max_steps=None, batch_size=None, r
     if init_weights is not None:
         model.load_state_dict(init_weights)
         log(f"starting from {init['source']} (trained {init['trained_steps']} steps)")
-    ema = EMAModel(model.parameters(), decay=cfg.ema_decay)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    on_gpu = accelerator.device.type == "cuda"
+    ema = EMAModel(model.parameters(), decay=cfg.ema_decay, foreach=True)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
+                                  fused=on_gpu)
     start_step = 0
     if checkpoint:
         start_step = load_checkpoint(*checkpoint, model, ema, optimizer, state)
         log(f"resuming from {checkpoint[0]} at step {start_step}")
     steps_before = init["trained_steps"] if init else 0
+    compiled = on_gpu if compile is None else compile
+    if compiled:
+        model = torch.compile(model)
     model, optimizer = accelerator.prepare(model, optimizer)
     ema.to(accelerator.device)
+    if latents.nbytes < device_memory(accelerator.device) / 8:  # 26k faces' latents are ~100 MB
+        latents, labels = latents.to(accelerator.device), labels.to(accelerator.device)
     num_params = sum(p.numel() for p in model.parameters())
     cooldown = f" (learning rate decaying to 0 over the last {cooldown_steps})" if cooldown_steps else ""
     log(f"training {preset.name} ({num_params / 1e6:.2f}M parameters) on {len(latents)} latents, "
         f"batch {batch_size}, steps {start_step}..{max_steps}{cooldown}, device {accelerator.device}, "
-        f"precision {cfg.mixed_precision}")
+        f"precision {cfg.mixed_precision}" + (", compiled" if compiled else ""))
 
     task = progress.add_task("training", total=max_steps, completed=start_step, loss=float("nan"), speed=0.0) \
         if progress and accelerator.is_main_process else None
@@ -197,13 +219,14 @@ def train(preset, data, out, vae_source=None, max_steps=None, batch_size=None, r
             if f < cfg.rare_rate))
     tick, images_since_tick = time.perf_counter(), 0
     for step in range(start_step, max_steps):
-        generator = seeded_generator(cfg.seed, STEP_STREAM, step, rank)
+        generator = seeded_generator(cfg.seed, STEP_STREAM, step, rank, device=accelerator.device)
         if weights is None:
-            index = batch_indices(len(latents), batch_size, step, cfg.seed, rank, world_size)
+            index = batch_indices(len(labels), batch_size, step, cfg.seed, rank, world_size)
         else:
             index = balanced_batch_indices(weights, batch_size, step, cfg.seed, rank, world_size)
+        index = index.to(latents.device)
         x0 = latents[index].to(accelerator.device)
-        y = drop_labels(labels[index], generator, cfg.attribute_dropout, cfg.condition_dropout).to(accelerator.device)
+        y = drop_labels(labels[index].to(accelerator.device), generator, cfg.attribute_dropout, cfg.condition_dropout)
         for group in optimizer.param_groups:
             group["lr"] = scheduled_lr(step, cfg.learning_rate, cfg.warmup_steps, max_steps, cooldown_steps)
         with accelerator.autocast():
@@ -217,21 +240,30 @@ def train(preset, data, out, vae_source=None, max_steps=None, batch_size=None, r
         images_since_tick += len(index) * world_size
 
         done = step + 1
-        if task is not None and (done % cfg.log_every == 0 or done == max_steps):
+        if done % cfg.log_every == 0 or done == max_steps:  # the only host syncs between checkpoints
+            mean_loss = accelerator.reduce(loss.detach(), "mean").item()  # over the processes
             now = time.perf_counter()
-            progress.update(task, completed=done, loss=loss.item(), speed=images_since_tick / (now - tick))  # img/s
+            speed = images_since_tick / (now - tick)  # images per second, all processes together
             tick, images_since_tick = now, 0
-        if accelerator.is_main_process:
-            if cfg.sample_every and done % cfg.sample_every == 0:
-                sample_grid(accelerator.unwrap_model(model), ema, vae, info, out / "samples" / f"step-{done:06d}.png",
-                            done)
-            if done % cfg.checkpoint_every == 0 or done == max_steps:
-                unwrapped = accelerator.unwrap_model(model)
-                save_checkpoint(out, done, {"model": unwrapped.state_dict()},
-                                {"ema": ema.state_dict(), "optimizer": optimizer.state_dict()}, state,
-                                cfg.keep_checkpoints)
-                export_model(unwrapped, ema, vae, dataclasses.replace(info, trained_steps=steps_before + done), out)
-        accelerator.wait_for_everyone()
+            if accelerator.is_main_process:
+                append_log(out, {"step": done, "loss": round(mean_loss, 6), "lr": optimizer.param_groups[0]["lr"],
+                                 "images_per_s": round(speed, 1)})
+                if task is not None:
+                    progress.update(task, completed=done, loss=mean_loss, speed=speed)
+        sampling = cfg.sample_every and done % cfg.sample_every == 0
+        checkpointing = done % cfg.checkpoint_every == 0 or done == max_steps
+        if sampling or checkpointing:
+            if accelerator.is_main_process:
+                unwrapped = accelerator.unwrap_model(model, keep_torch_compile=False)
+                if sampling:
+                    sample_grid(unwrapped, ema, vae, info, out / "samples" / f"step-{done:06d}.png", done)
+                if checkpointing:
+                    save_checkpoint(out, done, {"model": unwrapped.state_dict()},
+                                    {"ema": ema.state_dict(), "optimizer": optimizer.state_dict()}, state,
+                                    cfg.keep_checkpoints)
+                    export_model(unwrapped, ema, vae, dataclasses.replace(info, trained_steps=steps_before + done),
+                                 out)
+            accelerator.wait_for_everyone()
     if start_step >= max_steps:
         log(f"{out} is already trained to step {start_step}")
     return out / "model"
