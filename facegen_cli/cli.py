@@ -367,7 +367,8 @@ def train(
     with progress_bar(loss=".4f", speed=".1f") as progress:
         model_path = run_training(chosen, data, out, vae, steps, batch_size, resume, log, progress,
                                   cooldown_steps, init_from, compile)
-    print(model_path)
+    if model_path:  # one line from a multi-process run: its main process's
+        print(model_path)
 
 
 @app.command()

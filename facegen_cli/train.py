@@ -138,7 +138,7 @@ def train(preset, data, out, vae_source=None, max_steps=None, batch_size=None, r
     `compile`: torch.compile the model (None: on GPUs, where it pays, not on CPUs, where compiling
     costs more than it saves).
 
-    Returns the path of the exported model folder.
+    Returns the path of the exported model folder (None in the other processes of a multi-process run).
     """
     cfg = preset.train
     max_steps = max_steps or cfg.max_steps
@@ -147,7 +147,11 @@ def train(preset, data, out, vae_source=None, max_steps=None, batch_size=None, r
     out = Path(out)
     if not resume and latest_checkpoint(out):
         raise FacegenError(f"{out} already holds checkpoints; add --resume to continue it, or choose a new --out")
-    accelerator = Accelerator(mixed_precision=cfg.mixed_precision)
+    # cpu=True on machines without a GPU: then processes started by `accelerate launch` or torchrun train
+    # together over gloo (accelerate's own --cpu launcher starts several only through MPI).
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available())
+    if not accelerator.is_main_process:  # one process speaks for all
+        log, progress = (lambda message: None), None
     rank, world_size = accelerator.process_index, accelerator.num_processes
 
     latents, labels, cache_meta = prepare_latents(data, out, vae_source, preset.image_size, log, progress)
@@ -205,7 +209,8 @@ def train(preset, data, out, vae_source=None, max_steps=None, batch_size=None, r
     num_params = sum(p.numel() for p in model.parameters())
     cooldown = f" (learning rate decaying to 0 over the last {cooldown_steps})" if cooldown_steps else ""
     log(f"training {preset.name} ({num_params / 1e6:.2f}M parameters) on {len(latents)} latents, "
-        f"batch {batch_size}, steps {start_step}..{max_steps}{cooldown}, device {accelerator.device}, "
+        f"batch {batch_size}, steps {start_step}..{max_steps}{cooldown}, device {accelerator.device}"
+        + (f" x {world_size} processes" if world_size > 1 else "") + ", "
         f"precision {cfg.mixed_precision}" + (", compiled" if compiled else ""))
 
     task = progress.add_task("training", total=max_steps, completed=start_step, loss=float("nan"), speed=0.0) \
@@ -266,4 +271,4 @@ def train(preset, data, out, vae_source=None, max_steps=None, batch_size=None, r
             accelerator.wait_for_everyone()
     if start_step >= max_steps:
         log(f"{out} is already trained to step {start_step}")
-    return out / "model"
+    return out / "model" if accelerator.is_main_process else None

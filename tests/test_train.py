@@ -178,3 +178,37 @@ def test_train_refuses_latents_whose_vae_has_changed_since_encoding(tmp_path, ti
     with pytest.raises(FacegenError, match="has changed since the latents were encoded"):
         train(load_preset("tiny"), tmp_path / "latents", tmp_path / "run", max_steps=1, log=quiet)
     assert not (tmp_path / "run" / "model").exists()
+
+
+def test_two_processes_train_like_one_at_the_same_global_batch_and_resume(tmp_path, tiny_run):
+    """`accelerate launch` with 2 processes on the CPU (gloo): one checkpoint, a resume, one log, and the
+    loss curve of a single process at the same global batch (each process draws its own noise)."""
+    import os
+    import subprocess
+    import sys
+
+    cache = tiny_run / "latents"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def launch(*args):
+        command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                   "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                   "--main_process_port", "29517", "-m", "facegen_cli.cli", "train", "--data", str(cache),
+                   "--preset", "tiny", "--out", str(tmp_path / "two"), *args]
+        return subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+
+    first = launch("--steps", "50")
+    assert first.returncode == 0, first.stderr
+    assert "x 2 processes" in first.stderr and first.stderr.count("training tiny") == 1
+    assert first.stdout.split() == [str(tmp_path / "two" / "model")]  # printed once
+    assert [p.name for p in (tmp_path / "two" / "checkpoints").iterdir()] == ["step-000050"]
+    resumed = launch("--steps", "60", "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming from" in resumed.stderr and "steps 50..60" in resumed.stderr
+
+    train(load_preset("tiny"), cache, tmp_path / "one", max_steps=60, log=quiet)
+    curves = [[json.loads(line)["loss"] for line in (tmp_path / run / "log.jsonl").read_text().splitlines()]
+              for run in ("one", "two")]
+    assert len(curves[0]) == len(curves[1]) == 6  # every 10 steps, the resumed run's included
+    assert curves[1][-1] < curves[1][0] - 0.3  # it learns
+    assert all(abs(a - b) / a < 0.1 for a, b in zip(*curves))  # as one process does, within the noise
