@@ -264,7 +264,6 @@ def edit(
     precision: str = typer.Option("auto", help=PRECISION_HELP),
 ):
     """Change one feature of the faces in photos (--add mustache, --remove eyeglasses, ...); prints each output."""
-    from .classifier import load_classifier
     from .edit import EditRequest, check_request, edit_photos, without_masks
     from .files import check_output_folder, collect_inputs
     from .pipeline import FacegenPipeline
@@ -280,9 +279,7 @@ def edit(
     request = EditRequest(tuple(a.replace("-", "_") for a in add), tuple(r.replace("-", "_") for r in remove),
                           strength, pipe.settings(steps=steps, guidance=guidance), resample, mask_grow, seed)
     check_request(pipe.attributes, request)
-    classifier = None
-    if not free_others and (pipe.path / "classifier").is_dir():
-        classifier = load_classifier(pipe.path / "classifier", pipe.device)[0]
+    classifier = None if free_others else pipe.load_classifier()
     files, problems = collect_inputs(inputs, recursive)
     files, masks = without_masks(files)
     if masks:
@@ -445,6 +442,31 @@ def generate(
                            grid=out / f"grid-{seed:010d}.png" if grid else None,
                            model_name=str(model) if model else pipe.path.name):
         print(path, flush=True)
+
+@app.command()
+@reports_errors
+def ui(
+    model: Optional[Path] = typer.Option(None, help=MODEL_HELP),
+    host: str = typer.Option("127.0.0.1", help="Address to serve on: loopback (this machine only) unless you "
+                                               "give another, such as 0.0.0.0 (every network)."),
+    port: int = typer.Option(7860, min=1, max=65535),
+    out: Path = typer.Option(Path("facegen-ui"), "--out", "-o", help="Folder for the page's faces and edits."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    precision: str = typer.Option("auto", help=PRECISION_HELP),
+):
+    """A local web page to generate and edit faces (needs the ui extra: pip install -e ".[ui]"); prints its URL."""
+    from .files import check_output_folder
+    from .pipeline import FacegenPipeline
+    from .ui import build_app, import_gradio
+
+    import_gradio()  # a missing extra fails before the model loads
+    check_output_folder(out)
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        log(f"warning: serving on {host}: anyone who can reach this machine can use the page (it has no login)")
+    pipe = FacegenPipeline.load(model, pick_device(device), precision)
+    app = build_app(pipe, pipe.load_classifier(), out, str(model) if model else pipe.path.name)
+    print(f"http://{host}:{port}", flush=True)
+    app.launch(server_name=host, server_port=port, allowed_paths=[str(out.resolve())], share=False, quiet=True)
 
 
 def main():

@@ -90,6 +90,13 @@ class FacegenPipeline:
         still integrated in float32), nothing otherwise."""
         return torch.autocast(self.device.type, torch.bfloat16, enabled=self.precision == "bf16")
 
+    def load_classifier(self):
+        """The attribute classifier the model folder carries (MODEL/classifier), or None."""
+        from .classifier import load_classifier
+
+        folder = self.path / "classifier" if self.path else None
+        return load_classifier(folder, self.device)[0] if folder and folder.is_dir() else None
+
     @classmethod
     def load(cls, path=None, device="cpu", precision="fp32"):
         """A model folder (a path or a shipped model's name) on `device`, run in `precision`: fp32, bf16, or
