@@ -16,14 +16,14 @@ from PIL import Image, PngImagePlugin, UnidentifiedImageError
 from .errors import FacegenError
 
 
-def _new_file_mode():
-    """0666 less the process's umask: what open() gives a new file (mkstemp's temporary files are 0600)."""
+def _umask():
     umask = os.umask(0)
     os.umask(umask)
-    return 0o666 & ~umask
+    return umask
 
 
-NEW_FILE_MODE = _new_file_mode()
+# What open() and mkdir() give a new file and folder (mkstemp's and mkdtemp's are 0600 and 0700).
+NEW_FILE_MODE, NEW_DIR_MODE = 0o666 & ~_umask(), 0o777 & ~_umask()
 
 
 @contextmanager

@@ -12,6 +12,7 @@ Gradio is an optional extra (`pip install -e ".[ui]"`): only this module imports
 import os
 import secrets
 import shlex
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,7 @@ from PIL import Image
 
 from .attributes import flag_names, request_vector
 from .errors import FacegenError
+from .files import NEW_DIR_MODE
 
 CHOICES = ("for", "free", "against")
 
@@ -54,6 +56,14 @@ class GenerateRequest:
         return [a for a, c in self.choices.items() if c == "against"]
 
 
+def new_folder(out, kind):
+    """A new folder below `out` for one request's results, named by kind and time, never one that exists."""
+    Path(out).mkdir(parents=True, exist_ok=True)
+    folder = Path(tempfile.mkdtemp(prefix=f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}-", dir=out))
+    folder.chmod(NEW_DIR_MODE)
+    return folder
+
+
 def equivalent_command(request, model_name):
     """The `facegen generate` command line that makes the same faces."""
     flags = [flag_names(a)[0] for a in request.wanted] + [flag_names(a)[1] for a in request.unwanted]
@@ -72,7 +82,7 @@ def generate_faces(pipe, request, out, model_name, on_progress=None):
     y = request_vector(pipe.attributes, request.wanted, request.unwanted)
     settings = pipe.settings(steps=request.steps, guidance=request.guidance, method=request.sampler)
     seeds = list(range(request.seed, request.seed + request.count))
-    folder = Path(out) / f"generated-{time.strftime('%Y%m%d-%H%M%S')}-{request.seed}"
+    folder = new_folder(out, "generated")
     done = [0]
 
     def advance(count):
@@ -105,7 +115,7 @@ def edit_photo(pipe, classifier, photo, add, remove, strength, seed, face, out):
     request = EditRequest(tuple(add), tuple(remove), strength, pipe.sample, resample=2, seed=int(seed))
     check_request(pipe.attributes, request)
     photo = Path(photo)
-    folder = Path(out) / f"edited-{time.strftime('%Y%m%d-%H%M%S')}"
+    folder = new_folder(out, "edited")
     [result] = edit_photos(pipe, [(photo, Path(photo.name))], request, folder, classifier, face=face,
                            save_mask=True)
     if result.output is None:

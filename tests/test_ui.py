@@ -53,6 +53,9 @@ def test_the_edit_handler_edits_one_photo_and_explains_what_it_cannot(tmp_path, 
     original, result, changed = (np.asarray(Image.open(p)) for p in (photo, edited, mask))
     assert result.shape == original.shape and changed.shape == original.shape[:2]
     assert np.array_equal(result[changed == 0], original[changed == 0]) and (changed > 0).any()
+    from facegen_cli.files import NEW_DIR_MODE
+
+    assert edited.parent.stat().st_mode & 0o777 == NEW_DIR_MODE  # a folder like any other, not mkdtemp's 0700
 
     grass = tmp_path / "grass.png"
     Image.fromarray(np.full((200, 200, 3), (40, 160, 60), dtype=np.uint8)).save(grass)
