@@ -204,8 +204,6 @@ def train(preset, data, out, vae_source=None, max_steps=None, batch_size=None, r
         model = torch.compile(model)
     model, optimizer = accelerator.prepare(model, optimizer)
     ema.to(accelerator.device)
-    if latents.nbytes < device_memory(accelerator.device) / 8:  # 26k faces' latents are ~100 MB
-        latents, labels = latents.to(accelerator.device), labels.to(accelerator.device)
     num_params = sum(p.numel() for p in model.parameters())
     cooldown = f" (learning rate decaying to 0 over the last {cooldown_steps})" if cooldown_steps else ""
     log(f"training {preset.name} ({num_params / 1e6:.2f}M parameters) on {len(latents)} latents, "
@@ -222,6 +220,10 @@ def train(preset, data, out, vae_source=None, max_steps=None, batch_size=None, r
             f"{a} {100 * f:.1f}% -> {100 * g:.1f}%" for a, f, g in zip(cache_meta["attributes"],
                                                                         (labels > 0).float().mean(0), shown)
             if f < cfg.rare_rate))
+    # The cache goes to the device once, after the sampling weights were made from its labels: those stay
+    # on the CPU with the generator that draws batches from them.
+    if latents.nbytes < device_memory(accelerator.device) / 8:  # 26k faces' latents are ~100 MB
+        latents, labels = latents.to(accelerator.device), labels.to(accelerator.device)
     tick, images_since_tick = time.perf_counter(), 0
     for step in range(start_step, max_steps):
         generator = seeded_generator(cfg.seed, STEP_STREAM, step, rank, device=accelerator.device)
