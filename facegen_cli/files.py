@@ -23,7 +23,8 @@ def _umask():
 
 
 # What open() and mkdir() give a new file and folder (mkstemp's and mkdtemp's are 0600 and 0700).
-NEW_FILE_MODE, NEW_DIR_MODE = 0o666 & ~_umask(), 0o777 & ~_umask()
+_UMASK = _umask()
+NEW_FILE_MODE, NEW_DIR_MODE = 0o666 & ~_UMASK, 0o777 & ~_UMASK
 
 
 @contextmanager

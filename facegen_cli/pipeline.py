@@ -62,8 +62,11 @@ class FacegenPipeline:
     `ModelInfo`, whose `sample` settings every command starts from."""
 
     def __init__(self, dit, vae, info: ModelInfo, path=None, precision="fp32"):
-        if precision not in ("fp32", "bf16"):
-            raise FacegenError(f"unknown precision {precision!r}; use fp32 or bf16")
+        """precision: fp32, bf16, or auto (bf16 where the DiT's device does it natively, else fp32)."""
+        if precision not in PRECISIONS:
+            raise FacegenError(f"unknown precision {precision!r}; use {', '.join(PRECISIONS)}")
+        if precision == "auto":
+            precision = "bf16" if fast_bf16(dit.device) else "fp32"
         self.dit, self.vae, self.info, self.path, self.precision = dit, vae, info, path, precision
         shape = (1, -1, 1, 1)
         self.latent_mean = torch.tensor(info.latent_mean).view(shape)
@@ -99,12 +102,7 @@ class FacegenPipeline:
 
     @classmethod
     def load(cls, path=None, device="cpu", precision="fp32"):
-        """A model folder (a path or a shipped model's name) on `device`, run in `precision`: fp32, bf16, or
-        auto (bf16 where the device does it natively, else fp32)."""
-        if precision not in PRECISIONS:
-            raise FacegenError(f"unknown precision {precision!r}; use {', '.join(PRECISIONS)}")
-        if precision == "auto":
-            precision = "bf16" if fast_bf16(device) else "fp32"
+        """A model folder (a path or a shipped model's name) on `device`, run in `precision` (see __init__)."""
         path = model_path(path)
         if not path.is_dir():
             raise FacegenError(f"{path}: no such model folder")

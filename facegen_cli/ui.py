@@ -22,7 +22,7 @@ from PIL import Image
 
 from .attributes import flag_names, request_vector
 from .errors import FacegenError
-from .files import NEW_DIR_MODE
+from .files import NEW_DIR_MODE, UNREADABLE_IMAGE_ERRORS
 
 CHOICES = ("for", "free", "against")
 
@@ -148,7 +148,7 @@ def build_app(pipe, classifier, out, model_name):
             return gr.Dropdown(choices=["every face"], value="every face")
         try:
             choices = faces_in_photo(finder, photo)
-        except (FacegenError, OSError, ValueError) as e:
+        except (FacegenError, *UNREADABLE_IMAGE_ERRORS) as e:
             raise gr.Error(f"cannot read this photo: {e}") from None
         if len(choices) == 1:
             gr.Warning("no face found in this photo")
