@@ -7,7 +7,8 @@ Prints a Markdown table: parameters, GFLOPs per image forward, forward ms per ba
 images/s (forward, backward, AdamW step), seconds to sample 16 images at the preset's steps with
 classifier-free guidance (one batched forward of 32 per step, as both samplers do), fp32 and bf16
 autocast, peak GPU memory of training, and each beside diffusers' number as a ratio
-(> 1: facegen is faster). Without tcmalloc, CPU timings vary by up to 3x between runs. On a GPU,
+(> 1: facegen is faster). Each time is the best of --repeats rounds in which the two models take turns.
+Without tcmalloc, CPU timings vary by up to 3x between runs. On a GPU,
 --compile wraps both models in torch.compile and MFU is reported against --peak-tflops.
 """
 
@@ -35,6 +36,7 @@ def build_diffusers(preset):
         num_attention_heads=m["num_heads"], attention_head_dim=m["hidden_size"] // m["num_heads"],
         in_channels=m["latent_channels"], out_channels=m["latent_channels"], num_layers=m["depth"],
         sample_size=m["latent_size"], patch_size=m["patch_size"], num_embeds_ada_norm=1000,
+        activation_fn="gelu",  # LatentDiT's exact GELU (diffusers' default is the tanh approximation)
     )
 
 
@@ -53,14 +55,22 @@ def synchronize(device):
         torch.cuda.synchronize()
 
 
-def timed(fn, repeats, device):
-    fn()  # warm-up (and compilation)
+def seconds(fn, device):
     synchronize(device)
     start = time.perf_counter()
-    for _ in range(repeats):
-        fn()
+    fn()
     synchronize(device)
-    return (time.perf_counter() - start) / repeats
+    return time.perf_counter() - start
+
+
+def best_of(fns, repeats, device):
+    """The best time of each function over `repeats` rounds, the functions taking turns within a round (so a
+    slow spell of the machine falls on both models alike), after one warm-up (and compilation) call each.
+    As timeit says, the minimum is the figure least disturbed by other work on the machine."""
+    for fn in fns:
+        fn()
+    times = [[seconds(fn, device) for fn in fns] for _ in range(repeats)]
+    return [min(column) for column in zip(*times)]
 
 
 def gflops_per_image(model, preset, device):
@@ -69,8 +79,9 @@ def gflops_per_image(model, preset, device):
     return counter.get_total_flops() / 2 / 1e9
 
 
-def measure(model, preset, batch, repeats, bf16, device, sampling=True):
-    """(forward seconds per batch, training images/s, seconds to sample 16 images, peak training memory GiB)."""
+def workloads(model, preset, batch, bf16, device):
+    """The timed jobs of one model: forward of a batch, a training step on it (forward, backward, AdamW), and
+    sampling 16 images at the preset's steps (one guided forward of 32 per step)."""
     forward = forward_fn(model, batch, preset, device)
     guided = forward_fn(model, 32, preset, device)  # 16 images, conditional + unconditional
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
@@ -92,18 +103,22 @@ def measure(model, preset, batch, repeats, bf16, device, sampling=True):
             for _ in range(preset.sample.steps):
                 guided()
 
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    train = batch / timed(train_step, repeats, device)
-    memory = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan")
-    return timed(inference, repeats, device), train, timed(sample16, 1, device) if sampling else float("nan"), memory
+    return inference, train_step, sample16
+
+
+def peak_training_memory(train_step, device):
+    if device != "cuda":
+        return float("nan")
+    torch.cuda.reset_peak_memory_stats()
+    train_step()
+    return torch.cuda.max_memory_allocated() / 2**30
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--presets", nargs="+", default=["tiny", "demo", "dit-s", "dit-l-face128"])
     parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--compile", action="store_true", help="torch.compile both models")
     parser.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
@@ -129,8 +144,13 @@ def main():
         repeats = 1 if params > 100 and args.device == "cpu" else args.repeats
         for precision in args.precisions:
             bf16 = precision == "bf16"
-            (fwd, train, sample, memory), (fwd_d, train_d, sample_d, _) = (
-                measure(m, preset, args.batch, repeats, bf16, args.device, not args.no_sampling) for m in (ours, theirs))
+            (fwd, train_step, sample), (fwd_d, train_step_d, sample_d) = (
+                workloads(m, preset, args.batch, bf16, args.device) for m in (ours, theirs))
+            fwd, fwd_d, train, train_d = best_of([fwd, fwd_d, train_step, train_step_d], repeats, args.device)
+            train, train_d = args.batch / train, args.batch / train_d
+            sample, sample_d = (best_of([sample, sample_d], max(1, repeats // 2), args.device)
+                                if not args.no_sampling else (float("nan"), float("nan")))
+            memory = peak_training_memory(train_step, args.device)
             mfu = f"{100 * 3 * flops * train / 1e3 / args.peak_tflops:.1f}%" if args.peak_tflops else "n/a"
             print(f"| {name} | {params:.1f}M | {flops:.2f} | {precision} "
                   f"| {fwd * 1e3:.0f} | {fwd_d * 1e3:.0f} | {fwd_d / fwd:.2f} "

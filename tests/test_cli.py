@@ -45,7 +45,7 @@ def test_train_then_generate_through_the_cli(tmp_path, tiny_data, tiny_vae_dir):
         assert grid.size == (256, 256)  # 3 faces on a 2x2 grid
 
     # The same command gives the same pixels; a face alone matches it in a batch up to float rounding
-    # (in fp32; bf16 kernels round differently at other batch sizes, a few levels at most).
+    # (in fp32; bf16 kernels round differently at other batch sizes: a few levels at most, under one on average).
     same = run("generate", "--model", model, "--male", "--no-beard", "-n", 3, "--seed", 5, "--steps", 2,
                "--out", tmp_path / "same")
     assert np.array_equal(np.asarray(Image.open(same.stdout.split()[0])), np.asarray(Image.open(paths[0])))
@@ -54,7 +54,7 @@ def test_train_then_generate_through_the_cli(tmp_path, tiny_data, tiny_vae_dir):
                                            "--steps", 2, "--precision", precision, "--out",
                                            tmp_path / f"{precision}-{n}").stdout.split()[0])).astype(int)
                  for n in (1, 3)]
-        assert np.abs(faces[0] - faces[1]).max() <= largest and np.abs(faces[0] - faces[1]).mean() < 0.5
+        assert np.abs(faces[0] - faces[1]).max() <= largest and np.abs(faces[0] - faces[1]).mean() < 1
     assert json.loads(Image.open(tmp_path / "bf16-1" / "face-0000000005.png").text["facegen"])["precision"] == "bf16"
 
 
