@@ -92,6 +92,10 @@ def vae_train(
                                                          "balance)."),
     precision: str = typer.Option("no", help="no or bf16 (autocast; pays on CPUs with AVX-512 BF16 and on GPUs)."),
     checkpoint_every: int = typer.Option(250, min=1, help="Steps between checkpoints and sample grids."),
+    init: Optional[str] = typer.Option(None, help="Start from this autoencoder (a folder or hub id) instead of a "
+                                                  "new one of --size."),
+    decoder_only: bool = typer.Option(False, "--decoder-only", help="Train only the decoder of --init: its latents "
+                                                                    "(and a DiT trained on them) stay valid."),
     resume: bool = typer.Option(False, "--resume"),
 ):
     """Train an f8 AutoencoderKL (128 px -> 16x16x4) on a data set; prints OUT/vae."""
@@ -100,7 +104,7 @@ def vae_train(
     with progress_bar(loss=".4f") as progress:
         train_vae(data, out, steps, batch_size, learning_rate, crop_size=crop_size, size=size, disc_start=disc_start,
                   disc_weight=disc_weight, precision=precision, resume=resume, checkpoint_every=checkpoint_every,
-                  log=log, progress=progress)
+                  init=init, decoder_only=decoder_only, log=log, progress=progress)
     print(out / "vae")
 
 
@@ -377,15 +381,21 @@ def export(
     half: bool = typer.Option(False, "--half", help="Store the weights in float16 (half the size)."),
     classifier: Optional[Path] = typer.Option(None, help="Attribute classifier to carry in OUT/classifier "
                                                            "(default: the model folder's own, if any)."),
+    vae: Optional[str] = typer.Option(None, help="Another autoencoder with the model's encoder (a fine-tuned "
+                                                 "decoder: `facegen vae train --decoder-only`) to carry instead."),
 ):
-    """Copy a model folder, optionally in float16 and with its classifier (how the demo was made); prints OUT."""
+    """Copy a model folder, optionally in float16, with its classifier and another decoder; prints OUT."""
     import torch
 
     from .classifier import load_classifier, save_classifier
     from .pipeline import FacegenPipeline
+    from .vae import load_vae
 
     dtype = torch.float16 if half else None
-    FacegenPipeline.load(model).save(out, dtype)
+    pipe = FacegenPipeline.load(model)
+    if vae is not None:
+        pipe = pipe.with_vae(load_vae(vae), vae)
+    pipe.save(out, dtype)
     classifier = classifier or (model / "classifier" if (model / "classifier").is_dir() else None)
     if classifier is not None:
         attribute_classifier, report = load_classifier(classifier)

@@ -122,6 +122,7 @@ class ModelInfo:
     latent_mean: list  # one per latent channel: the DiT works on (latent - mean) / std
     latent_std: list
     vae_source: str = ""  # the VAE the training latents were encoded with
+    decoder_source: Optional[str] = None  # an autoencoder with the same encoder whose decoder replaced it
     sample: SampleConfig = field(default_factory=SampleConfig)
     init_from: Optional[str] = None  # the model folder a fine-tuning run started from
     trained_steps: Optional[int] = None

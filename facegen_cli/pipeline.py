@@ -120,6 +120,15 @@ class FacegenPipeline:
         vae = vae_lib.load_vae(path / "vae", device)
         return cls(dit.to(device).eval().requires_grad_(False), vae, info, path, precision)
 
+    def with_vae(self, vae, source):
+        """This model with another autoencoder that has the same encoder, and so the same latents (a decoder
+        fine-tuned with `facegen vae train --init VAE --decoder-only`)."""
+        if vae_lib.vae_fingerprint(vae, encoder_only=True) != vae_lib.vae_fingerprint(self.vae, encoder_only=True):
+            raise FacegenError(f"{source}: its encoder is not the model's, so its decoder would read other latents; "
+                               "make one with `facegen vae train --init MODEL/vae --decoder-only`")
+        info = dataclasses.replace(self.info, decoder_source=str(source))
+        return FacegenPipeline(self.dit, vae.to(self.device), info, self.path, self.precision)
+
     def save(self, path, dtype=None):
         """Write the model folder; dtype=torch.float16 halves its size (loading casts back to float32)."""
         with atomic_dir(path) as tmp:

@@ -30,10 +30,14 @@ def load_vae(source, device="cpu"):
     return vae.to(device).eval().requires_grad_(False)
 
 
-def vae_fingerprint(vae):
-    """A short hash of the VAE's weights, so that latents of two different VAEs never mix."""
+def vae_fingerprint(vae, encoder_only=False):
+    """A short hash of the VAE's weights, so that latents of two different VAEs never mix. With
+    encoder_only, of the part that makes the latents (encoder and quant_conv): two autoencoders with the
+    same encoder fingerprint share a latent space, whatever their decoders."""
     digest = hashlib.sha256()
     for name, tensor in sorted(vae.state_dict().items()):
+        if encoder_only and not name.startswith(("encoder.", "quant_conv.")):
+            continue
         digest.update(name.encode())
         digest.update(tensor.detach().to("cpu", torch.float32).numpy().tobytes())
     return digest.hexdigest()[:16]

@@ -9,6 +9,10 @@ adaptive weight), so the adversarial term sharpens hair, eyes and teeth without 
 reconstruction. The network is convolutional: training on random crops costs less per step and still
 learns whole faces.
 
+`--init VAE --decoder-only` fine-tunes the decoder of a trained autoencoder and leaves its encoder, and so
+its latent space, as it was: a DiT trained on that encoder's latents keeps working with the new decoder
+(`facegen export --vae` swaps it into a model folder).
+
     OUT/checkpoints/step-N/  vae.safetensors, discriminator.safetensors, optimizer.pt, disc_optimizer.pt,
                              state.json (runs.py; resumable)
     OUT/samples/step-N.png   held-out faces (top) and their reconstructions (bottom)
@@ -27,7 +31,7 @@ from .files import atomic_dir, save_image
 from .flow import laplacian_loss
 from .runs import (AUGMENT_STREAM, batch_indices, check_same_run, newest_intact_checkpoint, save_checkpoint,
                    scheduled_lr, seeded_generator)
-from .vae import build_vae, psnr
+from .vae import build_vae, load_vae, psnr
 
 # Named autoencoder sizes. Few channels per GroupNorm group would make it an instance norm that erases
 # each image's colours (16 groups of a 16-channel block): the compact one keeps 4+ channels per group.
@@ -82,13 +86,17 @@ WARMUP_STEPS = 100
 
 def train_vae(data_dir, out, steps=4000, batch_size=16, learning_rate=1e-3, kl_weight=1e-6, image_size=128,
               crop_size=128, size="compact", disc_start=None, disc_weight=0.5, precision="no", resume=False,
-              seed=0, checkpoint_every=250, log=print, progress=None):
+              seed=0, checkpoint_every=250, init=None, decoder_only=False, log=print, progress=None):
     """Train an f8 AutoencoderKL of a named size on a labelled data set; OUT/vae is the result.
 
     disc_start: the step at which the patch discriminator's loss is switched on (None: never).
+    init: an autoencoder (folder or hub id) to start from instead of a new one of `size`.
+    decoder_only: train the decoder alone (needs init); the encoder and its latents stay as they are.
     Returns the held-out PSNR in dB (on whole images).
     """
-    if size not in VAE_SIZES:
+    if decoder_only and init is None:
+        raise FacegenError("--decoder-only fine-tunes an existing autoencoder: give it with --init")
+    if init is None and size not in VAE_SIZES:
         raise FacegenError(f"unknown VAE size {size!r}; use {' or '.join(VAE_SIZES)}")
     if precision not in ("no", "bf16"):
         raise FacegenError(f"unknown precision {precision!r}; use no or bf16")
@@ -97,15 +105,20 @@ def train_vae(data_dir, out, steps=4000, batch_size=16, learning_rate=1e-3, kl_w
         raise FacegenError(f"{out} already holds a VAE checkpoint; add --resume to continue it, or choose a new --out")
     train_images = load_images_and_labels(data_dir, "train", image_size)[0]
     held_out = to_tensor(load_images_and_labels(data_dir, "valid", image_size)[0][:256])
-    log(f"training a {size} VAE on {len(train_images)} images, validating on {len(held_out)}")
+    what = f"the decoder of {init}" if decoder_only else f"a {size} VAE" if init is None else str(init)
+    log(f"training {what} on {len(train_images)} images, validating on {len(held_out)}")
 
     torch.manual_seed(seed)
-    vae = build_vae(**VAE_SIZES[size])
+    vae = build_vae(**VAE_SIZES[size]) if init is None else load_vae(init).requires_grad_(True)
+    if decoder_only:
+        vae.encoder.requires_grad_(False)
+        vae.quant_conv.requires_grad_(False)
+    trained = [p for p in vae.parameters() if p.requires_grad]
     discriminator = PatchDiscriminator()
-    optimizer = torch.optim.AdamW(vae.parameters(), lr=learning_rate, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(trained, lr=learning_rate, weight_decay=0.0)
     disc_optimizer = torch.optim.AdamW(discriminator.parameters(), lr=learning_rate, betas=(0.5, 0.9),
                                        weight_decay=0.0)
-    run_state = {"size": size, "seed": seed}
+    run_state = {"size": size if init is None else str(init), "seed": seed, "decoder_only": decoder_only}
     start = 0
     checkpoint = newest_intact_checkpoint(out, ("vae", "discriminator"), ("optimizer", "disc_optimizer"), log) \
         if resume else None
@@ -139,7 +152,8 @@ def train_vae(data_dir, out, steps=4000, batch_size=16, learning_rate=1e-3, kl_w
             group["lr"] = scheduled_lr(step, learning_rate, WARMUP_STEPS, steps, cooldown_steps=steps)
         adversarial = disc_start is not None and step >= disc_start
         with autocast:
-            posterior = vae.encode(x).latent_dist
+            with torch.set_grad_enabled(not decoder_only):
+                posterior = vae.encode(x).latent_dist
             latents = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=generator)
             reconstruction = vae.decode(latents).sample.float()
             rec_loss = F.l1_loss(reconstruction, x) + laplacian_loss(reconstruction, x, levels=4)
@@ -148,7 +162,7 @@ def train_vae(data_dir, out, steps=4000, batch_size=16, learning_rate=1e-3, kl_w
                 gen_loss = -discriminator(reconstruction).float().mean()
                 loss = loss + disc_weight * adaptive_weight(rec_loss, gen_loss, last_layer) * gen_loss
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(trained, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if adversarial:  # hinge loss: real patches above +1, reconstructed ones below -1
@@ -177,8 +191,6 @@ def train_vae(data_dir, out, steps=4000, batch_size=16, learning_rate=1e-3, kl_w
 def evaluate_vae(vae_source, data_dir, split="test", grid=None, columns=8, batch_size=32):
     """Held-out PSNR (dB, mean over faces) of an autoencoder on a split of a labelled folder; with `grid`,
     also writes its first `columns` faces (top) above their reconstructions (bottom). Returns (psnr, faces)."""
-    from .vae import load_vae
-
     vae = load_vae(vae_source)
     images = to_tensor(load_images_and_labels(data_dir, split, 128)[0])
     with torch.inference_mode():

@@ -51,3 +51,46 @@ def test_vae_eval_measures_psnr_and_writes_the_comparison_grid(tmp_path, tiny_da
         assert grid.size == (4 * 130 + 2, 2 * 130 + 2)
     result = CliRunner().invoke(app, ["vae", "eval", str(tiny_data), "--vae", str(tiny_vae_dir), "--split", "all"])
     assert result.exit_code == 0 and float(result.stdout.split()[0]) == pytest.approx(value, abs=1e-3)
+
+
+def test_decoder_only_fine_tuning_keeps_the_latent_space(tmp_path, tiny_data, tiny_vae_dir):
+    from facegen_cli.vae import vae_fingerprint
+
+    with pytest.raises(FacegenError, match="--init"):
+        train_vae(tiny_data, tmp_path / "no-init", steps=1, decoder_only=True, log=lambda m: None)
+    out = tmp_path / "decoder"
+    train_vae(tiny_data, out, steps=2, batch_size=4, crop_size=64, learning_rate=1e-2, disc_start=0,
+              init=str(tiny_vae_dir), decoder_only=True, log=lambda m: None)
+    before, after = load_vae(tiny_vae_dir), load_vae(out / "vae")
+    images = torch.rand(2, 3, 128, 128) * 2 - 1
+    assert torch.equal(encode(before, images), encode(after, images))
+    assert vae_fingerprint(before, encoder_only=True) == vae_fingerprint(after, encoder_only=True)
+    assert vae_fingerprint(before) != vae_fingerprint(after)
+    decoder = lambda vae: torch.cat([p.flatten() for p in vae.decoder.parameters()])  # noqa: E731
+    assert not torch.equal(decoder(before), decoder(after))
+
+
+def test_export_swaps_in_a_decoder_with_the_same_encoder_only(tmp_path, tiny_data, tiny_vae_dir, tiny_model_dir):
+    from typer.testing import CliRunner
+
+    from facegen_cli.cli import app
+    from facegen_cli.pipeline import FacegenPipeline
+
+    fine_tuned = tmp_path / "decoder"
+    train_vae(tiny_data, fine_tuned, steps=1, batch_size=4, crop_size=64, learning_rate=1e-2,
+              init=str(tiny_vae_dir), decoder_only=True, log=lambda m: None)
+    result = CliRunner().invoke(app, ["export", str(tiny_model_dir), "--vae", str(fine_tuned / "vae"),
+                                      "--out", str(tmp_path / "model")])
+    assert result.exit_code == 0, result.stderr
+    exported, expected = FacegenPipeline.load(tmp_path / "model"), load_vae(fine_tuned / "vae")
+    assert all(torch.equal(a, b) for a, b in zip(exported.vae.state_dict().values(), expected.state_dict().values()))
+    assert exported.info.decoder_source == str(fine_tuned / "vae")
+
+    stranger = load_vae(tiny_vae_dir).requires_grad_(False)
+    with torch.no_grad():
+        stranger.encoder.conv_in.weight.add_(0.1)
+    stranger.save_pretrained(tmp_path / "stranger")
+    result = CliRunner().invoke(app, ["export", str(tiny_model_dir), "--vae", str(tmp_path / "stranger"),
+                                      "--out", str(tmp_path / "refused")])
+    assert result.exit_code != 0 and "encoder is not the model's" in result.stderr
+    assert not (tmp_path / "refused").exists()
