@@ -141,14 +141,13 @@ def main():
         flops = gflops_per_image(ours, preset, args.device)
         if args.compile:
             ours, theirs = torch.compile(ours), torch.compile(theirs)
-        repeats = 1 if params > 100 and args.device == "cpu" else args.repeats
         for precision in args.precisions:
             bf16 = precision == "bf16"
             (fwd, train_step, sample), (fwd_d, train_step_d, sample_d) = (
                 workloads(m, preset, args.batch, bf16, args.device) for m in (ours, theirs))
-            fwd, fwd_d, train, train_d = best_of([fwd, fwd_d, train_step, train_step_d], repeats, args.device)
+            fwd, fwd_d, train, train_d = best_of([fwd, fwd_d, train_step, train_step_d], args.repeats, args.device)
             train, train_d = args.batch / train, args.batch / train_d
-            sample, sample_d = (best_of([sample, sample_d], max(1, repeats // 2), args.device)
+            sample, sample_d = (best_of([sample, sample_d], max(1, args.repeats // 2), args.device)
                                 if not args.no_sampling else (float("nan"), float("nan")))
             memory = peak_training_memory(train_step, args.device)
             mfu = f"{100 * 3 * flops * train / 1e3 / args.peak_tflops:.1f}%" if args.peak_tflops else "n/a"
