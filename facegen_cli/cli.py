@@ -90,6 +90,8 @@ def vae_train(
                                                                "(default: never)."),
     disc_weight: float = typer.Option(0.5, min=0.0, help="Weight of the adversarial loss (times the adaptive "
                                                          "balance)."),
+    disc_warmup: int = typer.Option(0, min=0, help="Steps the discriminator learns alone, from --disc-start, "
+                                                   "before its loss reaches the autoencoder."),
     precision: str = typer.Option("no", help="no or bf16 (autocast; pays on CPUs with AVX-512 BF16 and on GPUs)."),
     checkpoint_every: int = typer.Option(250, min=1, help="Steps between checkpoints and sample grids."),
     init: Optional[str] = typer.Option(None, help="Start from this autoencoder (a folder or hub id) instead of a "
@@ -104,7 +106,7 @@ def vae_train(
     with progress_bar(loss=".4f") as progress:
         train_vae(data, out, steps, batch_size, learning_rate, crop_size=crop_size, size=size, disc_start=disc_start,
                   disc_weight=disc_weight, precision=precision, resume=resume, checkpoint_every=checkpoint_every,
-                  init=init, decoder_only=decoder_only, log=log, progress=progress)
+                  init=init, decoder_only=decoder_only, disc_warmup=disc_warmup, log=log, progress=progress)
     print(out / "vae")
 
 

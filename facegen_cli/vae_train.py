@@ -86,10 +86,12 @@ WARMUP_STEPS = 100
 
 def train_vae(data_dir, out, steps=4000, batch_size=16, learning_rate=1e-3, kl_weight=1e-6, image_size=128,
               crop_size=128, size="compact", disc_start=None, disc_weight=0.5, precision="no", resume=False,
-              seed=0, checkpoint_every=250, init=None, decoder_only=False, log=print, progress=None):
+              seed=0, checkpoint_every=250, init=None, decoder_only=False, disc_warmup=0, log=print, progress=None):
     """Train an f8 AutoencoderKL of a named size on a labelled data set; OUT/vae is the result.
 
-    disc_start: the step at which the patch discriminator's loss is switched on (None: never).
+    disc_start: the step at which the patch discriminator starts learning (None: never).
+    disc_warmup: steps it learns alone before its loss reaches the autoencoder. An untrained
+        discriminator's gradient, scaled up by the adaptive weight, is noise that blurs a trained decoder.
     init: an autoencoder (folder or hub id) to start from instead of a new one of `size`.
     decoder_only: train the decoder alone (needs init); the encoder and its latents stay as they are.
     Returns the held-out PSNR in dB (on whole images).
@@ -151,6 +153,7 @@ def train_vae(data_dir, out, steps=4000, batch_size=16, learning_rate=1e-3, kl_w
         for group in (*optimizer.param_groups, *disc_optimizer.param_groups):
             group["lr"] = scheduled_lr(step, learning_rate, WARMUP_STEPS, steps, cooldown_steps=steps)
         adversarial = disc_start is not None and step >= disc_start
+        gan_term = adversarial and step >= disc_start + disc_warmup
         with autocast:
             with torch.set_grad_enabled(not decoder_only):
                 posterior = vae.encode(x).latent_dist
@@ -158,7 +161,7 @@ def train_vae(data_dir, out, steps=4000, batch_size=16, learning_rate=1e-3, kl_w
             reconstruction = vae.decode(latents).sample.float()
             rec_loss = F.l1_loss(reconstruction, x) + laplacian_loss(reconstruction, x, levels=4)
             loss = rec_loss + kl_weight * posterior.kl().mean()
-            if adversarial:
+            if gan_term:
                 gen_loss = -discriminator(reconstruction).float().mean()
                 loss = loss + disc_weight * adaptive_weight(rec_loss, gen_loss, last_layer) * gen_loss
         loss.backward()

@@ -94,3 +94,17 @@ def test_export_swaps_in_a_decoder_with_the_same_encoder_only(tmp_path, tiny_dat
                                       "--out", str(tmp_path / "refused")])
     assert result.exit_code != 0 and "encoder is not the model's" in result.stderr
     assert not (tmp_path / "refused").exists()
+
+
+def test_the_discriminator_warms_up_without_touching_the_autoencoder(tmp_path, tiny_data, tiny_vae_dir):
+    """During --disc-warmup the discriminator learns alone: the autoencoder's steps are those of a run
+    without any discriminator."""
+    common = dict(steps=2, batch_size=4, crop_size=64, learning_rate=1e-2, init=str(tiny_vae_dir),
+                  decoder_only=True, log=lambda m: None)
+    train_vae(tiny_data, tmp_path / "plain", **common)
+    train_vae(tiny_data, tmp_path / "warming", disc_start=0, disc_warmup=2, **common)
+    train_vae(tiny_data, tmp_path / "adversarial", disc_start=0, **common)
+    plain, warming, adversarial = (load_vae(tmp_path / name / "vae").state_dict()
+                                   for name in ("plain", "warming", "adversarial"))
+    assert all(torch.equal(plain[k], warming[k]) for k in plain)
+    assert not all(torch.equal(plain[k], adversarial[k]) for k in plain)
