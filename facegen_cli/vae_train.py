@@ -107,7 +107,10 @@ def train_vae(data_dir, out, steps=4000, batch_size=16, learning_rate=1e-3, kl_w
         raise FacegenError(f"{out} already holds a VAE checkpoint; add --resume to continue it, or choose a new --out")
     train_images = load_images_and_labels(data_dir, "train", image_size)[0]
     held_out = to_tensor(load_images_and_labels(data_dir, "valid", image_size)[0][:256])
-    what = f"the decoder of {init}" if decoder_only else f"a {size} VAE" if init is None else str(init)
+    if init is None:
+        what = f"a {size} VAE"
+    else:
+        what = f"the decoder of {init}" if decoder_only else str(init)
     log(f"training {what} on {len(train_images)} images, validating on {len(held_out)}")
 
     torch.manual_seed(seed)
