@@ -59,21 +59,25 @@ def flow_loss(model, x0, y, generator, laplacian_weight=0.0, t_mean=0.0, t_std=1
     return loss, parts
 
 
-def guided_velocity(model, x, t, y, guidance):
-    """Classifier-free guidance v_u + w (v_c - v_u), both branches in one batched forward.
+def guided_velocity(model, x, t, y, guidance, reference=None):
+    """Classifier-free guidance v_r + w (v_c - v_r), both branches in one batched forward.
 
-    The unconditional branch is y = 0 (every attribute free), the null condition that
-    training drops to. w = 1 is the plain conditional prediction.
+    The reference branch r is y = 0 (every attribute free), the null condition that training drops
+    to, unless `reference` (B, A) gives another: an edit guides away from the same request with the
+    edited attributes reversed (a negative condition), so that guidance pushes along the change
+    asked for and not towards everything the request holds. w = 1 is the plain conditional prediction.
     """
     if guidance == 1.0:
         return model(x, t, y).float()
+    reference = torch.zeros_like(y) if reference is None else reference
     # float(): under bf16 autocast the guidance difference and the steps are still taken in float32
-    v_c, v_u = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, torch.zeros_like(y)])).float().chunk(2)
-    return v_u + guidance * (v_c - v_u)
+    v_c, v_r = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, reference])).float().chunk(2)
+    return v_r + guidance * (v_c - v_r)
 
 
 @torch.inference_mode()
-def sample(model, noise, y, settings, start=1.0, known=None, mask=None, resample=1, generator=None):
+def sample(model, noise, y, settings, start=1.0, known=None, mask=None, resample=1, generator=None,
+           reference=None):
     """Integrate from t = `start` to t = 0 and return the clean latent.
 
     noise:  (B, C, H, W) Gaussian noise; it fixes the result (a seed makes sampling reproducible).
@@ -86,6 +90,7 @@ def sample(model, noise, y, settings, start=1.0, known=None, mask=None, resample
     resample: RePaint's resampling with a mask: each step is taken `resample` times, going back
             from t_next to t with fresh noise (from `generator`) in between, so that the generated
             region settles against the known one.
+    reference: (B, A) the guidance's reference condition (default: every attribute free).
     """
     steps, guidance, method = settings.steps, settings.guidance, settings.method
     if (mask is not None or start < 1.0) and known is None:
@@ -98,10 +103,10 @@ def sample(model, noise, y, settings, start=1.0, known=None, mask=None, resample
                 a = (1 - t) / (1 - t_next)
                 x = a * x + (t.square() - (a * t_next).square()).clamp(min=0).sqrt() * torch.randn(
                     x.shape, generator=generator, device=x.device, dtype=x.dtype)
-            v = guided_velocity(model, x, t.expand(x.shape[0]), y, guidance)
+            v = guided_velocity(model, x, t.expand(x.shape[0]), y, guidance, reference)
             x_next = x + (t_next - t) * v
             if method == "heun" and t_next > 0:
-                v_next = guided_velocity(model, x_next, t_next.expand(x.shape[0]), y, guidance)
+                v_next = guided_velocity(model, x_next, t_next.expand(x.shape[0]), y, guidance, reference)
                 x_next = x + (t_next - t) * (v + v_next) / 2
             if mask is not None:
                 x_next = mask * x_next + (1 - mask) * interpolate(known, noise, t_next.expand(x.shape[0]))

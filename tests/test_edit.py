@@ -46,6 +46,26 @@ def test_an_edit_holds_the_readings_but_takes_away_what_the_added_attribute_rule
     assert free.shape == (1, len(DEFAULT_ATTRIBUTES)) and free.abs().sum() == 1 and free[0, index["blond_hair"]] == 1
 
 
+def test_an_edit_is_guided_away_from_the_face_as_it_is_with_the_change_reversed():
+    from types import SimpleNamespace
+
+    from facegen_cli.attributes import DEFAULT_ATTRIBUTES
+    from facegen_cli.edit import reference_vectors
+
+    pipe = SimpleNamespace(attributes=DEFAULT_ATTRIBUTES)
+    index = {name: i for i, name in enumerate(DEFAULT_ATTRIBUTES)}
+    current = -torch.ones(2, len(DEFAULT_ATTRIBUTES), dtype=torch.long)
+    current[:, index["black_hair"]] = current[:, index["smiling"]] = 1
+    reference = reference_vectors(pipe, EditRequest(add=("blond_hair",), remove=("smiling",)), current)
+    expected = current.float()
+    expected[:, index["blond_hair"]] = -1  # not blond, still smiling, and its black hair as it was
+    expected[:, index["smiling"]] = 1
+    assert torch.equal(reference, expected)
+    assert current[0, index["smiling"]] == 1  # the readings themselves are left alone
+    free = reference_vectors(pipe, EditRequest(add=("mustache",)))
+    assert free.shape == (1, len(DEFAULT_ATTRIBUTES)) and free.abs().sum() == 1 and free[0, index["mustache"]] == -1
+
+
 def test_colour_changes_repaint_from_pure_noise_unless_a_strength_is_given():
     assert EditRequest(add=("mustache",)).start == 0.8  # keeps the skin's colour under the new mustache
     assert EditRequest(add=("blond_hair",)).start == 1.0 and EditRequest(remove=("pale_skin",)).start == 1.0
@@ -378,8 +398,9 @@ def test_masks_written_by_save_mask_are_not_taken_as_photos(tmp_path, tiny_model
     pytest.importorskip("mediapipe")
     (tmp_path / "photos").mkdir()
     write_face_photo(tmp_path / "photos" / "a.png")
+    # a light touch (strength 0.05): the tiny model's repaint must leave a face to find the second time
     first = runner.invoke(app, ["edit", str(tmp_path / "photos"), "--add", "beard", "--steps", "1", "--save-mask",
-                                "--model", str(tiny_model_dir), "--out", str(tmp_path / "once")])
+                                "--strength", "0.05", "--model", str(tiny_model_dir), "--out", str(tmp_path / "once")])
     assert first.exit_code == 0 and (tmp_path / "once" / "a.mask.png").is_file()
     second = runner.invoke(app, ["edit", str(tmp_path / "once"), "--add", "smiling", "--steps", "1",
                                  "--model", str(tiny_model_dir), "--out", str(tmp_path / "twice")])

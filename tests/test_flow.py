@@ -52,6 +52,19 @@ def test_guidance_mixes_both_branches_of_one_batched_forward(model):
     assert not torch.allclose(guided, v_c, atol=1e-3)
 
 
+def test_guidance_steers_away_from_a_given_reference_condition(model):
+    x, t, y = torch.randn(3, 4, 16, 16), torch.rand(3), torch.randn(3, 5).sign()
+    reference = y.clone()
+    reference[:, 0] = -reference[:, 0]  # the same request with one attribute reversed
+    with torch.no_grad():
+        v_c, v_r = model(x, t, y), model(x, t, reference)
+        guided = flow.guided_velocity(model, x, t, y, 4.0, reference)
+        assert torch.equal(flow.guided_velocity(model, x, t, y, 1.0, reference), v_c)
+        free = flow.guided_velocity(model, x, t, y, 4.0)
+    assert torch.allclose(guided, v_r + 4.0 * (v_c - v_r), atol=1e-5)
+    assert not torch.allclose(guided, free, atol=1e-3)
+
+
 @pytest.mark.parametrize("method", ["euler", "heun"])
 def test_sampling_is_reproducible_and_shaped(model, method):
     noise, y = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(1)), torch.zeros(2, 5)
