@@ -12,7 +12,7 @@ from typing import Optional
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageDraw, ImageFilter, ImageOps, JpegImagePlugin
+from PIL import Image, ImageChops, ImageDraw, ImageFilter, ImageOps, JpegImagePlugin
 
 from . import flow
 from .attributes import EXCLUSIVE, check_names, exclusive_pairs, hold_readings
@@ -39,7 +39,7 @@ def _face_oval(p):
 def _mustache(p):
     left, right = _xy(p["mouth_left"]), _xy(p["mouth_right"])
     pad = 0.25 * (right[0] - left[0])
-    top, bottom = p["nose_base"][1], p["upper_lip"][1] + 0.15 * (p["lower_lip"][1] - p["upper_lip"][1])
+    top, bottom = p["nose_base"][1], p["upper_lip"][1]
     return [[(left[0] - pad, top), (right[0] + pad, top), (right[0] + pad, bottom), (left[0] - pad, bottom)]]
 
 
@@ -112,12 +112,21 @@ REGIONS = {
 }
 
 
-def region_mask(attributes, points, size, grow=4, feather=3):
+# A hair colour changes the hair, not what is around it: its region is cut to the person as segmented,
+# so that the background (and the head's outline) stays the photo's own.
+ON_THE_PERSON = {"black_hair", "blond_hair"}
+
+
+def region_mask(attributes, points, size, grow=4, feather=3, person=None):
     """Float (size, size) mask in [0, 1] covering the regions of `attributes` for a face with `points`
-    (named landmarks in the size x size frame), grown by `grow` pixels and feathered by `feather`."""
+    (named landmarks in the size x size frame), grown by `grow` pixels and feathered by `feather`.
+    `person`: (size, size) in [0, 1], the person's segmentation (FaceFinder.person); the regions in
+    ON_THE_PERSON keep only its pixels above 0.5 (before growing)."""
     check_names(list(REGIONS), attributes)
     scale = 4  # drawn supersampled for smooth edges
     canvas = Image.new("L", (size * scale, size * scale), 0)
+    on_person = None if person is None else Image.fromarray(np.where(person > 0.5, 255, 0).astype(np.uint8)).resize(
+        canvas.size, Image.Resampling.NEAREST)
     for attribute in attributes:
         polygons, cut_face = REGIONS[attribute]
         layer = Image.new("L", canvas.size, 0)
@@ -126,6 +135,8 @@ def region_mask(attributes, points, size, grow=4, feather=3):
             layer_draw.polygon([(x * scale, y * scale) for x, y in polygon], fill=255)
         if cut_face:
             ImageDraw.Draw(layer).polygon([(x * scale, y * scale) for x, y in _face_oval(points)], fill=0)
+        if on_person is not None and attribute in ON_THE_PERSON:
+            layer = ImageChops.multiply(layer, on_person)
         canvas.paste(255, mask=layer)
     mask = canvas.resize((size, size), Image.Resampling.BOX)
     if grow > 0:
@@ -308,7 +319,8 @@ def prepare_photo(path, target, finder, request, size, face=None):
         crop, matrix, aligned_points = align_face(photo, points, size)
         crops.append(crop)
         matrices.append(matrix)
-        masks.append(region_mask(request.changed, aligned_points, size, grow=request.mask_grow))
+        person = finder.person(crop) if ON_THE_PERSON & set(request.changed) else None
+        masks.append(region_mask(request.changed, aligned_points, size, grow=request.mask_grow, person=person))
     return PreparedPhoto(Path(path), Path(target), photo, original, save_options, np.stack(crops), matrices,
                          np.stack(masks))
 

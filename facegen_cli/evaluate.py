@@ -435,32 +435,38 @@ def edit_locality(pipe, classifier, faces, request, num_faces=8):
     the edit (texture_ratio; near texture_ratio_before, the same measure on the unedited face, when the
     new region carries the photo's grain and sharpness, well below it when it is a smooth patch).
     """
-    from .edit import edit_crops, region_mask
+    from .edit import ON_THE_PERSON, edit_crops, region_mask
+    from .landmarks import FaceFinder
 
     results = {}
     attributes = pipe.attributes
-    for i, name in enumerate(attributes):
-        chosen = torch.nonzero(faces.labels[:, i] < 0).flatten()[:num_faces].tolist()
-        if not chosen:
-            continue
-        before = faces.images[chosen]
-        masks = np.stack([region_mask([name], faces.points[k], before.shape[1], grow=request.mask_grow)
-                          for k in chosen])
-        current = classifier.predict(to_tensor(before))
-        after = edit_crops(pipe, before, masks, dataclasses.replace(request, add=(name,)), current)
-        read_after = classifier.predict(to_tensor(after))
-        outside = np.repeat(masks[..., None] == 0, 3, axis=-1)
-        others = [j for j in range(len(attributes)) if j != i]
-        results[name] = {
-            "faces": len(chosen),
-            "success": round((read_after[:, i] == 1).float().mean().item(), 4),
-            "psnr_outside": psnr_uint8(after[outside], before[outside]),
-            "ssim_outside": global_ssim(after * outside, before * outside),
-            "others_changed": round((read_after[:, others] != current[:, others]).float().mean().item(), 4),
-            "pixels_changed_outside": int((after != before).any(-1)[masks == 0].sum()),
-            "texture_ratio": round(high_frequency_ratio(after, masks), 4),
-            "texture_ratio_before": round(high_frequency_ratio(before, masks), 4),
-        }
+    finder = FaceFinder()  # for the person's segmentation that hair-colour regions are cut to
+    try:
+        for i, name in enumerate(attributes):
+            chosen = torch.nonzero(faces.labels[:, i] < 0).flatten()[:num_faces].tolist()
+            if not chosen:
+                continue
+            before = faces.images[chosen]
+            masks = np.stack([region_mask([name], faces.points[k], before.shape[1], grow=request.mask_grow,
+                                          person=finder.person(faces.images[k]) if name in ON_THE_PERSON else None)
+                              for k in chosen])
+            current = classifier.predict(to_tensor(before))
+            after = edit_crops(pipe, before, masks, dataclasses.replace(request, add=(name,)), current)
+            read_after = classifier.predict(to_tensor(after))
+            outside = np.repeat(masks[..., None] == 0, 3, axis=-1)
+            others = [j for j in range(len(attributes)) if j != i]
+            results[name] = {
+                "faces": len(chosen),
+                "success": round((read_after[:, i] == 1).float().mean().item(), 4),
+                "psnr_outside": psnr_uint8(after[outside], before[outside]),
+                "ssim_outside": global_ssim(after * outside, before * outside),
+                "others_changed": round((read_after[:, others] != current[:, others]).float().mean().item(), 4),
+                "pixels_changed_outside": int((after != before).any(-1)[masks == 0].sum()),
+                "texture_ratio": round(high_frequency_ratio(after, masks), 4),
+                "texture_ratio_before": round(high_frequency_ratio(before, masks), 4),
+            }
+    finally:
+        finder.close()
     return results
 
 

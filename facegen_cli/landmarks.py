@@ -65,6 +65,7 @@ class FaceFinder:
         # protobuf's deprecation warning, raised inside MediaPipe when it reads its first result
         warnings.filterwarnings("ignore", message=r"SymbolDatabase\.GetPrototype\(\) is deprecated")
         self.max_faces = max_faces
+        self.segmenter = None  # started on first use of person()
 
     def __call__(self, image):
         """A list of {name: (x, y)}, left to right, one per face found (empty when none).
@@ -101,9 +102,21 @@ class FaceFinder:
             faces.append({name: tuple(mesh[list(indices)].mean(0)) for name, indices in MESH_POINTS.items()})
         return sorted(faces, key=lambda f: f["nose_tip"][0])
 
+    def person(self, image):
+        """(H, W) float32 in [0, 1]: where the person (head, hair, hat, shoulders) is in an RGB uint8 image,
+        by MediaPipe's selfie segmentation (its model is inside the wheel too); 0 is the background."""
+        if self.segmenter is None:
+            with quiet_stderr():
+                from mediapipe.python.solutions import selfie_segmentation
+
+                self.segmenter = selfie_segmentation.SelfieSegmentation(model_selection=0)
+        return self.segmenter.process(np.ascontiguousarray(image)).segmentation_mask
+
     def close(self):
         self.detector.close()
         self.mesh.close()
+        if self.segmenter is not None:
+            self.segmenter.close()
 
 
 def similarity_transform(source, target):

@@ -109,6 +109,19 @@ def test_each_region_covers_its_feature_and_not_the_others(face):
             assert not inside(mask, point), (attribute, "covers", point)
 
 
+def test_hair_colour_regions_keep_to_the_person_and_the_others_ignore_it(face):
+    _, p = face
+    person = np.zeros((128, 128), dtype=np.float32)
+    person[:, 40:88] = 1.0  # a narrow person: the background beside the head is not theirs
+    for attribute in ("black_hair", "blond_hair"):
+        cut, whole = region_mask([attribute], p, 128, person=person), region_mask([attribute], p, 128)
+        assert whole[:, :25].max() == 1 and cut[:, :25].max() == 0  # far from the person: untouched
+        assert np.array_equal(cut[:, 58:70], whole[:, 58:70])  # on the person, beyond the feathering: as before
+        assert np.array_equal(region_mask([attribute], p, 128, person=np.ones_like(person)), whole)
+    for attribute in ("bald", "wearing_hat", "mustache"):
+        assert np.array_equal(region_mask([attribute], p, 128, person=person), region_mask([attribute], p, 128))
+
+
 def test_mask_grow_feathers_outwards_and_unknown_regions_are_refused(face):
     _, p = face
     small, big = region_mask(["mustache"], p, 128, grow=0, feather=0), region_mask(["mustache"], p, 128, grow=6)
@@ -248,6 +261,22 @@ def test_mediapipe_finds_a_face_in_a_real_photo():
     p = faces[0]
     assert p["left_eye"][0] < p["nose_tip"][0] < p["right_eye"][0]
     assert p["left_eye"][1] < p["nose_tip"][1] < p["upper_lip"][1] < p["lower_lip"][1] < p["jaw_4"][1]
+
+
+def test_the_person_is_segmented_from_the_background_of_a_real_photo():
+    pytest.importorskip("mediapipe")
+    skimage_data = pytest.importorskip("skimage.data")
+    from facegen_cli.landmarks import FaceFinder
+
+    image = skimage_data.astronaut()
+    finder = FaceFinder()
+    p = finder(image)[0]
+    person = finder.person(image)
+    finder.close()
+    assert person.shape == image.shape[:2] and person.min() >= 0 and person.max() <= 1
+    x, y = (int(round(c)) for c in p["nose_tip"])
+    assert person[y, x] > 0.9 and person[int(p["hairline_center"][1]) - 10, x] > 0.5  # face and hair
+    assert person[5:60, 5:60].mean() < 0.1  # the flag and the wall in the photo's top left corner
 
 
 def test_edit_respects_exif_orientation(tmp_path, tiny_model_dir):
