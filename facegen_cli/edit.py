@@ -12,7 +12,7 @@ from typing import Optional
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageChops, ImageDraw, ImageFilter, ImageOps, JpegImagePlugin
+from PIL import Image, ImageDraw, ImageFilter, ImageOps, JpegImagePlugin
 
 from . import flow
 from .attributes import EXCLUSIVE, check_names, exclusive_pairs, hold_readings
@@ -112,21 +112,32 @@ REGIONS = {
 }
 
 
-# A hair colour changes the hair, not what is around it: its region is cut to the person as segmented,
-# so that the background (and the head's outline) stays the photo's own.
+# A hair colour changes the hair, not what is around it: its region, grown and feathered, is then cut to
+# the person as segmented (PERSON_MARGIN pixels past their outline, for the hair's soft edge), so that the
+# background stays the photo's own.
 ON_THE_PERSON = {"black_hair", "blond_hair"}
+PERSON_MARGIN = 2
 
 
 def region_mask(attributes, points, size, grow=4, feather=3, person=None):
     """Float (size, size) mask in [0, 1] covering the regions of `attributes` for a face with `points`
     (named landmarks in the size x size frame), grown by `grow` pixels and feathered by `feather`.
     `person`: (size, size) in [0, 1], the person's segmentation (FaceFinder.person); the regions in
-    ON_THE_PERSON keep only its pixels above 0.5 (before growing)."""
+    ON_THE_PERSON are cut to it."""
     check_names(list(REGIONS), attributes)
+    on_person = [a for a in attributes if a in ON_THE_PERSON] if person is not None else []
+    mask = _drawn_regions([a for a in attributes if a not in on_person], points, size, grow, feather)
+    if on_person:
+        near = Image.fromarray(np.where(person > 0.5, 255, 0).astype(np.uint8)).filter(
+            ImageFilter.MaxFilter(2 * PERSON_MARGIN + 1)).filter(ImageFilter.GaussianBlur(PERSON_MARGIN / 2))
+        cut = _drawn_regions(on_person, points, size, grow, feather) * (np.asarray(near, dtype=np.float32) / 255)
+        mask = np.maximum(mask, cut)
+    return mask
+
+
+def _drawn_regions(attributes, points, size, grow, feather):
     scale = 4  # drawn supersampled for smooth edges
     canvas = Image.new("L", (size * scale, size * scale), 0)
-    on_person = None if person is None else Image.fromarray(np.where(person > 0.5, 255, 0).astype(np.uint8)).resize(
-        canvas.size, Image.Resampling.NEAREST)
     for attribute in attributes:
         polygons, cut_face = REGIONS[attribute]
         layer = Image.new("L", canvas.size, 0)
@@ -135,8 +146,6 @@ def region_mask(attributes, points, size, grow=4, feather=3, person=None):
             layer_draw.polygon([(x * scale, y * scale) for x, y in polygon], fill=255)
         if cut_face:
             ImageDraw.Draw(layer).polygon([(x * scale, y * scale) for x, y in _face_oval(points)], fill=0)
-        if on_person is not None and attribute in ON_THE_PERSON:
-            layer = ImageChops.multiply(layer, on_person)
         canvas.paste(255, mask=layer)
     mask = canvas.resize((size, size), Image.Resampling.BOX)
     if grow > 0:
