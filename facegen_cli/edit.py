@@ -183,7 +183,7 @@ class EditRequest:
     remove: tuple = ()
     strength: Optional[float] = None  # sampler start time, 1 = pure noise inside the mask; None: see `start`
     sample: SampleConfig = field(default_factory=SampleConfig)
-    resample: int = 1
+    resample: int = 2  # RePaint rounds per step, as the CLI: the second one blends the mask's edge
     mask_grow: int = 4
     seed: int = 0
 

@@ -321,7 +321,7 @@ def evaluate_model(pipe, classifier, classifier_report, out, num_seeds=32, guida
                        {"facegen": {"attribute": name, "guidance": guidance,
                                     "rows": "asked against, the same faces with it added and the others held"}})
     if held_out is not None and held_out.points is not None:
-        report["edit_locality"] = edit_locality(pipe, classifier, held_out, EditRequest(sample=settings, resample=2))
+        report["edit_locality"] = edit_locality(pipe, classifier, held_out, EditRequest(sample=settings))
     save_plots(report, attributes, out / "plots")
     write_json(out / "report.json", report)
     with atomic_path(out / "report.md") as tmp:
@@ -436,12 +436,12 @@ def edit_locality(pipe, classifier, faces, request, num_faces=16):
     new region carries the photo's grain and sharpness, well below it when it is a smooth patch).
     """
     from .edit import ON_THE_PERSON, edit_crops, region_mask
-    from .landmarks import FaceFinder
+    from .landmarks import PersonSegmenter
 
     results = {}
     attributes = pipe.attributes
     exclusive = exclusive_pairs(attributes)
-    finder = FaceFinder()  # for the person's segmentation that hair-colour regions are cut to
+    segmenter = PersonSegmenter()  # hair-colour regions are cut to the person
     try:
         for i, name in enumerate(attributes):
             chosen = torch.nonzero(faces.labels[:, i] < 0).flatten()[:num_faces].tolist()
@@ -449,7 +449,7 @@ def edit_locality(pipe, classifier, faces, request, num_faces=16):
                 continue
             before = faces.images[chosen]
             masks = np.stack([region_mask([name], faces.points[k], before.shape[1], grow=request.mask_grow,
-                                          person=finder.person(faces.images[k]) if name in ON_THE_PERSON else None)
+                                          person=segmenter(faces.images[k]) if name in ON_THE_PERSON else None)
                               for k in chosen])
             current = classifier.predict(to_tensor(before))
             after = edit_crops(pipe, before, masks, dataclasses.replace(request, add=(name,)), current)
@@ -468,7 +468,7 @@ def edit_locality(pipe, classifier, faces, request, num_faces=16):
                 "texture_ratio_before": round(high_frequency_ratio(before, masks), 4),
             }
     finally:
-        finder.close()
+        segmenter.close()
     return results
 
 

@@ -34,14 +34,19 @@ def laplacian_pyramid(x, levels):
     return bands + [x]
 
 
+def per_example_mean(x):
+    return x.flatten(1).mean(1)
+
+
 def laplacian_loss(prediction, target, levels=3):
-    """Mean L1 distance between the Laplacian pyramids: weighs edges and fine detail."""
+    """Per example, the mean L1 distance between the Laplacian pyramids: weighs edges and fine detail."""
     pairs = zip(laplacian_pyramid(prediction, levels), laplacian_pyramid(target, levels))
-    return sum(F.l1_loss(p, t) for p, t in pairs) / levels
+    return sum(per_example_mean((p - t).abs()) for p, t in pairs) / levels
 
 
-def flow_loss(model, x0, y, generator, laplacian_weight=0.0, t_mean=0.0, t_std=1.0):
-    """MSE on the velocity plus `laplacian_weight` times a Laplacian-pyramid L1 on the implied x0.
+def flow_loss(model, x0, y, generator, laplacian_weight=0.0, t_mean=0.0, t_std=1.0, weights=None):
+    """MSE on the velocity plus `laplacian_weight` times a Laplacian-pyramid L1 on the implied x0,
+    averaged over the batch with the per-example `weights` (all 1 when not given).
 
     Returns (loss, {"mse": ..., "laplacian": ...}) with the parts detached for logging.
     """
@@ -49,11 +54,13 @@ def flow_loss(model, x0, y, generator, laplacian_weight=0.0, t_mean=0.0, t_std=1
     t = sample_timesteps(x0.shape[0], generator, t_mean, t_std, x0.device)
     x_t = interpolate(x0, noise, t)
     v_pred = model(x_t, t, y).float()
-    mse = F.mse_loss(v_pred, (noise - x0).float())
+    weights = torch.ones(x0.shape[0], device=x0.device) if weights is None else weights.float()
+    batch_mean = lambda per_example: (weights * per_example).sum() / weights.sum()  # noqa: E731
+    mse = batch_mean(per_example_mean((v_pred - (noise - x0).float()) ** 2))
     loss, parts = mse, {"mse": mse.detach()}
     if laplacian_weight > 0:
         x0_pred = x_t.float() - t.view(-1, 1, 1, 1) * v_pred
-        lap = laplacian_loss(x0_pred, x0.float())
+        lap = batch_mean(laplacian_loss(x0_pred, x0.float()))
         loss = loss + laplacian_weight * lap
         parts["laplacian"] = lap.detach()
     return loss, parts

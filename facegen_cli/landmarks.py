@@ -103,20 +103,34 @@ class FaceFinder:
         return sorted(faces, key=lambda f: f["nose_tip"][0])
 
     def person(self, image):
-        """(H, W) float32 in [0, 1]: where the person (head, hair, hat, shoulders) is in an RGB uint8 image,
-        by MediaPipe's selfie segmentation (its model is inside the wheel too); 0 is the background."""
+        """The person's segmentation (PersonSegmenter), started on first use."""
         if self.segmenter is None:
-            with quiet_stderr():
-                from mediapipe.python.solutions import selfie_segmentation
-
-                self.segmenter = selfie_segmentation.SelfieSegmentation(model_selection=0)
-        return self.segmenter.process(np.ascontiguousarray(image)).segmentation_mask
+            self.segmenter = PersonSegmenter()
+        return self.segmenter(image)
 
     def close(self):
         self.detector.close()
         self.mesh.close()
         if self.segmenter is not None:
             self.segmenter.close()
+
+
+class PersonSegmenter:
+    """MediaPipe's selfie segmentation (its model is inside the wheel too)."""
+
+    def __init__(self):
+        with quiet_stderr():
+            from mediapipe.python.solutions import selfie_segmentation
+
+            self.segmenter = selfie_segmentation.SelfieSegmentation(model_selection=0)
+
+    def __call__(self, image):
+        """(H, W) float32 in [0, 1]: where the person (head, hair, hat, shoulders) is in an RGB uint8 image;
+        0 is the background."""
+        return self.segmenter.process(np.ascontiguousarray(image)).segmentation_mask
+
+    def close(self):
+        self.segmenter.close()
 
 
 def similarity_transform(source, target):

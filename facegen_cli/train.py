@@ -34,14 +34,29 @@ from .runs import (ORDER_STREAM, STEP_STREAM, batch_indices, check_same_run, lat
 from .vae import DEFAULT_VAE, load_vae, vae_fingerprint
 
 
-def rare_weights(labels, rare_rate):
-    """Per-example sampling weights that show each attribute's positives about `rare_rate` of the time:
-    a face with an attribute of frequency f < rare_rate weighs rare_rate / f (its rarest such attribute
-    counts, so faces with several rare ones are not drawn far more often still)."""
-    positive = labels > 0
-    frequency = positive.float().mean(0)
-    boost = torch.where((frequency > 0) & (frequency < rare_rate), rare_rate / frequency.clamp(min=1e-12), 1.0)
-    return torch.where(positive, boost, 1.0).amax(1)
+def rare_boosts(labels, rare_rate):
+    """Per attribute, how much more often its positives are drawn so that they show about `rare_rate`
+    of the time: rare_rate / f for an attribute of frequency f < rare_rate, else 1."""
+    frequency = (labels > 0).float().mean(0)
+    return torch.where((frequency > 0) & (frequency < rare_rate), rare_rate / frequency.clamp(min=1e-12), 1.0)
+
+
+def sampling_weights(labels, boosts):
+    """Per example, the boost of its rarest positive attribute (so that faces with several rare ones are
+    not drawn far more often still); 1 for a face with none. Free (0) attributes do not count."""
+    return torch.where(labels > 0, boosts, 1.0).amax(1)
+
+
+def free_branch_weights(y, drawn_weights, boosts):
+    """Loss weights that keep oversampling from biasing what the model draws for a free attribute.
+
+    A face drawn `drawn_weights` times as often as its share is, once an attribute that earned it that is
+    set free, an over-counted sample of the free-attribute condition (`--male` alone would grow
+    mustaches). Weighting it by w(kept labels) / w(all labels) is exact importance weighting: every face
+    that matches the kept labels has the same w(kept labels), so within each condition the faces count
+    as often as in the data, while conditions that ask for a rare attribute keep their extra examples.
+    """
+    return sampling_weights(y, boosts) / drawn_weights
 
 
 def balanced_batch_indices(weights, batch_size, step, seed, rank=0, world_size=1):
@@ -50,9 +65,12 @@ def balanced_batch_indices(weights, batch_size, step, seed, rank=0, world_size=1
     return batch[rank::world_size]
 
 
-def drop_labels(labels, generator, attribute_dropout, condition_dropout):
-    """Set each attribute free (0) with one probability and the whole vector with another."""
-    keep = torch.rand(labels.shape, generator=generator, device=labels.device) >= attribute_dropout
+def drop_labels(labels, generator, attribute_dropout, condition_dropout, uniform=False):
+    """Set each attribute free (0) with one probability and the whole vector with another. With
+    `uniform`, each example's attribute probability is drawn from U(0, 1) instead: every number of asked
+    attributes, from none to all, is then about equally common."""
+    rate = torch.rand(labels.shape[0], 1, generator=generator, device=labels.device) if uniform else attribute_dropout
+    keep = torch.rand(labels.shape, generator=generator, device=labels.device) >= rate
     keep &= torch.rand(labels.shape[0], 1, generator=generator, device=labels.device) >= condition_dropout
     return labels.float() * keep
 
@@ -215,7 +233,8 @@ def train(preset, data, out, vae_source=None, max_steps=None, batch_size=None, r
 
     task = progress.add_task("training", total=max_steps, completed=start_step, loss=float("nan"), speed=0.0) \
         if progress and accelerator.is_main_process else None
-    weights = rare_weights(labels, cfg.rare_rate) if cfg.rare_rate else None
+    boosts = rare_boosts(labels, cfg.rare_rate) if cfg.rare_rate else None
+    weights = sampling_weights(labels, boosts) if cfg.rare_rate else None
     if weights is not None:
         shown = ((labels > 0).float() * weights[:, None]).sum(0) / weights.sum()
         log("oversampling rare attributes: " + ", ".join(
@@ -226,6 +245,8 @@ def train(preset, data, out, vae_source=None, max_steps=None, batch_size=None, r
     # on the CPU with the generator that draws batches from them.
     if latents.nbytes < device_memory(accelerator.device) / 8:  # 26k faces' latents are ~100 MB
         latents, labels = latents.to(accelerator.device), labels.to(accelerator.device)
+    if weights is not None:
+        boosts, drawn_weights = boosts.to(accelerator.device), weights.to(latents.device)
     tick, images_since_tick = time.perf_counter(), 0
     for step in range(start_step, max_steps):
         generator = seeded_generator(cfg.seed, STEP_STREAM, step, rank, device=accelerator.device)
@@ -235,11 +256,15 @@ def train(preset, data, out, vae_source=None, max_steps=None, batch_size=None, r
             index = balanced_batch_indices(weights, batch_size, step, cfg.seed, rank, world_size)
         index = index.to(latents.device)
         x0 = latents[index].to(accelerator.device)
-        y = drop_labels(labels[index].to(accelerator.device), generator, cfg.attribute_dropout, cfg.condition_dropout)
+        y = drop_labels(labels[index].to(accelerator.device), generator, cfg.attribute_dropout, cfg.condition_dropout,
+                        cfg.uniform_dropout)
+        loss_weights = None if weights is None else \
+            free_branch_weights(y, drawn_weights[index].to(accelerator.device), boosts)
         for group in optimizer.param_groups:
             group["lr"] = scheduled_lr(step, cfg.learning_rate, cfg.warmup_steps, max_steps, cooldown_steps)
         with accelerator.autocast():
-            loss, parts = flow.flow_loss(model, x0, y, generator, cfg.laplacian_weight, cfg.t_mean, cfg.t_std)
+            loss, parts = flow.flow_loss(model, x0, y, generator, cfg.laplacian_weight, cfg.t_mean, cfg.t_std,
+                                         loss_weights)
         accelerator.backward(loss)
         if cfg.grad_clip:
             accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)

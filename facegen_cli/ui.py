@@ -112,7 +112,7 @@ def edit_photo(pipe, classifier, photo, add, remove, strength, seed, face, out):
 
     if not add and not remove:
         raise FacegenError("nothing to change: tick an attribute to add or to remove")
-    request = EditRequest(tuple(add), tuple(remove), strength, pipe.sample, resample=2, seed=int(seed))
+    request = EditRequest(tuple(add), tuple(remove), strength, pipe.sample, seed=int(seed))
     check_request(pipe.attributes, request)
     photo = Path(photo)
     folder = new_folder(out, "edited")

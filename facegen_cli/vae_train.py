@@ -162,7 +162,7 @@ def train_vae(data_dir, out, steps=4000, batch_size=16, learning_rate=1e-3, kl_w
                 posterior = vae.encode(x).latent_dist
             latents = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=generator)
             reconstruction = vae.decode(latents).sample.float()
-            rec_loss = F.l1_loss(reconstruction, x) + laplacian_loss(reconstruction, x, levels=4)
+            rec_loss = F.l1_loss(reconstruction, x) + laplacian_loss(reconstruction, x, levels=4).mean()
             loss = rec_loss + kl_weight * posterior.kl().mean()
             if gan_term:
                 gen_loss = -discriminator(reconstruction).float().mean()

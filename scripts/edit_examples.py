@@ -34,7 +34,7 @@ def main():
     photos = sorted(p for p in args.photos.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
     size = pipe.info.image_size
     for attribute in REGIONS:
-        request = EditRequest(add=(attribute,), sample=pipe.sample, resample=2)
+        request = EditRequest(add=(attribute,), sample=pipe.sample)
         prepared = []
         for path in photos:
             try:

@@ -1,11 +1,15 @@
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
 from PIL import Image, ImageDraw
 from typer.testing import CliRunner
 
+from facegen_cli.attributes import DEFAULT_ATTRIBUTES
 from facegen_cli.cli import app
-from facegen_cli.edit import REGIONS, EditRequest, edit_crops, latent_mask, paste_back, region_mask
+from facegen_cli.edit import (REGIONS, EditRequest, edit_crops, latent_mask, paste_back, reference_vectors, region_mask,
+                              request_vectors)
 from facegen_cli.config import SampleConfig
 from facegen_cli.errors import FacegenError
 from facegen_cli.landmarks import (CANONICAL_POINTS, align_face, alignment, invert, similarity_transform,
@@ -22,14 +26,12 @@ def face():
     return image, points
 
 
+PIPE = SimpleNamespace(attributes=DEFAULT_ATTRIBUTES)  # what request_vectors and reference_vectors read
+INDEX = {name: i for i, name in enumerate(DEFAULT_ATTRIBUTES)}
+
+
 def test_an_edit_holds_the_readings_but_takes_away_what_the_added_attribute_rules_out():
-    from types import SimpleNamespace
-
-    from facegen_cli.attributes import DEFAULT_ATTRIBUTES
-    from facegen_cli.edit import request_vectors
-
-    pipe = SimpleNamespace(attributes=DEFAULT_ATTRIBUTES)
-    index = {name: i for i, name in enumerate(DEFAULT_ATTRIBUTES)}
+    pipe, index = PIPE, INDEX
     current = -torch.ones(2, len(DEFAULT_ATTRIBUTES), dtype=torch.long)
     current[0, index["black_hair"]] = current[0, index["smiling"]] = 1  # a smiling face with black hair
     current[1, index["wearing_hat"]] = current[1, index["bangs"]] = 1  # a face with a hat and bangs
@@ -47,13 +49,7 @@ def test_an_edit_holds_the_readings_but_takes_away_what_the_added_attribute_rule
 
 
 def test_an_edit_is_guided_away_from_the_face_as_it_is_with_the_change_reversed():
-    from types import SimpleNamespace
-
-    from facegen_cli.attributes import DEFAULT_ATTRIBUTES
-    from facegen_cli.edit import reference_vectors
-
-    pipe = SimpleNamespace(attributes=DEFAULT_ATTRIBUTES)
-    index = {name: i for i, name in enumerate(DEFAULT_ATTRIBUTES)}
+    pipe, index = PIPE, INDEX
     current = -torch.ones(2, len(DEFAULT_ATTRIBUTES), dtype=torch.long)
     current[:, index["black_hair"]] = current[:, index["smiling"]] = 1
     reference = reference_vectors(pipe, EditRequest(add=("blond_hair",), remove=("smiling",)), current)

@@ -6,11 +6,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from facegen_cli import flow
 from facegen_cli.config import load_preset
 from facegen_cli.errors import FacegenError
 from facegen_cli.pipeline import FacegenPipeline
 from facegen_cli.runs import batch_indices, scheduled_lr
-from facegen_cli.train import balanced_batch_indices, drop_labels, rare_weights, train
+from facegen_cli.train import (balanced_batch_indices, drop_labels, free_branch_weights, rare_boosts, sampling_weights,
+                               train)
 from facegen_cli.vae import load_vae
 
 
@@ -29,7 +31,7 @@ def test_batches_cover_each_epoch_once():
 def test_rare_attributes_are_drawn_at_least_at_the_rare_rate():
     generator = torch.Generator().manual_seed(0)
     labels = torch.where(torch.rand(20000, 3, generator=generator) < torch.tensor([0.5, 0.02, 0.05]), 1, -1)
-    weights = rare_weights(labels, 0.1)
+    weights = sampling_weights(labels, rare_boosts(labels, 0.1))
     assert torch.equal(weights[(labels[:, 1:] < 0).all(1)], torch.ones(int((labels[:, 1:] < 0).all(1).sum())))
     drawn = torch.cat([balanced_batch_indices(weights, 256, step, seed=0) for step in range(200)])
     shown = (labels[drawn] > 0).float().mean(0)
@@ -40,12 +42,55 @@ def test_rare_attributes_are_drawn_at_least_at_the_rare_rate():
     assert sorted(torch.cat(shares).tolist()) == sorted(balanced_batch_indices(weights, 16, 7, seed=0).tolist())
 
 
+def test_free_branch_weights_undo_the_oversampling_where_the_rare_attribute_is_free():
+    generator = torch.Generator().manual_seed(0)
+    labels = torch.where(torch.rand(20000, 3, generator=generator) < torch.tensor([0.5, 0.02, 0.05]), 1, -1)
+    boosts = rare_boosts(labels, 0.1)
+    weights = sampling_weights(labels, boosts)
+    drawn = torch.cat([balanced_batch_indices(weights, 256, step, seed=0) for step in range(400)])
+    y = drop_labels(labels[drawn], generator, 0.3, 0.1)
+    loss_weights = free_branch_weights(y, weights[drawn], boosts)
+    # Faces whose rare attributes are all kept keep their weight 1: the extra examples stay.
+    assert torch.equal(loss_weights[(y[:, 1:] == labels[drawn][:, 1:]).all(1)], torch.ones(int(
+        (y[:, 1:] == labels[drawn][:, 1:]).all(1).sum())))
+    # Where attribute 1 is free, the weighted share of its positives is the data's (2%), not the drawn 10%.
+    free = y[:, 1] == 0
+    drawn_share = (labels[drawn][free, 1] > 0).float().mean()
+    weighted_share = (loss_weights[free] * (labels[drawn][free, 1] > 0)).sum() / loss_weights[free].sum()
+    assert drawn_share > 0.08 and 0.015 < weighted_share < 0.025
+    # The same within a condition: male (attribute 0) asked, the rest free.
+    asked = free & (y[:, 0] > 0)
+    share = (loss_weights[asked] * (labels[drawn][asked, 1] > 0)).sum() / loss_weights[asked].sum()
+    natural = (labels[labels[:, 0] > 0, 1] > 0).float().mean()
+    assert abs(share - natural) < 0.006
+
+
+def test_weighted_flow_loss_is_the_weighted_mean_of_the_examples_losses():
+    model = lambda x, t, y: x * 0.5 + y.sum(1).view(-1, 1, 1, 1)  # noqa: E731
+    x0, y = torch.randn(4, 4, 8, 8), torch.tensor([[1.0], [0.0], [-1.0], [1.0]])
+    loss = lambda w: flow.flow_loss(model, x0, y, torch.Generator().manual_seed(0), 0.1, weights=w)[0]  # noqa: E731
+    each = torch.stack([loss(torch.eye(4)[i]) for i in range(4)])  # same noise and times: the same generator
+    assert len(set(each.tolist())) == 4
+    assert torch.allclose(loss(None), each.mean())
+    w = torch.tensor([0.5, 2.0, 1.0, 0.25])
+    assert torch.allclose(loss(w), (w * each).sum() / w.sum())
+
+
 def test_label_dropout_only_frees_attributes():
     labels = torch.randint(0, 2, (1000, 12)) * 2 - 1
     dropped = drop_labels(labels, torch.Generator().manual_seed(0), 0.3, 0.1)
     assert ((dropped == labels) | (dropped == 0)).all()
     assert 0.3 < (dropped == 0).float().mean() < 0.45  # 0.3 + 0.1 * 0.7
     assert 0.05 < (dropped == 0).all(dim=1).float().mean() < 0.15
+
+
+def test_uniform_dropout_trains_requests_of_every_size():
+    labels = torch.randint(0, 2, (26000, 12)) * 2 - 1
+    asked = (drop_labels(labels, torch.Generator().manual_seed(0), 0.3, 0.0, uniform=True) != 0).sum(1)
+    shares = torch.bincount(asked, minlength=13) / len(asked)
+    assert (shares > 0.06).all() and (shares < 0.095).all()  # 0 to 12 asked: each about 1/13
+    fixed = (drop_labels(labels, torch.Generator().manual_seed(0), 0.3, 0.0) != 0).sum(1)
+    assert (fixed <= 2).float().mean() < 0.001  # what a fixed rate of 0.3 leaves for one or two asked
 
 
 def test_learning_rate_warms_up_holds_and_cools_down_to_zero():
