@@ -29,7 +29,7 @@ class TrainConfig:
     laplacian_weight: float = 0.1  # 0 turns the Laplacian-pyramid term off
     attribute_dropout: float = 0.3  # each attribute set to 0 (free) with this probability
     # True: each example's attribute dropout drawn from U(0, 1) instead, so that requests of every size
-    # are learned (with 0.3 and 12 attributes, one asked alone is ~1 in a million examples)
+    # are learned (with 0.3 and 12 attributes, one asked alone is 1 example in 75,000)
     uniform_dropout: bool = False
     condition_dropout: float = 0.1  # the whole vector set to 0 (unconditional) with this probability
     rare_rate: float = 0.0  # attributes rarer than this are oversampled up to it (0: plain epochs)

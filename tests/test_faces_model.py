@@ -14,7 +14,7 @@ from facegen_cli.pipeline import FACES_MODEL, model_path
 def test_the_real_face_model_ships_in_float16_within_40_mb_and_is_the_default():
     assert_shipped_in_float16(FACES_MODEL, 40)
     info = json.loads((FACES_MODEL / "facegen.json").read_text())
-    assert info["preset"] == "faces" and info["image_size"] == 128
+    assert info["preset"] == "faces-finetune" and info["image_size"] == 128  # the faces model, fine-tuned
     assert model_path(None) == FACES_MODEL
     report = json.loads((FACES_MODEL / "classifier" / "accuracy.json").read_text())
     assert report["balanced_loss"] and min(report["test_balanced_accuracy"].values()) > 0.7
