@@ -427,12 +427,13 @@ def edit_locality(pipe, classifier, faces, request, num_faces=16):
     """Edit locality per attribute on aligned faces with known landmarks (HeldOutFaces with points).
 
     For each attribute, the first `num_faces` faces whose label is -1 get `--add attribute` (`request`
-    with that attribute added: its sampler settings, resampling, mask growth and seed). Returns {attribute: {success, psnr_outside,
-    ssim_outside, others_changed, pixels_changed_outside, texture_ratio, texture_ratio_before, faces}}: the
-    fraction the classifier then reads as having it, PSNR and SSIM over the pixels outside the mask (inf
-    and 1.0 when untouched), how often the other attributes' readings change (not counting those the added
-    one rules out, as in the held flip), the number of pixels changed outside the mask, and the
-    high-frequency energy inside the mask over that of the face around it after the edit (texture_ratio; near texture_ratio_before, the same measure on the unedited face, when the
+    with that attribute added: its sampler settings, resampling, mask growth and seed). Returns
+    {attribute: {success, psnr_outside, ssim_outside, others_changed, pixels_changed_outside, texture_ratio,
+    texture_ratio_before, faces}}: the fraction the classifier then reads as having it, PSNR and SSIM over
+    the pixels outside the mask (inf and 1.0 when untouched), how often the other attributes' readings
+    change (not counting those the added one rules out, as in the held flip), the number of pixels changed
+    outside the mask, and the high-frequency energy inside the mask over that of the face around it after
+    the edit (texture_ratio; near texture_ratio_before, the same measure on the unedited face, when the
     new region carries the photo's grain and sharpness, well below it when it is a smooth patch).
     """
     from .edit import ON_THE_PERSON, edit_crops, region_mask

@@ -31,35 +31,33 @@ INDEX = {name: i for i, name in enumerate(DEFAULT_ATTRIBUTES)}
 
 
 def test_an_edit_holds_the_readings_but_takes_away_what_the_added_attribute_rules_out():
-    pipe, index = PIPE, INDEX
     current = -torch.ones(2, len(DEFAULT_ATTRIBUTES), dtype=torch.long)
-    current[0, index["black_hair"]] = current[0, index["smiling"]] = 1  # a smiling face with black hair
-    current[1, index["wearing_hat"]] = current[1, index["bangs"]] = 1  # a face with a hat and bangs
-    y = request_vectors(pipe, EditRequest(add=("blond_hair",)), current)
+    current[0, INDEX["black_hair"]] = current[0, INDEX["smiling"]] = 1  # a smiling face with black hair
+    current[1, INDEX["wearing_hat"]] = current[1, INDEX["bangs"]] = 1  # a face with a hat and bangs
+    y = request_vectors(PIPE, EditRequest(add=("blond_hair",)), current)
     expected = current.float()
-    expected[:, index["blond_hair"]] = 1
-    expected[0, index["black_hair"]] = -1  # blond replaces black; the smile and everything else stay
+    expected[:, INDEX["blond_hair"]] = 1
+    expected[0, INDEX["black_hair"]] = -1  # blond replaces black; the smile and everything else stay
     assert torch.equal(y, expected)
-    y = request_vectors(pipe, EditRequest(add=("bald",), remove=("smiling",)), current)
-    assert y[1, index["bald"]] == 1 and y[1, index["wearing_hat"]] == -1 and y[1, index["bangs"]] == -1
-    assert y[0, index["black_hair"]] == 1 and (y[:, index["smiling"]] == -1).all()  # bald keeps side hair colour
+    y = request_vectors(PIPE, EditRequest(add=("bald",), remove=("smiling",)), current)
+    assert y[1, INDEX["bald"]] == 1 and y[1, INDEX["wearing_hat"]] == -1 and y[1, INDEX["bangs"]] == -1
+    assert y[0, INDEX["black_hair"]] == 1 and (y[:, INDEX["smiling"]] == -1).all()  # bald keeps side hair colour
     # Without readings, only the request is asked; the rest stays free.
-    free = request_vectors(pipe, EditRequest(add=("blond_hair",)))
-    assert free.shape == (1, len(DEFAULT_ATTRIBUTES)) and free.abs().sum() == 1 and free[0, index["blond_hair"]] == 1
+    free = request_vectors(PIPE, EditRequest(add=("blond_hair",)))
+    assert free.shape == (1, len(DEFAULT_ATTRIBUTES)) and free.abs().sum() == 1 and free[0, INDEX["blond_hair"]] == 1
 
 
 def test_an_edit_is_guided_away_from_the_face_as_it_is_with_the_change_reversed():
-    pipe, index = PIPE, INDEX
     current = -torch.ones(2, len(DEFAULT_ATTRIBUTES), dtype=torch.long)
-    current[:, index["black_hair"]] = current[:, index["smiling"]] = 1
-    reference = reference_vectors(pipe, EditRequest(add=("blond_hair",), remove=("smiling",)), current)
+    current[:, INDEX["black_hair"]] = current[:, INDEX["smiling"]] = 1
+    reference = reference_vectors(PIPE, EditRequest(add=("blond_hair",), remove=("smiling",)), current)
     expected = current.float()
-    expected[:, index["blond_hair"]] = -1  # not blond, still smiling, and its black hair as it was
-    expected[:, index["smiling"]] = 1
+    expected[:, INDEX["blond_hair"]] = -1  # not blond, still smiling, and its black hair as it was
+    expected[:, INDEX["smiling"]] = 1
     assert torch.equal(reference, expected)
-    assert current[0, index["smiling"]] == 1  # the readings themselves are left alone
-    free = reference_vectors(pipe, EditRequest(add=("mustache",)))
-    assert free.shape == (1, len(DEFAULT_ATTRIBUTES)) and free.abs().sum() == 1 and free[0, index["mustache"]] == -1
+    assert current[0, INDEX["smiling"]] == 1  # the readings themselves are left alone
+    free = reference_vectors(PIPE, EditRequest(add=("mustache",)))
+    assert free.shape == (1, len(DEFAULT_ATTRIBUTES)) and free.abs().sum() == 1 and free[0, INDEX["mustache"]] == -1
 
 
 def test_colour_changes_repaint_from_pure_noise_unless_a_strength_is_given():
