@@ -189,12 +189,15 @@ def train(preset, data, out, vae_source=None, max_steps=None, batch_size=None, r
     elif init_from:
         base = load_init_model(init_from, model_config, cache_meta)
         init_weights = base.dit.state_dict()
+        # The VAE is the init model's (checked above), so its record of where that VAE came from carries over.
         init = {"source": str(init_from), "trained_steps": base.info.trained_steps or 0,
-                "latent_mean": base.info.latent_mean, "latent_std": base.info.latent_std}
+                "latent_mean": base.info.latent_mean, "latent_std": base.info.latent_std,
+                "vae_source": base.info.vae_source, "decoder_source": base.info.decoder_source}
     if init:
         state["init"] = init
         info = dataclasses.replace(info, latent_mean=init["latent_mean"], latent_std=init["latent_std"],
-                                   init_from=init["source"])
+                                   init_from=init["source"], vae_source=init.get("vae_source") or info.vae_source,
+                                   decoder_source=init.get("decoder_source"))
     mean = torch.tensor(info.latent_mean).view(1, -1, 1, 1)
     std = torch.tensor(info.latent_std).view(1, -1, 1, 1)
     latents = (latents - mean) / std

@@ -185,13 +185,24 @@ def test_fine_tuning_starts_from_the_init_model_and_resumes_bit_for_bit(tmp_path
     assert info["trained_steps"] == 6 + 2 and info["init_from"] == str(tiny_model_dir)
     assert info["latent_mean"] == start.info.latent_mean
 
+    # Where the VAE came from (its training run, a fine-tuned decoder) carries over from the init model.
+    recorded = tmp_path / "recorded"
+    shutil.copytree(tiny_model_dir, recorded)
+    record = json.loads((recorded / "facegen.json").read_text())
+    record.update(vae_source="runs/vae", decoder_source="runs/decoder")
+    (recorded / "facegen.json").write_text(json.dumps(record))
+    info = json.loads((train(frozen, cache, tmp_path / "carried", max_steps=1, init_from=recorded, log=quiet)
+                       / "facegen.json").read_text())
+    assert (info["vae_source"], info["decoder_source"]) == ("runs/vae", "runs/decoder")
+
     train(preset, cache, tmp_path / "straight", max_steps=4, init_from=tiny_model_dir, log=quiet)
-    train(preset, cache, tmp_path / "split", max_steps=2, init_from=tiny_model_dir, log=quiet)
+    train(preset, cache, tmp_path / "split", max_steps=2, init_from=recorded, log=quiet)
     train(preset, cache, tmp_path / "split", max_steps=4, resume=True, log=quiet)
     a = load_file(tmp_path / "straight/checkpoints/step-000004/model.safetensors")
     b = load_file(tmp_path / "split/checkpoints/step-000004/model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
-    assert json.loads((tmp_path / "split/model/facegen.json").read_text())["trained_steps"] == 6 + 4
+    resumed = json.loads((tmp_path / "split/model/facegen.json").read_text())
+    assert resumed["trained_steps"] == 6 + 4 and resumed["decoder_source"] == "runs/decoder"
     assert not torch.equal(a["final_layer.linear.weight"], start.dit.state_dict()["final_layer.linear.weight"])
 
 
