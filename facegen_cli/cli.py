@@ -251,7 +251,7 @@ def edit(
     model: Optional[Path] = typer.Option(None, help=MODEL_HELP),
     strength: Optional[float] = typer.Option(None, min=0.05, max=1.0,
                                              help="How much to repaint: the sampler's start time (default 0.8; "
-                                                  "1.0 for hair colours, bald and pale_skin)."),
+                                                  "1.0 for hair colours and bald, 0.7 for pale_skin and male)."),
     steps: Optional[int] = typer.Option(None, min=1, help="Sampling steps (default: the model's)."),
     guidance: Optional[float] = typer.Option(None, callback=finite,
                                              help="Classifier-free guidance (default: the model's)."),

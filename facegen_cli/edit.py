@@ -84,8 +84,9 @@ def _hair(p):
     return [[(left, top), (right, top), (right, bottom), (left, bottom)]]
 
 
-def _hat(p):
-    """The head above the brows, brim included."""
+def _above_brows(p):
+    """The head above the brows: a hat with its brim, or the scalp that baldness bares (the side hair
+    below the brows and a beard stay the photo's own)."""
     (left, top), (right, _), *_ = _hair(p)[0]
     brow = max(p["left_brow_inner"][1], p["right_brow_inner"][1])
     return [[(left, top), (right, top), (right, brow), (left, brow)]]
@@ -102,8 +103,8 @@ REGIONS = {
     "eyeglasses": (_eyeglasses, False),
     "smiling": (_smiling, False),
     "bangs": (_forehead, False),
-    "wearing_hat": (_hat, False),
-    "bald": (_hair, True),
+    "wearing_hat": (_above_brows, False),
+    "bald": (_above_brows, True),
     "black_hair": (_hair, True),
     "blond_hair": (_hair, True),
     "pale_skin": (_whole_face, False),
@@ -170,10 +171,13 @@ def latent_mask(mask, latent_size):
 # Editing aligned crops and photos
 # ---------------------------------------------------------------------------------------------
 
-# Repainting from a partly noised latent keeps the region's colours, which is what most edits want
-# (the skin under a new mustache) but what a colour change cannot have: those start from pure noise.
+# The sampler's start time inside the mask when no strength is given (1 = pure noise). Repainting from a
+# partly noised latent keeps the region's colours and layout, which most edits want (the skin under a new
+# mustache) but what a new hair colour or a bald head cannot have: those start from pure noise. A face
+# made pale or male keeps its pose and light from 0.7 (on 16 held-out faces each, from 1.0 / 0.8 to 0.7:
+# pale skin still read on all, the other readings changed 5.7 -> 2.3%; male: all, 23.9 -> 16.5%).
 DEFAULT_STRENGTH = 0.8
-COLOUR_CHANGES = {"black_hair", "blond_hair", "bald", "pale_skin"}
+STRENGTHS = {"black_hair": 1.0, "blond_hair": 1.0, "bald": 1.0, "pale_skin": 0.7, "male": 0.7}
 
 
 @dataclass
@@ -193,10 +197,10 @@ class EditRequest:
 
     @property
     def start(self):
-        """The strength given, or 1.0 when a colour changes and 0.8 otherwise."""
+        """The strength given, or the largest of the changes' STRENGTHS (DEFAULT_STRENGTH for the rest)."""
         if self.strength is not None:
             return self.strength
-        return 1.0 if COLOUR_CHANGES & set(self.changed) else DEFAULT_STRENGTH
+        return max((STRENGTHS.get(name, DEFAULT_STRENGTH) for name in self.changed), default=DEFAULT_STRENGTH)
 
 
 def check_request(vocabulary, request):

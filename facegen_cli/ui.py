@@ -196,7 +196,7 @@ def build_app(pipe, classifier, out, model_name):
                     add = gr.CheckboxGroup(list(pipe.attributes), label="add", elem_id="add")
                     remove = gr.CheckboxGroup(list(pipe.attributes), label="remove", elem_id="remove")
                     strength = gr.Slider(0.0, 1.0, value=0.0, step=0.05,
-                                         label="strength (0: automatic, 0.8, or 1.0 for a colour change)")
+                                         label="strength (0: automatic, 0.7-1.0 by the change)")
                     edit_seed = gr.Number(value=0, precision=0, minimum=0, label="seed")
                     edit = gr.Button("Edit", variant="primary", elem_id="edit")
             with gr.Row():

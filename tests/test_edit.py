@@ -60,10 +60,11 @@ def test_an_edit_is_guided_away_from_the_face_as_it_is_with_the_change_reversed(
     assert free.shape == (1, len(DEFAULT_ATTRIBUTES)) and free.abs().sum() == 1 and free[0, INDEX["mustache"]] == -1
 
 
-def test_colour_changes_repaint_from_pure_noise_unless_a_strength_is_given():
+def test_the_default_strength_follows_the_change_unless_one_is_given():
     assert EditRequest(add=("mustache",)).start == 0.8  # keeps the skin's colour under the new mustache
-    assert EditRequest(add=("blond_hair",)).start == 1.0 and EditRequest(remove=("pale_skin",)).start == 1.0
-    assert EditRequest(add=("smiling", "bald")).start == 1.0
+    assert EditRequest(add=("blond_hair",)).start == 1.0 and EditRequest(remove=("bald",)).start == 1.0
+    assert EditRequest(add=("smiling", "bald")).start == 1.0  # the largest of the changes' strengths
+    assert EditRequest(remove=("pale_skin",)).start == 0.7 and EditRequest(add=("male", "beard")).start == 0.8
     assert EditRequest(add=("blond_hair",), strength=0.5).start == 0.5
 
 
@@ -79,6 +80,7 @@ def test_each_region_covers_its_feature_and_not_the_others(face):
     _, p = face
     eye, mouth = p["left_eye"], between(p["mouth_left"], p["mouth_right"])
     above_hair = (p["hairline_center"][0], p["hairline_center"][1] - 12)
+    beside_jaw = (p["jaw_1"][0] - 6, p["jaw_1"][1])  # side hair or a beard
     expect = {  # attribute: (points inside, points outside)
         "mustache": ([between(p["nose_base"], p["upper_lip"])], [eye, p["jaw_4"]]),
         "beard": ([between(p["lower_lip"], p["jaw_4"]), between(p["jaw_2"], mouth)], [eye, p["nose_tip"]]),
@@ -86,8 +88,8 @@ def test_each_region_covers_its_feature_and_not_the_others(face):
         "smiling": ([p["mouth_left"], p["mouth_right"], mouth], [eye, above_hair]),
         "bangs": ([between(p["hairline_center"], p["left_brow_inner"])], [eye, mouth]),
         "wearing_hat": ([above_hair], [mouth]),
-        "bald": ([above_hair], [p["nose_tip"], eye, mouth]),
-        "black_hair": ([above_hair, (p["jaw_0"][0] - 8, p["jaw_0"][1])], [p["nose_tip"], eye]),
+        "bald": ([above_hair], [p["nose_tip"], eye, mouth, beside_jaw]),
+        "black_hair": ([above_hair, beside_jaw], [p["nose_tip"], eye]),
         "blond_hair": ([above_hair], [p["nose_tip"], eye]),
         "pale_skin": ([p["nose_tip"], eye, mouth], [(2, 2), (2, 125)]),
         "young": ([p["nose_tip"], eye, mouth], [(2, 2)]),
