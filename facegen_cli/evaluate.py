@@ -165,6 +165,12 @@ def mean_pairwise_distance(features):
     return (distances.sum() / (n * (n - 1))).item()
 
 
+def condition_diversity(features):
+    """mean_pairwise_distance within each condition of single-attribute faces' features (A, 2, K, D),
+    averaged over the 2A conditions."""
+    return sum(map(mean_pairwise_distance, features.flatten(0, 1))) / (features.shape[0] * features.shape[1])
+
+
 def frechet_distance(a, b):
     """Fréchet distance between Gaussians fitted to features a (N, D) and b (M, D):
     |mu_a - mu_b|^2 + tr(S_a + S_b - 2 (S_a S_b)^1/2). In the classifier's feature space, this is
@@ -303,7 +309,7 @@ def evaluate_model(pipe, classifier, classifier_report, out, num_seeds=32, guida
             "leakage_off_diagonal_mean": round(off_diagonal_mean(leakage).mean().item(), 4),
             "combinations": {"requests": [describe(attributes, y) for y in combos],
                              "all_asked_shown": round(all_asked, 4), "each_asked_shown": round(each_asked, 4)},
-            "diversity": round(sum(map(mean_pairwise_distance, features.flatten(0, 1))) / (2 * len(attributes)), 4),
+            "diversity": round(condition_diversity(features), 4),
         }
         if real_features is not None:
             result["frechet_classifier_features"] = round(frechet_distance(real_features, features.flatten(0, 2)), 4)

@@ -20,8 +20,8 @@ import torch
 
 from facegen_cli.classifier import load_classifier
 from facegen_cli.data import to_tensor
-from facegen_cli.evaluate import (combination_control, combination_requests, control_rates, frechet_distance,
-                                  load_held_out_faces, mean_pairwise_distance, read_single_attribute_faces)
+from facegen_cli.evaluate import (combination_control, combination_requests, condition_diversity, control_rates,
+                                  frechet_distance, load_held_out_faces, read_single_attribute_faces)
 from facegen_cli.pipeline import FacegenPipeline
 
 
@@ -45,7 +45,7 @@ def measure(model, data, num_faces, guidance, combinations, labelled=512):
             "control_against": dict(zip(pipe.attributes, control[:, 1].tolist())),
             "frechet_single_attribute": frechet_distance(real_features, features.flatten(0, 2)),
             "frechet_own_labels": frechet_distance(real_features, labelled_features),
-            "diversity": sum(map(mean_pairwise_distance, features.flatten(0, 1))) / (2 * len(pipe.attributes)),
+            "diversity": condition_diversity(features),
             "combinations_all_shown": combination_control(combo_readings, combos)[0]}
 
 

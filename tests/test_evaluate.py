@@ -185,7 +185,7 @@ def test_combination_control_of_faithful_and_careless_generators():
 
 
 def test_frechet_distance_and_diversity_on_known_gaussians():
-    from facegen_cli.evaluate import frechet_distance, mean_pairwise_distance
+    from facegen_cli.evaluate import condition_diversity, frechet_distance, mean_pairwise_distance
 
     g = torch.Generator().manual_seed(0)
     a, b = torch.randn(4000, 3, generator=g), torch.randn(4000, 3, generator=g)
@@ -194,6 +194,10 @@ def test_frechet_distance_and_diversity_on_known_gaussians():
     assert abs(frechet_distance(a, 2 * b) - 3.0) < 0.1  # 3 * (1 + 4 - 2 * 2)
     same = torch.zeros(10, 3)
     assert mean_pairwise_distance(same) == 0 and mean_pairwise_distance(a[:500]) > 1.5
+    # Per condition of (A, 2, K, D) features, averaged: one varied condition among 4 identical ones.
+    conditions = torch.zeros(2, 2, 50, 3)
+    conditions[1, 0] = a[:50]
+    assert abs(condition_diversity(conditions) - mean_pairwise_distance(a[:50]) / 4) < 1e-9
 
 
 def test_inception_fid_through_torchmetrics_matches_our_frechet_distance_on_the_same_features():
