@@ -27,22 +27,22 @@ from facegen_cli.model import LatentDiT
 
 
 def build_facegen(preset):
-    return LatentDiT(attributes=DEFAULT_ATTRIBUTES, **preset.model)
+    return preset.model.build(DEFAULT_ATTRIBUTES)
 
 
 def build_diffusers(preset):
     m = preset.model
     return DiTTransformer2DModel(
-        num_attention_heads=m["num_heads"], attention_head_dim=m["hidden_size"] // m["num_heads"],
-        in_channels=m["latent_channels"], out_channels=m["latent_channels"], num_layers=m["depth"],
-        sample_size=m["latent_size"], patch_size=m["patch_size"], num_embeds_ada_norm=1000,
+        num_attention_heads=m.num_heads, attention_head_dim=m.hidden_size // m.num_heads,
+        in_channels=m.latent_channels, out_channels=m.latent_channels, num_layers=m.depth,
+        sample_size=m.latent_size, patch_size=m.patch_size, num_embeds_ada_norm=1000,
         activation_fn="gelu",  # LatentDiT's exact GELU (diffusers' default is the tanh approximation)
     )
 
 
 def forward_fn(model, batch, preset, device):
     m = preset.model
-    x = torch.randn(batch, m["latent_channels"], m["latent_size"], m["latent_size"], device=device)
+    x = torch.randn(batch, m.latent_channels, m.latent_size, m.latent_size, device=device)
     if isinstance(model, LatentDiT) or isinstance(getattr(model, "_orig_mod", None), LatentDiT):
         t, y = torch.rand(batch, device=device), torch.randn(batch, len(DEFAULT_ATTRIBUTES), device=device).sign()
         return lambda: model(x, t, y)

@@ -75,12 +75,12 @@ def main():
     face128 = references[0].resize((128, 128), Image.Resampling.BICUBIC)
     print("\n| precision | seconds per 128 -> 512 image |")
     print("|---|---|")
-    for bf16 in (False, True):
-        upscale_image(net, face128, bf16=bf16)
+    for precision in ("fp32", "bf16"):
+        upscale_image(net, face128, precision=precision)
         start = time.perf_counter()
         for _ in range(args.repeats):
-            upscale_image(net, face128, bf16=bf16)
-        print(f"| {'bf16' if bf16 else 'fp32'} | {(time.perf_counter() - start) / args.repeats:.2f} |", flush=True)
+            upscale_image(net, face128, precision=precision)
+        print(f"| {precision} | {(time.perf_counter() - start) / args.repeats:.2f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -17,24 +17,27 @@ The face finder enlarges small photos before detection and pads a photo whose fa
 (OUT/align-journal.jsonl), so an interrupted run resumes where it stopped.
 """
 
-import csv
 import json
+import logging
 import multiprocessing
 import os
 import zlib
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import ExitStack
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps
 
+from . import layout
 from .attributes import celeba_column
-from .data import IMAGE_SUFFIXES, to_rgb
 from .errors import FacegenError
-from .files import UNREADABLE_IMAGE_ERRORS, atomic_path, write_json
+from .files import atomic_path, write_json
+from .images import IMAGE_SUFFIXES, UNREADABLE_IMAGE_ERRORS, to_rgb
 from .landmarks import CANONICAL_SIZE, FaceFinder, align_face
 
+log = logging.getLogger(__name__)
 JOURNAL = "align-journal.jsonl"
 
 
@@ -42,45 +45,15 @@ JOURNAL = "align-journal.jsonl"
 # Labels: a CelebA attribute file or an attributes.csv, kept apart from the images or beside them
 # ---------------------------------------------------------------------------------------------
 
-def read_label_file(path):
-    """(column names in CelebA's spelling, {file name: [values]}) from a CelebA attribute file or a CSV."""
-    path = Path(path)
-    if not path.is_file():
-        raise FacegenError(f"{path}: no such label file")
-    if path.suffix.lower() == ".csv":
-        with open(path, newline="") as f:
-            reader = csv.DictReader(f)
-            if not reader.fieldnames or "filename" not in reader.fieldnames:
-                raise FacegenError(f"{path}: needs a 'filename' column")
-            names = [n for n in reader.fieldnames if n != "filename"]
-            columns = [celeba_column(n)[0] for n in names]
-            inverted = [celeba_column(n)[1] for n in names]
-            try:
-                rows = {row["filename"]: [-int(row[n] or 0) if inv else int(row[n] or 0)
-                                          for n, inv in zip(names, inverted)] for row in reader}
-            except ValueError:
-                raise FacegenError(f"{path}: values must be 1, -1 or 0") from None
-        return columns, rows
-    lines = path.read_text().splitlines()
-    try:
-        columns = lines[1].split()
-        rows = {}
-        for line in lines[2:]:
-            fields = line.split()
-            if fields:
-                rows[fields[0]] = [int(v) for v in fields[1:]]
-    except (IndexError, ValueError):
-        raise FacegenError(f"{path}: not in CelebA's attribute format (count, header, one row per file)") from None
-    if any(len(values) != len(columns) for values in rows.values()):
-        raise FacegenError(f"{path}: rows do not match the {len(columns)} columns")
-    return columns, rows
-
-
-def find_label_file(src):
-    for name in ("list_attr_celeba.txt", "attributes.csv"):
-        if (src / name).is_file():
-            return src / name
-    raise FacegenError(f"{src}: no list_attr_celeba.txt or attributes.csv; give the labels with --attributes FILE")
+def read_labels(path):
+    """(column names in CelebA's spelling, {file name: [values]}) from a label file (layout.py); a CSV's
+    attribute names become CelebA's columns (beard -> No_Beard, its values inverted)."""
+    table = layout.read_attribute_file(path)
+    if Path(path).suffix.lower() != ".csv":
+        return table.columns, {name: row.tolist() for name, row in zip(table.names, table.values)}
+    columns = [celeba_column(c) for c in table.columns]
+    signs = np.array([-1 if inverted else 1 for _, inverted in columns], dtype=np.int8)
+    return [c for c, _ in columns], {name: (row * signs).tolist() for name, row in zip(table.names, table.values)}
 
 
 def index_images(src):
@@ -151,27 +124,23 @@ def _align_one(job):
 # A folder
 # ---------------------------------------------------------------------------------------------
 
-def align_dataset(src, out, attributes=None, size=CANONICAL_SIZE, holdout=0.05, workers=None, progress=None,
-                  log=print):
-    """Align every labelled photo of SRC into OUT (CelebA layout); returns the counts.
+@dataclass
+class AlignCounts:
+    """What `data align` did (OUT/align.json): photos labelled, aligned, and each reason one was not."""
+    labelled: int
+    aligned: int
+    no_face: int
+    unreadable: int
+    not_found: int
+    size: int
+    splits: dict = field(default_factory=dict)  # train, valid, test: how many aligned photos each
 
-    Resumable: photos already in OUT's journal are not done again. Photos without a face or that cannot
-    be read are listed in OUT/not_aligned.txt with the reason and counted, never dropped silently.
-    """
-    src, out = Path(src), Path(out)
-    if not src.is_dir():
-        raise FacegenError(f"{src}: no such folder")
-    if src.resolve() == out.resolve():
-        raise FacegenError("the output folder is the source folder; choose another OUT")
-    label_file = Path(attributes) if attributes else find_label_file(src)
-    columns, labels = read_label_file(label_file)
+
+def locate_photos(src, label_file, names):
+    """({label name: source path}, {label name: output file name}, [names with no photo below SRC])."""
     by_relative, by_name = index_images(src)
-    partition_file = label_file.parent / "list_eval_partition.txt"
-    partition = dict(line.split() for line in partition_file.read_text().splitlines() if line.strip()) \
-        if partition_file.is_file() else None
-
-    names, missing, sources, targets = [], [], {}, {}
-    for name in labels:
+    sources, targets, missing = {}, {}, []
+    for name in names:
         source = locate(name, src, by_relative, by_name)
         if source is None:
             missing.append(name)
@@ -179,14 +148,16 @@ def align_dataset(src, out, attributes=None, size=CANONICAL_SIZE, holdout=0.05, 
         target_name = Path(name).with_suffix(".png").name
         if target_name in targets.values():
             raise FacegenError(f"{label_file}: two photos would both be written as {target_name}")
-        names.append(name)
         sources[name], targets[name] = source, target_name
-    if not names:
-        raise FacegenError(f"{src}: none of the {len(labels)} labelled photos were found")
+    if not sources:
+        raise FacegenError(f"{src}: none of the {len(names)} labelled photos were found")
+    return sources, targets, missing
 
-    out.mkdir(parents=True, exist_ok=True)
-    journal_path = out / JOURNAL
+
+def read_journal(out, sources, targets):
+    """The journal's records of photos already done, whose aligned image (if any) is still there."""
     done = {}
+    journal_path = Path(out) / JOURNAL
     if journal_path.is_file():
         for line in journal_path.read_text().splitlines():
             try:
@@ -194,14 +165,14 @@ def align_dataset(src, out, attributes=None, size=CANONICAL_SIZE, holdout=0.05, 
             except json.JSONDecodeError:  # a line cut short by an interruption
                 continue
             name = record["name"]
-            if name in sources and ("error" in record or (out / "img_align_celeba" / targets[name]).is_file()):
+            if name in sources and ("error" in record or (Path(out) / layout.IMAGE_DIR / targets[name]).is_file()):
                 done[name] = record
-        if done:
-            log(f"resuming: {len(done)} of {len(names)} photos already done")
-    todo = [(n, str(sources[n]), str(out / "img_align_celeba" / targets[n]), size) for n in names if n not in done]
-    (out / "img_align_celeba").mkdir(exist_ok=True)
-    task = progress.add_task("aligning", total=len(names), completed=len(done)) if progress else None
-    workers = workers or os.cpu_count() or 1
+    return done
+
+
+def align_photos(todo, done, journal_path, workers, progress, task):
+    """Align each job of `todo` (in worker processes when workers > 1), journalling each record as it
+    comes; records go into `done`."""
     with open(journal_path, "a") as journal, ExitStack() as stack:
         if workers == 1:
             _start_worker()
@@ -217,29 +188,46 @@ def align_dataset(src, out, attributes=None, size=CANONICAL_SIZE, holdout=0.05, 
             if progress:
                 progress.advance(task)
 
+
+def align_dataset(src, out, attributes=None, size=CANONICAL_SIZE, holdout=0.05, workers=None, progress=None):
+    """Align every labelled photo of SRC into OUT (CelebA layout); returns the AlignCounts.
+
+    Resumable: photos already in OUT's journal are not done again. Photos without a face or that cannot
+    be read are listed in OUT/not_aligned.txt with the reason and counted, never dropped silently.
+    """
+    src, out = Path(src), Path(out)
+    if not src.is_dir():
+        raise FacegenError(f"{src}: no such folder")
+    if src.resolve() == out.resolve():
+        raise FacegenError("the output folder is the source folder; choose another OUT")
+    label_file = Path(attributes) if attributes else layout.find_label_file(src)
+    columns, labels = read_labels(label_file)
+    partition = layout.read_partition(label_file.parent / layout.PARTITION_FILE)
+    sources, targets, missing = locate_photos(src, label_file, list(labels))
+    names = list(sources)
+
+    out.mkdir(parents=True, exist_ok=True)
+    done = read_journal(out, sources, targets)
+    if done:
+        log.info(f"resuming: {len(done)} of {len(names)} photos already done")
+    todo = [(n, str(sources[n]), str(out / layout.IMAGE_DIR / targets[n]), size) for n in names if n not in done]
+    (out / layout.IMAGE_DIR).mkdir(exist_ok=True)
+    task = progress.add_task("aligning", total=len(names), completed=len(done)) if progress else None
+    align_photos(todo, done, out / JOURNAL, workers or os.cpu_count() or 1, progress, task)
+
     aligned = [n for n in names if "points" in done[n]]
-    landmark_names = list(done[aligned[0]]["points"]) if aligned else []
-    attr_lines = [str(len(aligned)), " ".join(columns)]
-    landmark_lines = [str(len(aligned)), " ".join(landmark_names)]
-    partition_lines = []
-    for name in aligned:
-        target = targets[name]
-        attr_lines.append(f"{target} " + " ".join(f"{v:2d}" for v in labels[name]))
-        points = done[name]["points"]
-        landmark_lines.append(f"{target} " + " ".join(f"{points[k][0]:.2f} {points[k][1]:.2f}" for k in landmark_names))
-        split = partition.get(Path(name).name) if partition else None
-        partition_lines.append(f"{target} {split if split is not None else partition_of(name, holdout)}")
+    rows = [(targets[n], labels[n], (partition or {}).get(Path(n).name, partition_of(n, holdout)), done[n]["points"])
+            for n in aligned]
+    layout.write_layout(out, columns, rows, landmark_names=list(done[aligned[0]]["points"]) if aligned else [])
     problems = [f"{n} {done[n]['error']}" for n in names if "error" in done[n]] + \
                [f"{n} not found under {src}" for n in missing]
-    for file_name, lines in (("list_attr_celeba.txt", attr_lines), ("list_landmarks.txt", landmark_lines),
-                             ("list_eval_partition.txt", partition_lines), ("not_aligned.txt", problems)):
-        with atomic_path(out / file_name) as tmp:
-            Path(tmp).write_text("\n".join(lines) + ("\n" if lines else ""))
-    counts = {"labelled": len(labels), "aligned": len(aligned),
-              "no face": sum(done[n].get("error") == "no face found" for n in names),
-              "unreadable": sum(done[n].get("error", "").startswith("cannot read") for n in names),
-              "not found": len(missing), "size": size,
-              "splits": {s: sum(line.endswith(f" {i}") for line in partition_lines)
-                         for i, s in enumerate(("train", "valid", "test"))}}
-    write_json(out / "align.json", counts)
+    with atomic_path(out / "not_aligned.txt") as tmp:
+        Path(tmp).write_text("\n".join(problems) + ("\n" if problems else ""))
+    counts = AlignCounts(labelled=len(labels), aligned=len(aligned),
+                         no_face=sum(done[n].get("error") == "no face found" for n in names),
+                         unreadable=sum(done[n].get("error", "").startswith("cannot read") for n in names),
+                         not_found=len(missing), size=size,
+                         splits={s: sum(str(row[2]) == str(i) for row in rows)
+                                 for i, s in enumerate(("train", "valid", "test"))})
+    write_json(out / "align.json", asdict(counts))
     return counts

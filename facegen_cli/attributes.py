@@ -1,7 +1,10 @@
-"""Attribute vocabulary: names, CelebA columns, CLI flag names and request vectors.
+"""Attribute vocabulary: names, CelebA columns, CLI flag names and requests.
 
-A request gives each attribute +1 (asked for), -1 (asked against) or 0 (left free).
+A request gives each attribute +1 (asked for), -1 (asked against) or 0 (left free); an edit holds the
+attributes it does not change at a face's readings instead of leaving them free.
 """
+
+from dataclasses import dataclass
 
 from .errors import FacegenError
 
@@ -49,24 +52,6 @@ def check_names(vocabulary, names):
         )
 
 
-def request_vector(vocabulary, wanted=(), unwanted=()):
-    """Attribute vector (float, shape (A,)) with +1 for `wanted`, -1 for `unwanted`, 0 elsewhere."""
-    wanted = [n.replace("-", "_") for n in wanted]
-    unwanted = [n.replace("-", "_") for n in unwanted]
-    check_names(vocabulary, wanted + unwanted)
-    both = sorted(set(wanted) & set(unwanted))
-    if both:
-        raise FacegenError(f"attribute asked both for and against: {', '.join(both)}")
-    import torch  # here, not at the top: the CLI imports this module to build its flags
-
-    y = torch.zeros(len(vocabulary))
-    for n in wanted:
-        y[vocabulary.index(n)] = 1.0
-    for n in unwanted:
-        y[vocabulary.index(n)] = -1.0
-    return y
-
-
 def describe(vocabulary, y):
     """'male, beard, no-smiling' for a request vector; 'unconditional' when nothing is asked."""
     parts = []
@@ -104,3 +89,66 @@ def hold_readings(readings, add, remove, exclusive):
     requests[:, list(add)] = 1.0
     requests[:, list(remove)] = -1.0
     return requests, ruled_out
+
+
+@dataclass(frozen=True)
+class AttributeRequest:
+    """What is asked of a model, checked once against its `vocabulary`: `wanted` for (+1), `unwanted` against
+    (-1). Names may be spelt with dashes (wearing-hat). It yields the condition and the guidance reference:
+
+    guide_from = "free": every attribute free (generated faces);
+                 "reversed": the condition with the change reversed, each wanted attribute asked against and
+                 each unwanted one for. An edit guides away from the face as it is with the change undone,
+                 which pushes along the change alone (16 held-out faces per attribute: success 64% -> 85%).
+    """
+    vocabulary: tuple
+    wanted: tuple = ()
+    unwanted: tuple = ()
+    guide_from: str = "free"
+
+    def __post_init__(self):
+        normalise = lambda names: tuple(n.replace("-", "_") for n in names)  # noqa: E731
+        object.__setattr__(self, "vocabulary", tuple(self.vocabulary))
+        object.__setattr__(self, "wanted", normalise(self.wanted))
+        object.__setattr__(self, "unwanted", normalise(self.unwanted))
+        if self.guide_from not in ("free", "reversed"):
+            raise FacegenError(f"unknown guidance reference {self.guide_from!r}; use free or reversed")
+        check_names(self.vocabulary, self.wanted + self.unwanted)
+        edit = self.guide_from == "reversed"  # a change to a face: its words are add and remove
+        both = sorted(set(self.wanted) & set(self.unwanted))
+        if both:
+            raise FacegenError(f"asked both to add and to remove {', '.join(both)}" if edit else
+                               f"attribute asked both for and against: {', '.join(both)}")
+        clashes = [f"{a} and {b}" for i, a in enumerate(self.wanted) for b in self.wanted[i + 1:]
+                   if frozenset((a, b)) in EXCLUSIVE]
+        if clashes:
+            raise FacegenError(f"cannot {'add' if edit else 'ask for'} both {'; '.join(clashes)}: a face has one or "
+                               "the other")
+
+    def _indices(self, names):
+        return [self.vocabulary.index(n) for n in names]
+
+    def condition(self, readings=None):
+        """(B, A): the request, the other attributes free, or held at `readings` (B, A) in {-1, +1} where
+        given; a held reading that a wanted attribute rules out (black hair when blond is asked) is asked
+        against."""
+        import torch
+
+        readings = torch.zeros(1, len(self.vocabulary)) if readings is None else readings
+        return hold_readings(readings, self._indices(self.wanted), self._indices(self.unwanted),
+                             exclusive_pairs(self.vocabulary))[0]
+
+    def reference(self, readings=None):
+        """(B, A): the guidance's reference condition (see guide_from)."""
+        import torch
+
+        reference = torch.zeros(1, len(self.vocabulary)) if readings is None else readings.float().clone()
+        if self.guide_from == "free":
+            return torch.zeros_like(reference)
+        reference[:, self._indices(self.wanted)] = -1.0
+        reference[:, self._indices(self.unwanted)] = 1.0
+        return reference
+
+    def describe(self):
+        """'male, beard, no-smiling'; 'unconditional' when nothing is asked."""
+        return describe(self.vocabulary, self.condition()[0])

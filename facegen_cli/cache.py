@@ -10,19 +10,54 @@ resumes where it stopped. A cache made with one VAE refuses latents from another
 """
 
 import json
+import logging
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from typing import Optional
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .data import ImageDataset, collate_readable, read_dataset, to_tensor
+from .data import ImageDataset, collate_readable, read_dataset
 from .errors import FacegenError, first_line
 from .files import atomic_path, write_json
+from .images import to_tensor
 from .vae import encode, load_vae, vae_fingerprint
 
+log = logging.getLogger(__name__)
 META_FILE = "cache.json"
+CACHE_FORMAT = "facegen-latents"
 SHARD_SIZE = 4096
+
+
+@dataclass(kw_only=True)
+class CacheMeta:
+    """A latent cache's cache.json: what made it, and (once complete) the latents' shape and statistics."""
+    format: str = CACHE_FORMAT
+    version: int = 1
+    data: str  # the data folder, resolved
+    split: str
+    vae_source: str  # the VAE's folder (resolved) or hub id: training decodes with it
+    vae_fingerprint: str
+    image_size: int
+    attributes: list
+    num_listed: int
+    shard_size: int = SHARD_SIZE
+    complete: bool = False
+    num_shards: Optional[int] = None
+    num_images: Optional[int] = None
+    num_unreadable: Optional[int] = None
+    latent_shape: Optional[list] = None
+    latent_mean: list = field(default_factory=list)  # per channel
+    latent_std: list = field(default_factory=list)
+
+    # what must match for a cache to be resumed rather than refused
+    IDENTITY = ("vae_fingerprint", "image_size", "attributes", "data", "split", "shard_size")
+
+    def to_dict(self):
+        data = asdict(self)
+        return data if self.complete else {k: v for k, v in data.items() if v not in (None, [])}
 
 
 def is_cache(path):
@@ -34,99 +69,90 @@ def _shard_path(out, k):
 
 
 def encode_dataset(data_dir, vae_source, out, image_size=128, split="all", batch_size=32,
-                   workers=2, device="cpu", progress=None, log=print):
+                   workers=2, device="cpu", progress=None):
     """Encode a labelled data set with the VAE `vae_source` (hub id or folder) into a latent cache at `out`.
 
-    Returns the cache's metadata.
+    Returns the cache's CacheMeta.
     """
     data = read_dataset(data_dir, split)
     vae = load_vae(vae_source, device)
     out = Path(out)
-    meta = {
-        "format": "facegen-latents",
-        "version": 1,
-        "data": str(Path(data_dir).resolve()),
-        "split": split,
-        "vae_source": str(Path(vae_source).resolve()) if Path(vae_source).exists() else str(vae_source),
-        "vae_fingerprint": vae_fingerprint(vae),
-        "image_size": image_size,
-        "attributes": data.attributes,
-        "num_listed": len(data.paths),
-        "shard_size": SHARD_SIZE,
-    }
+    meta = CacheMeta(data=str(Path(data_dir).resolve()), split=split,
+                     vae_source=str(Path(vae_source).resolve()) if Path(vae_source).exists() else str(vae_source),
+                     vae_fingerprint=vae_fingerprint(vae), image_size=image_size, attributes=data.attributes,
+                     num_listed=len(data.paths))
     if is_cache(out):
         old = read_meta(out)
-        for key in ("vae_fingerprint", "image_size", "attributes", "data", "split", "shard_size"):
-            if old.get(key) != meta[key]:
+        for key in CacheMeta.IDENTITY:
+            if getattr(old, key) != getattr(meta, key):
                 raise FacegenError(f"{out} holds a cache made with another {key.replace('_', ' ')} "
-                                   f"({old.get(key)!r}, not {meta[key]!r}); refusing to mix latents: "
+                                   f"({getattr(old, key)!r}, not {getattr(meta, key)!r}); refusing to mix latents: "
                                    "choose a new --out")
     elif out.exists() and any(out.iterdir()):
         raise FacegenError(f"{out} exists and is not a latent cache; choose a new --out")
     out.mkdir(parents=True, exist_ok=True)
-    write_json(out / META_FILE, {**meta, "complete": False})
+    write_json(out / META_FILE, meta.to_dict())
 
     num_shards = (len(data.paths) + SHARD_SIZE - 1) // SHARD_SIZE
-    unreadable = []
+    unreadable = 0
     task = progress.add_task("encoding", total=len(data.paths)) if progress else None
+    advance = (lambda n: progress.advance(task, n)) if progress else (lambda n: None)
     for k in range(num_shards):
-        start, stop = k * SHARD_SIZE, min((k + 1) * SHARD_SIZE, len(data.paths))
-        shard = _read_shard(out, k, log)
-        if shard is not None:
-            unreadable += [int(i) for i in shard.get("unreadable", torch.zeros(0)).tolist()]
-            progress and progress.advance(task, stop - start)
-            continue
-        loader = torch.utils.data.DataLoader(
-            ImageDataset(data.paths[start:stop], image_size), batch_size=batch_size,
-            num_workers=workers, collate_fn=collate_readable,
-        )
-        latents, index, bad = [], [], []
-        for local_indices, images, bad_indices in loader:
-            bad += [start + i for i in bad_indices]
-            if images is not None:
-                latents.append(encode(vae, to_tensor(images)).half())
-                index += [start + i for i in local_indices]
-            progress and progress.advance(task, len(local_indices) + len(bad_indices))
-        for i in bad:
-            log(f"skipped unreadable image {data.paths[i]}")
-        index = torch.tensor(index, dtype=torch.int64)
-        shard = {
-            "latents": torch.cat(latents) if latents else torch.zeros(0),
-            "labels": data.labels[index].contiguous(),
-            "index": index,
-            "unreadable": torch.tensor(bad, dtype=torch.int64),
-        }
-        with atomic_path(_shard_path(out, k)) as tmp:
-            save_file(shard, tmp)
-        unreadable += bad
+        shard = _read_shard(out, k)
+        if shard is None:
+            shard = _encode_shard(vae, data, k, image_size, batch_size, workers, advance)
+            with atomic_path(_shard_path(out, k)) as tmp:
+                save_file(shard, tmp)
+        else:
+            advance(min((k + 1) * SHARD_SIZE, len(data.paths)) - k * SHARD_SIZE)
+        unreadable += len(shard.get("unreadable", torch.zeros(0)))
 
     latents, _ = load_latents(out, num_shards)
     if len(latents) == 0:
         raise FacegenError(f"{data_dir}: none of the {len(data.paths)} images could be read")
-    meta.update(
-        complete=True,
-        num_shards=num_shards,
-        num_images=len(latents),
-        num_unreadable=len(unreadable),
-        latent_shape=list(latents.shape[1:]),
-        latent_mean=latents.double().mean(dim=(0, 2, 3)).tolist(),
-        latent_std=latents.double().std(dim=(0, 2, 3)).tolist(),
-    )
-    write_json(out / META_FILE, meta)
+    meta.complete, meta.num_shards, meta.num_images, meta.num_unreadable = True, num_shards, len(latents), unreadable
+    meta.latent_shape = list(latents.shape[1:])
+    meta.latent_mean = latents.double().mean(dim=(0, 2, 3)).tolist()
+    meta.latent_std = latents.double().std(dim=(0, 2, 3)).tolist()
+    write_json(out / META_FILE, meta.to_dict())
     return meta
+
+
+def _encode_shard(vae, data, k, image_size, batch_size, workers, advance):
+    """Shard k's tensors: the latents and labels of its readable images, and the indices of the others."""
+    start, stop = k * SHARD_SIZE, min((k + 1) * SHARD_SIZE, len(data.paths))
+    loader = torch.utils.data.DataLoader(ImageDataset(data.paths[start:stop], image_size), batch_size=batch_size,
+                                         num_workers=workers, collate_fn=collate_readable)
+    latents, index, bad = [], [], []
+    for local_indices, images, bad_indices in loader:
+        bad += [start + i for i in bad_indices]
+        if images is not None:
+            latents.append(encode(vae, to_tensor(images)).half())
+            index += [start + i for i in local_indices]
+        advance(len(local_indices) + len(bad_indices))
+    for i in bad:
+        log.info(f"skipped unreadable image {data.paths[i]}")
+    index = torch.tensor(index, dtype=torch.int64)
+    return {"latents": torch.cat(latents) if latents else torch.zeros(0), "labels": data.labels[index].contiguous(),
+            "index": index, "unreadable": torch.tensor(bad, dtype=torch.int64)}
 
 
 def read_meta(path):
+    """A cache's CacheMeta."""
     try:
-        meta = json.loads((Path(path) / META_FILE).read_text())
+        data = json.loads((Path(path) / META_FILE).read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise FacegenError(f"{path}: unreadable latent cache metadata ({e})") from None
-    if meta.get("format") != "facegen-latents":
+    if not isinstance(data, dict) or data.get("format") != CACHE_FORMAT:
         raise FacegenError(f"{path}: not a facegen latent cache")
-    return meta
+    known = {f.name for f in fields(CacheMeta)}
+    try:
+        return CacheMeta(**{k: v for k, v in data.items() if k in known})
+    except TypeError as e:
+        raise FacegenError(f"{Path(path) / META_FILE}: {e}") from None
 
 
-def _read_shard(out, k, log):
+def _read_shard(out, k):
     """Shard k's tensors, or None when it is missing or damaged (then reported: it is encoded again)."""
     path = _shard_path(out, k)
     if not path.is_file():
@@ -134,7 +160,7 @@ def _read_shard(out, k, log):
     try:
         return load_file(path)
     except (OSError, SafetensorError) as e:
-        log(f"{path} is damaged ({first_line(e)}); encoding its images again")
+        log.warning(f"{path} is damaged ({first_line(e)}); encoding its images again")
         return None
 
 
@@ -153,9 +179,9 @@ def load_latents(path, num_shards):
 
 
 def load_cache(path):
-    """(latents float32 (N, C, h, w), labels int8 (N, A), metadata) of a complete cache."""
+    """(latents float32 (N, C, h, w), labels int8 (N, A), CacheMeta) of a complete cache."""
     meta = read_meta(path)
-    if not meta.get("complete"):
+    if not meta.complete:
         raise FacegenError(f"{path}: the latent cache is incomplete; run `facegen encode` again to finish it")
-    latents, labels = load_latents(path, meta["num_shards"])
+    latents, labels = load_latents(path, meta.num_shards)
     return latents, labels, meta

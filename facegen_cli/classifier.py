@@ -7,7 +7,9 @@ generated or edited face shows what was asked. Its held-out accuracy is saved be
 """
 
 import json
+import logging
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -16,9 +18,14 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
-from .data import load_images_and_labels, read_dataset, to_tensor
+from .data import load_images_and_labels, read_dataset
+from .devices import PRECISIONS
 from .errors import FacegenError, first_line
-from .files import atomic_dir
+from .files import atomic_dir, save_pretrained
+from .images import to_tensor
+from .runs import GeneratorState, TrainingRun
+
+log = logging.getLogger(__name__)
 
 
 def conv_block(in_channels, out_channels):
@@ -86,39 +93,70 @@ def balanced_accuracy(predictions, labels):
     return (on_positives + on_negatives) / 2
 
 
-def fit_classifier(images, labels, attributes, epochs=8, batch_size=64, learning_rate=2e-3, image_size=64,
-                   widths=(16, 32, 64, 128), balanced=False, seed=0, progress=None):
+@dataclass(frozen=True)
+class ClassifierTrainConfig:
+    """`facegen eval train-classifier`'s settings (the CLI's options replace these defaults)."""
+    epochs: int = 8
+    batch_size: int = 64
+    learning_rate: float = 2e-3
+    image_size: int = 64  # the classifier reads faces at this side
+    load_size: int = 128  # images are read at the models' resolution and reduced by the classifier itself
+    widths: tuple = (16, 32, 64, 128)
+    # weigh each attribute's positives by its negatives-to-positives ratio (CelebA's rare attributes would
+    # otherwise be read as "no" almost always)
+    balanced: bool = False
+    seed: int = 0
+    precision: str = "fp32"
+
+    def __post_init__(self):
+        if len(self.widths) != 4 or not all(isinstance(w, int) and w >= 1 for w in self.widths):
+            raise FacegenError(f"--widths {','.join(map(str, self.widths))}: give four channel counts of at least "
+                               "1, such as 32,64,128,256")
+        if self.precision not in PRECISIONS:
+            raise FacegenError(f"unknown precision {self.precision!r}; use {', '.join(PRECISIONS)}")
+
+
+def fit_classifier(images, labels, attributes, config=ClassifierTrainConfig(), *, out=None, resume=False,
+                   progress=None):
     """Train an AttributeClassifier on uint8 images (N, H, W, 3) and labels (N, A) in {-1, 0, 1}.
 
-    Unknown labels (0) do not count in the loss. Horizontal flips augment (no attribute is sided).
-    balanced: weigh each attribute's positives by its negatives-to-positives ratio (CelebA's rare
-    attributes would otherwise be read as "no" almost always).
+    Unknown labels (0) do not count in the loss. Horizontal flips augment (no attribute is sided). With a
+    run folder `out`, each epoch ends with a checkpoint there, and `resume` continues from the last one.
     """
-    torch.manual_seed(seed)
-    model = AttributeClassifier(attributes=list(attributes), image_size=image_size, widths=tuple(widths))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=1e-4)
-    steps = epochs * math.ceil(len(images) / batch_size)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, learning_rate, total_steps=steps)
-    generator = torch.Generator().manual_seed(seed)
-    pos_weight = ((labels < 0).sum(0) / (labels > 0).sum(0).clamp(min=1)).float().clamp(min=1) if balanced else None
-    task = progress.add_task("training classifier", total=steps) if progress else None
+    run = TrainingRun(out, networks=("classifier",), states=("optimizer", "schedule", "generator"),
+                      precision=config.precision, resume=resume)
+    torch.manual_seed(config.seed)
+    model = AttributeClassifier(attributes=list(attributes), image_size=config.image_size, widths=tuple(config.widths))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=1e-4)
+    per_epoch = math.ceil(len(images) / config.batch_size)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, config.learning_rate, total_steps=config.epochs * per_epoch)
+    generator = torch.Generator().manual_seed(config.seed)
+    objects = {"classifier": model, "optimizer": optimizer, "schedule": schedule, "generator": GeneratorState(generator)}
+    identity = {"attributes": list(attributes), "widths": list(config.widths), "seed": config.seed}
+    start_epoch = run.restore(objects, identity)
+    model = model.to(run.device)
+    optimizer = objects["optimizer"] = run.accelerator.prepare(optimizer)
+    positives = (labels > 0).sum(0).clamp(min=1)
+    pos_weight = ((labels < 0).sum(0) / positives).float().clamp(min=1).to(run.device) if config.balanced else None
+    task = progress.add_task("training classifier", total=config.epochs * per_epoch,
+                             completed=start_epoch * per_epoch) if progress else None
     model.train()
-    for _ in range(epochs):
-        for index in torch.randperm(len(images), generator=generator).split(batch_size):
+    for epoch in range(start_epoch, config.epochs):
+        for index in torch.randperm(len(images), generator=generator).split(config.batch_size):
             x = to_tensor(images[index.numpy()])
             flip = torch.rand(len(x), generator=generator) < 0.5
-            x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
-            y = labels[index]
+            x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x).to(run.device)
+            y = labels[index].to(run.device)
             known = (y != 0).float()
-            loss = (F.binary_cross_entropy_with_logits(model(x), (y > 0).float(), reduction="none",
-                                                       pos_weight=pos_weight) * known).sum() \
-                / known.sum().clamp(min=1)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            with run.autocast():
+                loss = (F.binary_cross_entropy_with_logits(model(x).float(), (y > 0).float(), reduction="none",
+                                                           pos_weight=pos_weight) * known).sum() \
+                    / known.sum().clamp(min=1)
+            run.step(loss, optimizer)
             schedule.step()
             if progress:
                 progress.advance(task)
+        run.save(epoch + 1, objects, identity)
     return model.eval()
 
 
@@ -139,32 +177,31 @@ def held_out_accuracy(model, data_dir, load_size=128):
     return by_attribute(accuracy(predictions, labels)), len(images), by_attribute(balanced)
 
 
-def train_classifier(data_dir, out, epochs=8, batch_size=64, image_size=64, load_size=128, also_test=(),
-                     widths=(16, 32, 64, 128), balanced=False, log=print, progress=None):
+def train_classifier(data_dir, out, config=ClassifierTrainConfig(), *, also_test=(), resume=False, progress=None):
     """Train on a data set's train split, measure on its test split and on the test splits of the folders
-    `also_test`, save to `out`; returns {data folder: {attribute: accuracy}}, its own first.
-
-    Images are read at `load_size` (the models' resolution) and reduced to `image_size` by the
-    classifier itself, the same way it reduces the generated faces it measures.
+    `also_test`, save to `out`; returns ({data folder: {attribute: accuracy}}, its own first; its own
+    balanced accuracy). Checkpoints go to OUT/checkpoints while it trains (`resume` continues them).
     """
     for folder in also_test:
         read_dataset(folder, "test")  # a wrong folder fails now, not after the training
-    train_images, train_labels, attributes = load_images_and_labels(data_dir, "train", load_size)
-    log(f"training an attribute classifier on {len(train_images)} faces")
-    model = fit_classifier(train_images, train_labels, attributes, epochs, batch_size, image_size=image_size,
-                           widths=widths, balanced=balanced, progress=progress)
+    train_images, train_labels, attributes = load_images_and_labels(data_dir, "train", config.load_size)
+    log.info(f"training an attribute classifier on {len(train_images)} faces")
+    model = fit_classifier(train_images, train_labels, attributes, config, out=out, resume=resume, progress=progress)
     del train_images
-    own, test_images, own_balanced = held_out_accuracy(model, data_dir, load_size)
-    others = {str(folder): held_out_accuracy(model, folder, load_size)[0] for folder in also_test}
+    own, test_images, own_balanced = held_out_accuracy(model, data_dir, config.load_size)
+    others = {str(folder): held_out_accuracy(model, folder, config.load_size)[0] for folder in also_test}
+    # the report names the data folders, not where they are on this machine
+    named = {Path(folder).name: scores for folder, scores in others.items()}
     save_classifier(model, out, {"test_accuracy": own, "test_balanced_accuracy": own_balanced,
                                  "test_images": test_images, "train_images": len(train_labels),
-                                 "data": str(data_dir), "balanced_loss": balanced, "other_test_accuracy": others})
+                                 "data": Path(data_dir).name, "balanced_loss": config.balanced,
+                                 "other_test_accuracy": named})
     return {str(data_dir): own, **others}, own_balanced
 
 
 def save_classifier(model, out, report):
     with atomic_dir(out) as tmp:
-        model.save_pretrained(tmp)
+        save_pretrained(model, tmp)
         (tmp / "accuracy.json").write_text(json.dumps(report, indent=2) + "\n")
     return Path(out)
 

@@ -7,7 +7,7 @@ The preset files live in the repository's `presets/` folder (`facegen_cli/preset
 
 import math
 import tomllib
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Optional
 
@@ -35,12 +35,18 @@ class TrainConfig:
     rare_rate: float = 0.0  # attributes rarer than this are oversampled up to it (0: plain epochs)
     t_mean: float = 0.0  # logit-normal timestep distribution
     t_std: float = 1.0
-    mixed_precision: str = "no"  # "no", "bf16" or "fp16" (accelerate's names)
+    precision: str = "fp32"  # devices.PRECISIONS: the networks' autocast while training
     checkpoint_every: int = 1000
     keep_checkpoints: int = 2
     sample_every: int = 1000  # 0: no sample grids during training
     log_every: int = 10
     seed: int = 0
+
+    def __post_init__(self):
+        from .devices import PRECISIONS
+
+        if self.precision not in PRECISIONS:
+            raise FacegenError(f"unknown precision {self.precision!r}; use {', '.join(PRECISIONS)}")
 
 
 SAMPLERS = ("euler", "heun")
@@ -63,25 +69,69 @@ class SampleConfig:
             raise FacegenError(f"guidance must be a finite number, not {self.guidance}")
 
 
+@dataclass(frozen=True)
+class ModelShape:
+    """A LatentDiT's shape (a preset's [model] section); the attribute vocabulary comes from the data."""
+    latent_size: int
+    latent_channels: int
+    patch_size: int
+    hidden_size: int
+    depth: int
+    num_heads: int
+    mlp_size: int
+
+    def __post_init__(self):
+        for name, value in asdict(self).items():
+            if not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+                raise FacegenError(f"{name} must be a whole number of at least 1, not {value!r}")
+        if self.hidden_size % self.num_heads or self.hidden_size % 4:
+            raise FacegenError(f"hidden_size {self.hidden_size} must divide by num_heads {self.num_heads} and by 4")
+        if self.latent_size % self.patch_size:
+            raise FacegenError(f"latent_size {self.latent_size} must divide by patch_size {self.patch_size}")
+
+    def config(self, attributes):
+        """The LatentDiT configuration of this shape for a vocabulary."""
+        return {**asdict(self), "attributes": list(attributes)}
+
+    def build(self, attributes):
+        from .model import LatentDiT
+
+        return LatentDiT(**self.config(attributes))
+
+
 @dataclass
 class Preset:
     name: str
+    model: ModelShape
     description: str = ""
     image_size: int = 128
-    model: dict = field(default_factory=dict)
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
 
     def to_dict(self):
         return asdict(self)
 
+    def with_train(self, **overrides):
+        """This preset with the given training settings (None: keep the preset's) replaced."""
+        return replace(self, train=replace(self.train, **{k: v for k, v in overrides.items() if v is not None}))
+
 
 def _section(cls, values, where):
+    """A dataclass from a TOML or JSON section; unknown, missing and bad keys named in one line."""
+    if not isinstance(values, dict):
+        raise FacegenError(f"{where}: not a section of keys and values")
     known = {f.name for f in fields(cls)}
     unknown = set(values) - known
     if unknown:
         raise FacegenError(f"{where}: unknown keys {sorted(unknown)}; known: {sorted(known)}")
-    return cls(**values)
+    required = [f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING]
+    missing = [name for name in required if name not in values]
+    if missing:
+        raise FacegenError(f"{where}: no {missing[0]!r}")
+    try:
+        return cls(**values)
+    except FacegenError as e:
+        raise FacegenError(f"{where}: {e}") from None
 
 
 def preset_names():
@@ -102,11 +152,13 @@ def load_preset(name_or_path):
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise FacegenError(f"preset {name}: not valid TOML ({e})") from None
+    if "model" not in data:
+        raise FacegenError(f"preset {name}: no [model] section")
     return Preset(
         name=name,
         description=data.get("description", ""),
         image_size=data.get("image_size", 128),
-        model=data.get("model", {}),
+        model=_section(ModelShape, data["model"], f"preset {name} [model]"),
         train=_section(TrainConfig, data.get("train", {}), f"preset {name} [train]"),
         sample=_section(SampleConfig, data.get("sample", {}), f"preset {name} [sample]"),
     )
@@ -115,19 +167,41 @@ def load_preset(name_or_path):
 MODEL_FORMAT = "facegen-model"
 
 
+GENERIC_FOLDERS = ("model", "vae", "dit", "classifier")  # the sub-folders facegen writes, named for what they hold
+
+
+@dataclass(frozen=True)
+class Provenance:
+    """Where a part of a model came from, portably: a name and a fingerprint of its weights
+    (vae.weights_fingerprint), never a machine's path. The name of a local folder is its last part, with
+    the one above it when the last is a generic sub-folder (runs/vae-faces/vae: "vae-faces/vae"); a hub
+    id is kept whole."""
+    name: str
+    fingerprint: str
+
+    @classmethod
+    def of(cls, source, fingerprint):
+        path = Path(source)
+        if not path.exists():  # a hub id
+            return cls(name=str(source), fingerprint=fingerprint)
+        parts = path.resolve().parts
+        keep = 2 if parts[-1] in GENERIC_FOLDERS and len(parts) > 2 else 1
+        return cls(name="/".join(parts[-keep:]), fingerprint=fingerprint)
+
+
 @dataclass(kw_only=True)
 class ModelInfo:
     """A model folder's description (MODEL/facegen.json): how its latents are scaled and how it samples."""
     format: str = MODEL_FORMAT
-    version: int = 1
+    version: int = 2
     preset: str = ""
     image_size: int
     latent_mean: list  # one per latent channel: the DiT works on (latent - mean) / std
     latent_std: list
-    vae_source: str = ""  # the VAE the training latents were encoded with
-    decoder_source: Optional[str] = None  # an autoencoder with the same encoder whose decoder replaced it
+    vae: Optional[Provenance] = None  # the autoencoder whose encoder made the training latents (encoder fingerprint)
+    decoder: Optional[Provenance] = None  # an autoencoder with the same encoder whose decoder replaced it
     sample: SampleConfig = field(default_factory=SampleConfig)
-    init_from: Optional[str] = None  # the model folder a fine-tuning run started from
+    init_from: Optional[Provenance] = None  # the model a fine-tuning run started from (its DiT's weights)
     trained_steps: Optional[int] = None
 
     def __post_init__(self):
@@ -150,6 +224,11 @@ class ModelInfo:
         values = {k: v for k, v in data.items() if k in known}
         try:
             values["sample"] = _section(SampleConfig, data.get("sample", {}), f"{where} [sample]")
+            for key in ("vae", "decoder", "init_from"):
+                if isinstance(values.get(key), dict):
+                    values[key] = _section(Provenance, values[key], f"{where} [{key}]")
+                elif values.get(key) is not None:  # version 1 recorded a path here: no longer kept
+                    values[key] = None
             return cls(**values)
         except FacegenError as e:
             raise FacegenError(f"{where}: {e}") from None

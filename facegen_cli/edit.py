@@ -5,21 +5,17 @@ Pixels where the (feathered, grown) mask is 0 come back exactly as they were; in
 redraws the face with the requested attributes, the rest of the face held fixed around it.
 """
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from PIL import Image, ImageDraw, ImageFilter, ImageOps, JpegImagePlugin
+from PIL import Image, ImageDraw, ImageFilter
 
-from . import flow
-from .attributes import EXCLUSIVE, check_names, exclusive_pairs, hold_readings
-from .config import SampleConfig
-from .data import deep_grey_scale, to_rgb, to_tensor, to_uint8
+from .attributes import check_names
 from .errors import FacegenError
-from .files import FileResult, attempt, output_path, save_image
+from .files import FileResult, Outcome, attempt, output_path, save_image
+from .images import deep_grey_scale, read_photo, to_rgb, to_tensor, to_uint8
 from .landmarks import FaceFinder, align_face, invert, warp
 
 
@@ -158,105 +154,24 @@ def _drawn_regions(attributes, points, size, grow, feather):
     return np.asarray(mask, dtype=np.float32) / 255
 
 
-def latent_mask(mask, latent_size):
-    """A pixel mask (H, W) -> a soft latent mask (1, 1, h, w): any latent cell the pixel mask touches is
-    repainted, plus a one-cell soft border, since each latent cell decodes into a wider patch."""
-    m = torch.from_numpy(mask)[None, None]
-    cells = F.adaptive_max_pool2d(m, latent_size)
-    grown = F.max_pool2d(cells, 3, stride=1, padding=1)
-    return torch.maximum(cells, 0.5 * grown)
-
-
 # ---------------------------------------------------------------------------------------------
 # Editing aligned crops and photos
 # ---------------------------------------------------------------------------------------------
 
-# The sampler's start time inside the mask when no strength is given (1 = pure noise). Repainting from a
-# partly noised latent keeps the region's colours and layout, which most edits want (the skin under a new
-# mustache) but what a new hair colour or a bald head cannot have: those start from pure noise. A face
-# made pale or male keeps its pose and light from 0.7 (on 16 held-out faces each, from 1.0 / 0.8 to 0.7:
-# pale skin still read on all, the other readings changed 5.7 -> 2.3%; male: all, 23.9 -> 16.5%).
-DEFAULT_STRENGTH = 0.8
-STRENGTHS = {"black_hair": 1.0, "blond_hair": 1.0, "bald": 1.0, "pale_skin": 0.7, "male": 0.7}
-
-
-@dataclass
-class EditRequest:
-    """What to change in every face, and how to sample it (the model's `SampleConfig`, overridden)."""
-    add: tuple = ()
-    remove: tuple = ()
-    strength: Optional[float] = None  # sampler start time, 1 = pure noise inside the mask; None: see `start`
-    sample: SampleConfig = field(default_factory=SampleConfig)
-    resample: int = 2  # RePaint rounds per step, as the CLI: the second one blends the mask's edge
-    mask_grow: int = 4
-    seed: int = 0
-
-    @property
-    def changed(self):
-        return list(self.add) + list(self.remove)
-
-    @property
-    def start(self):
-        """The strength given, or the largest of the changes' STRENGTHS (DEFAULT_STRENGTH for the rest)."""
-        if self.strength is not None:
-            return self.strength
-        return max((STRENGTHS.get(name, DEFAULT_STRENGTH) for name in self.changed), default=DEFAULT_STRENGTH)
-
-
-def check_request(vocabulary, request):
-    """Refuse an edit that names unknown attributes, adds and removes the same one, or adds two that
-    cannot both be present (black and blond hair)."""
-    check_names(vocabulary, request.changed)
-    both = sorted(set(request.add) & set(request.remove))
-    if both:
-        raise FacegenError(f"asked both to add and to remove {', '.join(both)}")
-    clashes = [f"{a} and {b}" for i, a in enumerate(request.add) for b in request.add[i + 1:]
-               if frozenset((a, b)) in EXCLUSIVE]
-    if clashes:
-        raise FacegenError(f"cannot add both {'; '.join(clashes)}: a face has one or the other")
-
-
-def request_vectors(pipe, request, current=None):
-    """(B, A) conditions: the current readings (or free, 0) with the requested attributes set; a held
-    reading that an added attribute rules out (black hair when blond is added) is asked against."""
-    attributes = pipe.attributes
-    check_request(attributes, request)
-    readings = torch.zeros(1, len(attributes)) if current is None else current
-    return hold_readings(readings, [attributes.index(n) for n in request.add],
-                         [attributes.index(n) for n in request.remove], exclusive_pairs(attributes))[0]
-
-
-def reference_vectors(pipe, request, current=None):
-    """(B, A) guidance references: the face as it is read (or free, 0) with the requested change reversed,
-    each added attribute asked against and each removed one asked for. Guiding away from it rather than
-    from the all-free condition pushes along the change alone: on 16 held-out faces per attribute, edit
-    success 64% -> 85% at guidance 3."""
-    attributes = pipe.attributes
-    reference = torch.zeros(1, len(attributes)) if current is None else current.float().clone()
-    reference[:, [attributes.index(n) for n in request.add]] = -1.0
-    reference[:, [attributes.index(n) for n in request.remove]] = 1.0
-    return reference
-
-
-@torch.inference_mode()
 def edit_crops(pipe, crops, masks, request, current=None):
-    """Repaint aligned crops (uint8 (B, S, S, 3)) inside `masks` ((B, S, S) in [0, 1]).
+    """Repaint aligned crops (uint8 (B, S, S, 3)) inside `masks` ((B, S, S) in [0, 1]), the attributes not
+    changed held at the readings `current` ((B, A) in {-1, +1}) or, without them, left free.
 
-    Returns uint8 crops whose pixels equal the input wherever the mask is 0.
+    Returns uint8 crops whose pixels equal the input wherever the mask is 0. Each crop's result depends on
+    it and the request's seed alone, not on the other crops of the batch.
     """
-    x = to_tensor(crops).to(pipe.device)
-    known = pipe.encode(x)
-    y = request_vectors(pipe, request, current).expand(len(crops), -1).to(pipe.device)
-    reference = reference_vectors(pipe, request, current).expand(len(crops), -1).to(pipe.device)
-    latent = torch.cat([latent_mask(m, known.shape[-1]) for m in masks]).to(pipe.device)
-    noise = pipe.noise([request.seed] * len(crops)).to(pipe.device)
-    generator = torch.Generator(pipe.device).manual_seed(request.seed)
-    with pipe.autocast():
-        latents = flow.sample(pipe.dit, noise, y, request.sample, start=request.start, known=known, mask=latent,
-                              resample=request.resample, generator=generator, reference=reference)
-    decoded = to_uint8(pipe.decode(latents).cpu())
+    asked = request.attributes(pipe.attributes)
+    y = asked.condition(current).expand(len(crops), -1)
+    reference = asked.reference(current).expand(len(crops), -1)
+    decoded = pipe.inpaint(to_tensor(crops), masks, y, reference, seeds=[request.seed] * len(crops),
+                           strength=request.start, resample=request.resample, settings=request.sample)
     m = masks[..., None]
-    out = np.rint(crops * (1 - m) + decoded * m).astype(np.uint8)
+    out = np.rint(crops * (1 - m) + to_uint8(decoded) * m).astype(np.uint8)
     return np.where(m > 0, out, crops)
 
 
@@ -278,7 +193,7 @@ def paste_back(photo, edited, mask, matrix):
 # ---------------------------------------------------------------------------------------------
 
 class NoFaceFound(FacegenError):
-    kind = "no face"  # what FileResult calls it
+    kind = Outcome.NO_FACE  # what FileResult calls it
 
 
 @dataclass
@@ -291,30 +206,6 @@ class PreparedPhoto:
     crops: np.ndarray  # (F, S, S, 3) one aligned crop per face to edit
     matrices: list
     masks: np.ndarray  # (F, S, S) in [0, 1]
-
-
-# Modes in which the edited pixels are composited into the original as it is (16- and 32-bit grey
-# included); the others (palette, 1-bit) are written as 8-bit RGB(A) or grey, every colour kept.
-KEPT_MODES = ("RGB", "RGBA", "L", "LA", "CMYK", "I;16", "I")
-
-
-def read_photo(path):
-    """(the picture with EXIF orientation applied, in its own mode or the nearest kept one; the options
-    that write it back the way it was encoded). Animated images are refused."""
-    with Image.open(path) as image:
-        if getattr(image, "n_frames", 1) > 1:
-            raise FacegenError(f"an animated image ({image.n_frames} frames): only still photos can be edited")
-        image.load()
-        options = {"icc_profile": image.info.get("icc_profile")}
-        if image.format == "JPEG":  # the source's own compression, not Pillow's default quality 75
-            options.update(qtables=image.quantization, subsampling=JpegImagePlugin.get_sampling(image))
-        upright = ImageOps.exif_transpose(image)  # also drops the orientation tag from its EXIF
-    if "exif" in upright.info:
-        options["exif"] = upright.info["exif"]
-    if upright.mode not in KEPT_MODES:
-        has_alpha = upright.mode == "PA" or "transparency" in upright.info
-        upright = upright.convert("L" if upright.mode == "1" else "RGBA" if has_alpha else "RGB")
-    return upright, {k: v for k, v in options.items() if v is not None and v != -1}
 
 
 def prepare_photo(path, target, finder, request, size, face=None):
@@ -381,7 +272,7 @@ def without_masks(files):
     return photos, len(files) - len(photos)
 
 
-def edit_photos(pipe, files, request, out=None, classifier=None, face=None, save_mask=False, overwrite=False,
+def edit_photos(pipe, files, request, out=None, *, classifier=None, face=None, save_mask=False, overwrite=False,
                 batch_size=8):
     """Edit every (path, relative) of `files` into OUT/relative, or over the photo itself when `out` is
     None; yields one FileResult per photo, a bad one (unreadable, no face, ...) reported and passed over.

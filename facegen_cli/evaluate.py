@@ -15,17 +15,20 @@ these numbers and is reported beside them.
 
 import dataclasses
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 import torch
 from PIL import Image
+
 from .attributes import EXCLUSIVE, describe, exclusive_pairs, hold_readings
-from .data import image_grid, load_images_and_labels, read_dataset, read_landmarks, to_tensor, to_uint8
+from .data import load_images_and_labels, read_dataset
 from .errors import FacegenError, first_line
 from .files import atomic_path, save_figure, save_image, write_json
+from .images import image_grid, to_tensor, to_uint8
+from .layout import read_landmarks
 
 SIGNS = (1, -1)
 
@@ -245,10 +248,90 @@ def load_held_out_faces(data, attributes, size):
     return HeldOutFaces(images, labels, points, train_labels)
 
 
-def evaluate_model(pipe, classifier, classifier_report, out, num_seeds=32, guidances=(3.0,), settings=None,
+@dataclass
+class GuidanceResult:
+    """What `facegen eval` measures at one guidance (report.json's guidance.<scale>)."""
+    control: dict  # {attribute: {"for": rate, "against": rate}}
+    others_agree_when_flipped: dict  # {attribute: rate}, the others free
+    flip_others_held: dict  # {"control": {attribute: {for, against}}, "others_agree": {attribute: rate}}
+    leakage_matrix: list  # (A, A)
+    leakage_off_diagonal_mean: float
+    combinations: dict  # {"requests": [...], "all_asked_shown": rate, "each_asked_shown": rate}
+    diversity: float
+    frechet_classifier_features: Optional[float] = None  # with held-out faces
+    diversity_real: Optional[float] = None
+    inception_fid: Optional[float] = None
+    inception_fid_unavailable: Optional[str] = None  # why it was not measured
+
+
+@dataclass
+class EvalReport:
+    """report.json: the model, the seeds, the classifier's own accuracy, and a GuidanceResult per guidance."""
+    model: str
+    seeds: list  # [first, last]
+    faces_per_condition: int
+    classifier_test_accuracy: dict
+    guidance: dict = field(default_factory=dict)  # {str(guidance): GuidanceResult}
+    free_flip_ceiling: Optional[dict] = None
+    edit_locality: Optional[dict] = None
+
+    def to_dict(self):
+        """As report.json holds it: what was not measured is left out."""
+        def measured(instance):
+            return {k: v for k, v in dataclasses.asdict(instance).items() if v is not None}
+        return {**measured(self), "guidance": {g: measured(r) for g, r in self.guidance.items()}}
+
+
+def measure_guidance(pipe, classifier, settings, seeds, combos, real_features, fid, advance):
+    """(GuidanceResult, single-attribute images (A, 2, K, 3, H, W), held-flip images) at settings.guidance."""
+    attributes = pipe.attributes
+    generate = lambda y, s: pipe.generate(y, s, settings)  # noqa: E731
+    readings, features, images = read_single_attribute_faces(generate, classifier.read, len(attributes), seeds, advance)
+    control, leakage = control_rates(readings), leakage_matrix(readings)
+    flipped, compared, flipped_images = read_held_flips(generate, classifier.read, readings, seeds,
+                                                        exclusive_pairs(attributes), advance)
+    held_control, held_agree = control_rates(flipped), held_flip_agreement(readings, flipped, compared)
+    combo_readings = []
+    for y in combos:
+        combo_readings.append(classifier.predict(generate(y, seeds)))
+        if advance:
+            advance()
+    all_asked, each_asked = combination_control(torch.stack(combo_readings), combos) if combo_readings else (0.0, 0.0)
+    result = GuidanceResult(
+        control=rates_by_sign(control, attributes),
+        others_agree_when_flipped=dict(zip(attributes, [round(1 - v, 4) for v in off_diagonal_mean(leakage).tolist()])),
+        flip_others_held={"control": rates_by_sign(held_control, attributes),
+                          "others_agree": {a: round(held_agree[i].item(), 4) for i, a in enumerate(attributes)}},
+        leakage_matrix=[[round(v, 4) for v in row] for row in leakage.tolist()],
+        leakage_off_diagonal_mean=round(off_diagonal_mean(leakage).mean().item(), 4),
+        combinations={"requests": [describe(attributes, y) for y in combos],
+                      "all_asked_shown": round(all_asked, 4), "each_asked_shown": round(each_asked, 4)},
+        diversity=round(condition_diversity(features), 4))
+    if real_features is not None:
+        result.frechet_classifier_features = round(frechet_distance(real_features, features.flatten(0, 2)), 4)
+        result.diversity_real = round(mean_pairwise_distance(real_features[:len(seeds)]), 4)
+    if callable(fid):
+        result.inception_fid = round(fid(to_uint8(images.flatten(0, 2))), 4)
+    elif fid is not None:
+        result.inception_fid_unavailable = fid
+    return result, images, flipped_images
+
+
+def save_grids(folder, attributes, guidance, images, flipped_images):
+    """OUT/grids/<attribute>-g<guidance>.png (for, against) and <attribute>-held-g<guidance>.png."""
+    for i, name in enumerate(attributes):
+        save_image(Image.fromarray(attribute_grid(images[i])), folder / f"{name}-g{guidance:g}.png",
+                   {"facegen": {"attribute": name, "guidance": guidance, "rows": "for, against"}})
+        before_after = torch.stack([images[i, 1], flipped_images[i, 0]])
+        save_image(Image.fromarray(attribute_grid(before_after)), folder / f"{name}-held-g{guidance:g}.png",
+                   {"facegen": {"attribute": name, "guidance": guidance,
+                                "rows": "asked against, the same faces with it added and the others held"}})
+
+
+def evaluate_model(pipe, classifier, classifier_report, out, *, num_seeds=32, guidances=(3.0,), settings=None,
                    held_out=None, combinations=8, first_seed=0, fid_to=None, progress=None):
     """Measure `pipe` with `classifier` at each guidance and write OUT/report.json, OUT/report.md,
-    OUT/grids/<attribute>-g<guidance>.png and OUT/plots/*.png. Returns the report dict.
+    OUT/grids/<attribute>-g<guidance>.png and OUT/plots/*.png. Returns the EvalReport.
 
     settings: the SampleConfig to sample with (default: the model's), its guidance replaced by each of
               `guidances`.
@@ -257,81 +340,43 @@ def evaluate_model(pipe, classifier, classifier_report, out, num_seeds=32, guida
     fid_to: optional fid_to(real_uint8) -> fid(generated_uint8) -> float, the standard FID
             (inception_fid_to); when it raises FacegenError the report says why it was not measured.
     """
-    from .edit import EditRequest
+    from .edit_request import EditRequest
 
-    settings = settings or pipe.sample
-    real_images = held_out.images if held_out is not None else None
-    out = Path(out)
-    attributes = pipe.attributes
+    settings, out, attributes = settings or pipe.sample, Path(out), pipe.attributes
     if classifier.attributes != attributes:
         raise FacegenError(f"the classifier reads {', '.join(classifier.attributes)}, but the model asks "
                            f"{', '.join(attributes)}")
+    if combinations < 0 or num_seeds < 1 or not guidances:
+        raise FacegenError("evaluating needs at least one face per condition and one guidance")
     seeds = list(range(first_seed, first_seed + num_seeds))
-    combos = combination_requests(attributes, combinations)
+    combos = combination_requests(attributes, combinations) if combinations else torch.zeros(0, len(attributes))
     task = progress.add_task("evaluating", total=len(guidances) * (4 * len(attributes) + combinations)) \
         if progress else None
     advance = (lambda: progress.advance(task)) if progress else None
-    real_features = classifier.embed(to_tensor(real_images)) if real_images is not None else None
-    fid, fid_unavailable = None, None
-    if fid_to is not None and real_images is not None:
+    real_features = classifier.embed(to_tensor(held_out.images)) if held_out is not None else None
+    fid = None  # a function of the generated images, or why there is none
+    if fid_to is not None and held_out is not None:
         try:
-            fid = fid_to(real_images)
+            fid = fid_to(held_out.images)
         except FacegenError as e:
-            fid_unavailable = str(e)
-    report = {"model": pipe.info.preset, "seeds": [seeds[0], seeds[-1]], "faces_per_condition": num_seeds,
-              "classifier_test_accuracy": classifier_report.get("test_accuracy", {}), "guidance": {}}
+            fid = str(e)
+    report = EvalReport(model=pipe.info.preset, seeds=[seeds[0], seeds[-1]], faces_per_condition=num_seeds,
+                        classifier_test_accuracy=classifier_report.get("test_accuracy", {}))
     if held_out is not None and held_out.train_labels is not None:
         ceiling = free_flip_ceiling(held_out.train_labels).tolist()
-        report["free_flip_ceiling"] = {a: None if math.isnan(v) else round(v, 4) for a, v in zip(attributes, ceiling)}
+        report.free_flip_ceiling = {a: None if math.isnan(v) else round(v, 4) for a, v in zip(attributes, ceiling)}
     for guidance in guidances:
-        at_guidance = dataclasses.replace(settings, guidance=guidance)
-        generate = lambda y, s: pipe.generate(y, s, at_guidance)  # noqa: E731
-        readings, features, images = read_single_attribute_faces(generate, classifier.read, len(attributes), seeds,
-                                                                 advance)
-        control, leakage = control_rates(readings), leakage_matrix(readings)
-        flipped, compared, flipped_images = read_held_flips(generate, classifier.read, readings, seeds,
-                                                            exclusive_pairs(attributes), advance)
-        held_control, held_agree = control_rates(flipped), held_flip_agreement(readings, flipped, compared)
-        combo_readings = []
-        for y in combos:
-            combo_readings.append(classifier.predict(generate(y, seeds)))
-            if advance:
-                advance()
-        all_asked, each_asked = combination_control(torch.stack(combo_readings), combos)
-        result = {
-            "control": rates_by_sign(control, attributes),
-            "others_agree_when_flipped": dict(zip(attributes, [round(1 - v, 4) for v in
-                                                               off_diagonal_mean(leakage).tolist()])),
-            "flip_others_held": {
-                "control": rates_by_sign(held_control, attributes),
-                "others_agree": {a: round(held_agree[i].item(), 4) for i, a in enumerate(attributes)}},
-            "leakage_matrix": [[round(v, 4) for v in row] for row in leakage.tolist()],
-            "leakage_off_diagonal_mean": round(off_diagonal_mean(leakage).mean().item(), 4),
-            "combinations": {"requests": [describe(attributes, y) for y in combos],
-                             "all_asked_shown": round(all_asked, 4), "each_asked_shown": round(each_asked, 4)},
-            "diversity": round(condition_diversity(features), 4),
-        }
-        if real_features is not None:
-            result["frechet_classifier_features"] = round(frechet_distance(real_features, features.flatten(0, 2)), 4)
-            result["diversity_real"] = round(mean_pairwise_distance(real_features[:num_seeds]), 4)
-        if fid is not None:
-            result["inception_fid"] = round(fid(to_uint8(images.flatten(0, 2))), 4)
-        elif fid_unavailable is not None:
-            result["inception_fid_unavailable"] = fid_unavailable
-        report["guidance"][str(guidance)] = result
-        for i, name in enumerate(attributes):
-            save_image(Image.fromarray(attribute_grid(images[i])), out / "grids" / f"{name}-g{guidance:g}.png",
-                       {"facegen": {"attribute": name, "guidance": guidance, "rows": "for, against"}})
-            before_after = torch.stack([images[i, 1], flipped_images[i, 0]])
-            save_image(Image.fromarray(attribute_grid(before_after)), out / "grids" / f"{name}-held-g{guidance:g}.png",
-                       {"facegen": {"attribute": name, "guidance": guidance,
-                                    "rows": "asked against, the same faces with it added and the others held"}})
+        result, images, flipped_images = measure_guidance(pipe, classifier, dataclasses.replace(settings, guidance=guidance),
+                                                          seeds, combos, real_features, fid, advance)
+        report.guidance[str(guidance)] = result
+        save_grids(out / "grids", attributes, guidance, images, flipped_images)
     if held_out is not None and held_out.points is not None:
-        report["edit_locality"] = edit_locality(pipe, classifier, held_out, EditRequest(sample=settings))
-    save_plots(report, attributes, out / "plots")
-    write_json(out / "report.json", report)
+        report.edit_locality = edit_locality(pipe, classifier, held_out, EditRequest(sample=settings))
+    written = report.to_dict()  # the plots and the markdown read what report.json holds
+    save_plots(written, attributes, out / "plots")
+    write_json(out / "report.json", written)
     with atomic_path(out / "report.md") as tmp:
-        Path(tmp).write_text(report_markdown(report, attributes))
+        Path(tmp).write_text(report_markdown(written, attributes))
     return report
 
 

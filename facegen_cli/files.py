@@ -8,12 +8,14 @@ import sys
 import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path
 from typing import Optional
 
-from PIL import Image, PngImagePlugin, UnidentifiedImageError
+from PIL import Image, PngImagePlugin
 
 from .errors import FacegenError
+from .images import UNREADABLE_IMAGE_ERRORS
 
 
 def _umask():
@@ -58,24 +60,28 @@ def atomic_dir(path):
             shutil.rmtree(tmp)
 
 
+class Outcome(StrEnum):
+    """What became of one input file of a folder command."""
+    DONE = "done"
+    SKIPPED = "skipped"  # its output exists (not a failure)
+    NO_FACE = "no face"
+    UNREADABLE = "unreadable"
+    FAILED = "failed"
+
+
 class OutputExists(FacegenError):
-    kind = "skipped"  # what FileResult calls it: not a failure
+    kind = Outcome.SKIPPED  # what FileResult calls it
 
     def __init__(self, path):
         super().__init__(f"{path} exists; skipped (--overwrite replaces it)")
 
 
-# What PIL raises for a file that is not a readable image.
-UNREADABLE_IMAGE_ERRORS = (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError)
-
-
 @dataclass
 class FileResult:
-    """What became of one input file of a folder command: its output, or the kind of problem and why.
-    kind: done, skipped (the output exists), no face, unreadable or failed."""
+    """What became of one input file of a folder command: its output, or the kind of problem and why."""
     path: Path
     output: Optional[Path] = None
-    kind: str = "done"
+    kind: Outcome = Outcome.DONE
     reason: str = ""
 
 
@@ -85,9 +91,9 @@ def attempt(path, action):
     try:
         return action(), None
     except FacegenError as e:
-        return None, FileResult(Path(path), kind=getattr(e, "kind", "failed"), reason=str(e))
+        return None, FileResult(Path(path), kind=getattr(e, "kind", Outcome.FAILED), reason=str(e))
     except UNREADABLE_IMAGE_ERRORS as e:
-        return None, FileResult(Path(path), kind="unreadable", reason=f"cannot read the image ({e})")
+        return None, FileResult(Path(path), kind=Outcome.UNREADABLE, reason=f"cannot read the image ({e})")
 
 
 def output_path(path, relative, out, overwrite=False):
@@ -111,6 +117,16 @@ def check_output_folder(folder):
             if not path.is_dir():
                 raise FacegenError(f"{path}: is a file, not a folder; --out must name a folder")
             return
+
+
+def save_pretrained(module, folder):
+    """module.save_pretrained(folder) (a diffusers model: config.json + safetensors weights), less the
+    `_name_or_path` diffusers records in config.json: the folder it was loaded from, a machine's path."""
+    module.save_pretrained(folder)
+    config = Path(folder) / "config.json"
+    data = json.loads(config.read_text())
+    data.pop("_name_or_path", None)
+    config.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 def write_json(path, data):

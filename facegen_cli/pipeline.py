@@ -9,17 +9,17 @@
 import copy
 import dataclasses
 import json
-import os
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import numpy as np
 import torch
+import torch.nn.functional as F
 
-from . import flow, vae as vae_lib
-from .config import ModelInfo, SampleConfig
+from . import guidance, sampling, vae as vae_lib
+from .config import ModelInfo, Provenance, SampleConfig
+from .devices import autocast, resolve_precision
 from .errors import FacegenError, first_line
-from .files import atomic_dir
+from .files import atomic_dir, save_pretrained
+from .flow import interpolate
 from .model import LatentDiT
 
 MODEL_FILE = "facegen.json"
@@ -27,18 +27,6 @@ MODEL_FILE = "facegen.json"
 FACES_MODEL = Path(__file__).parent / "faces"
 DEMO_MODEL = Path(__file__).parent / "demo"
 SHIPPED_MODELS = {"faces": FACES_MODEL, "demo": DEMO_MODEL}
-
-
-PRECISIONS = ("auto", "fp32", "bf16")
-
-
-def fast_bf16(device):
-    """Whether bfloat16 matrix products are native on `device` (recent GPUs; CPUs with AVX-512 BF16 or
-    AMX): there sampling in bf16 takes about half the time. Elsewhere it is emulated, and slower."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    return device.type == "cpu" and (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
 
 
 def model_path(name_or_path=None):
@@ -62,11 +50,8 @@ class FacegenPipeline:
     `ModelInfo`, whose `sample` settings every command starts from."""
 
     def __init__(self, dit, vae, info: ModelInfo, path=None, precision="fp32"):
-        """precision: fp32, bf16, or auto (bf16 where the DiT's device does it natively, else fp32)."""
-        if precision not in PRECISIONS:
-            raise FacegenError(f"unknown precision {precision!r}; use {', '.join(PRECISIONS)}")
-        if precision == "auto":
-            precision = "bf16" if fast_bf16(dit.device) else "fp32"
+        """precision: devices.PRECISIONS (auto: bf16 where the DiT's device does it natively, else fp32)."""
+        precision = resolve_precision(precision, dit.device)
         self.dit, self.vae, self.info, self.path, self.precision = dit, vae, info, path, precision
         shape = (1, -1, 1, 1)
         self.latent_mean = torch.tensor(info.latent_mean).view(shape)
@@ -89,16 +74,21 @@ class FacegenPipeline:
         return self.dit.device
 
     def autocast(self):
-        """The context the networks run in: bfloat16 autocast when the precision is bf16 (the latents are
-        still integrated in float32), nothing otherwise."""
-        return torch.autocast(self.device.type, torch.bfloat16, enabled=self.precision == "bf16")
+        """The context the networks run in: autocast in bf16 or fp16 (the latents are still integrated in
+        float32), nothing in fp32."""
+        return autocast(self.device, self.precision)
+
+    @property
+    def classifier_path(self):
+        """MODEL/classifier, the attribute classifier the model folder carries, or None."""
+        folder = self.path / "classifier" if self.path else None
+        return folder if folder is not None and folder.is_dir() else None
 
     def load_classifier(self):
-        """The attribute classifier the model folder carries (MODEL/classifier), or None."""
+        """The attribute classifier the model folder carries, or None."""
         from .classifier import load_classifier
 
-        folder = self.path / "classifier" if self.path else None
-        return load_classifier(folder, self.device)[0] if folder and folder.is_dir() else None
+        return load_classifier(self.classifier_path, self.device)[0] if self.classifier_path else None
 
     @classmethod
     def load(cls, path=None, device="cpu", precision="fp32"):
@@ -126,14 +116,14 @@ class FacegenPipeline:
         if vae_lib.vae_fingerprint(vae, encoder_only=True) != vae_lib.vae_fingerprint(self.vae, encoder_only=True):
             raise FacegenError(f"{source}: its encoder is not the model's, so its decoder would read other latents; "
                                "make one with `facegen vae train --init MODEL/vae --decoder-only`")
-        info = dataclasses.replace(self.info, decoder_source=str(source))
+        info = dataclasses.replace(self.info, decoder=Provenance.of(source, vae_lib.vae_fingerprint(vae)))
         return FacegenPipeline(self.dit, vae.to(self.device), info, self.path, self.precision)
 
     def save(self, path, dtype=None):
         """Write the model folder; dtype=torch.float16 halves its size (loading casts back to float32)."""
         with atomic_dir(path) as tmp:
             for name, module in (("dit", self.dit), ("vae", self.vae)):
-                (module if dtype is None else copy.deepcopy(module).to(dtype)).save_pretrained(tmp / name)
+                save_pretrained(module if dtype is None else copy.deepcopy(module).to(dtype), tmp / name)
             (tmp / MODEL_FILE).write_text(json.dumps(self.info.to_dict(), indent=2) + "\n")
         return Path(path)
 
@@ -164,49 +154,57 @@ class FacegenPipeline:
         per_face = 6 * 4 * max(self.vae.config.block_out_channels) * self.info.image_size ** 2
         return int(max(16, min(1024, torch.cuda.mem_get_info(self.device)[0] // 4 // per_face)))
 
-    def generate(self, y, seeds, settings=None, batch_size=None, on_batch=None):
-        """Images in [-1, 1], one per seed, for attribute request(s) y of shape (A,) or (len(seeds), A),
-        sampled with `settings` (a SampleConfig; default: the model's), `batch_size` at a time (default:
-        default_batch_size())."""
+    def _velocity(self, condition, reference, settings):
+        return guidance.classifier_free(self.dit, condition, reference, settings.guidance)
+
+    @torch.inference_mode()
+    def generate(self, condition, seeds, settings=None, *, reference=None, batch_size=None, on_batch=None):
+        """Images in [-1, 1], one per seed, for condition(s) of shape (A,) or (len(seeds), A), guided away
+        from `reference` (same shapes; default: every attribute free), sampled with `settings` (a
+        SampleConfig; default: the model's), `batch_size` at a time (default: default_batch_size()).
+        A face depends on its seed and condition alone, not on the batch it was drawn in."""
         settings = settings or self.sample
         batch_size = batch_size or self.default_batch_size()
-        y = y.expand(len(seeds), -1) if y.ndim == 1 else y
+        condition = condition.expand(len(seeds), -1) if condition.ndim == 1 else condition
+        reference = torch.zeros_like(condition) if reference is None else reference.expand_as(condition)
+        times = sampling.time_grid(settings.steps, device=self.device)
         images = []
         for start in range(0, len(seeds), batch_size):
-            chunk = seeds[start:start + batch_size]
-            noise = self.noise(chunk).to(self.device)
+            chunk = slice(start, start + batch_size)
+            noise = self.noise(seeds[chunk]).to(self.device)
+            velocity = self._velocity(condition[chunk].to(self.device), reference[chunk].to(self.device), settings)
             with self.autocast():
-                latents = flow.sample(self.dit, noise, y[start:start + len(chunk)].to(self.device), settings)
+                latents = sampling.sample(velocity, noise, times, method=settings.method)
             images.append(self.decode(latents).cpu())
             if on_batch:
-                on_batch(len(chunk))
+                on_batch(len(noise))
         return torch.cat(images)
 
+    @torch.inference_mode()
+    def inpaint(self, images, masks, condition, reference, *, seeds, strength=1.0, resample=1, settings=None):
+        """Repaint `images` ((B, 3, S, S) in [-1, 1]) where `masks` ((B, S, S) in [0, 1]) are above 0, asking
+        for `condition` and guiding away from `reference` (both (B, A)); returns the decoded images in [-1, 1]
+        (the caller composites them). Inside the mask the sampler starts from the image's latent noised to
+        t = `strength` (1: pure noise), with RePaint's `resample` rounds per step; outside it the image's
+        latent is kept. Item i's noise and RePaint draws come from seeds[i] alone."""
+        settings = settings or self.sample
+        known = self.encode(images.to(self.device))
+        mask = torch.cat([latent_mask(m, known.shape[-1]) for m in masks]).to(self.device)
+        noise = self.noise(seeds).to(self.device)
+        generators = [torch.Generator(self.device).manual_seed(seed) for seed in seeds]
+        times = sampling.time_grid(settings.steps, start=strength, device=self.device)
+        velocity = self._velocity(condition.to(self.device), reference.to(self.device), settings)
+        with self.autocast():
+            start = interpolate(known, noise, times[:1].expand(len(known)))
+            latents = sampling.sample_masked(velocity, start, times, known=known, mask=mask, noise=noise,
+                                             generators=generators, resample=resample, method=settings.method)
+        return self.decode(latents).cpu()
 
-def save_faces(pipe, images, y, seeds, settings, paths, upscale=None, grid=None, model_name=None, log=print):
-    """Write generated faces (images in [-1, 1], one per seed) as PNGs that carry their request: the
-    attributes asked, the seed, the sampler settings, the model (and the upscale factor). With `grid`,
-    also all of them as one image there. Yields each path as it is written."""
-    from PIL import Image
 
-    from .data import image_grid, to_uint8
-    from .files import save_image
-
-    faces = [Image.fromarray(image) for image in to_uint8(images)]
-    meta = {**dataclasses.asdict(settings), "precision": pipe.precision}
-    if upscale:
-        from .upscale import load_upscaler, upscale_image
-
-        net = load_upscaler(device=pipe.device, log=log)
-        faces = [upscale_image(net, face, upscale) for face in faces]
-        meta["upscale"] = upscale
-    asked = dict(zip(pipe.attributes, y.tolist()))
-
-    def save(seed, face, path):
-        return save_image(face, path, {"facegen": {"attributes": asked, "seed": seed, **meta, "model": model_name}})
-
-    with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as writers:  # PNG encoding releases the GIL
-        yield from writers.map(save, seeds, faces, paths)
-    if grid is not None:
-        tiles = image_grid(np.stack([np.asarray(face) for face in faces]), int(len(faces) ** 0.5 + 0.999), padding=0)
-        yield save_image(Image.fromarray(tiles), grid, {"facegen": {"attributes": asked, "seeds": seeds, **meta}})
+def latent_mask(mask, latent_size):
+    """A pixel mask (H, W) in [0, 1] -> a soft latent mask (1, 1, h, w): any latent cell the pixel mask
+    touches is repainted, plus a one-cell soft border, since each latent cell decodes into a wider patch."""
+    m = torch.as_tensor(mask, dtype=torch.float32)[None, None]
+    cells = F.adaptive_max_pool2d(m, latent_size)
+    grown = F.max_pool2d(cells, 3, stride=1, padding=1)
+    return torch.maximum(cells, 0.5 * grown)

@@ -1,25 +1,33 @@
-"""What every training run shares (the DiT's and the VAE's): seeded per-step randomness, epochs of
-batches, the learning-rate schedule and the checkpoint folders.
+"""The training skeleton every trainer shares (the DiT's, the VAE's and the classifier's): a TrainingRun
+holds accelerate (any device, autocast in the run's precision), the networks and optimizers, their
+checkpoints and the step a resumed run starts from; plus seeded per-step randomness, epochs of batches
+and the learning-rate schedule.
 
-    RUN/checkpoints/step-NNNNNN/  <name>.safetensors per network, <name>.pt per optimizer or EMA state,
-                                  state.json (the step and what the run was made with)
+    RUN/checkpoints/step-NNNNNN/  <name>.safetensors per network, <name>.pt per optimizer, EMA or other
+                                  state, state.json (the step and what the run was made with)
+    RUN/log.jsonl                 one line per logged step
 
 Every random choice of step s comes from a generator seeded by (seed, stream, s, ...), so a run that
 resumes from a checkpoint continues bit for bit where it stopped.
 """
 
 import json
+import logging
 import pickle
 import shutil
 from pathlib import Path
 
 import numpy as np
 import torch
+from accelerate import Accelerator
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from .devices import accelerate_precision
 from .errors import FacegenError, first_line
 from .files import atomic_dir
+
+log = logging.getLogger(__name__)
 
 STEP_STREAM, ORDER_STREAM, AUGMENT_STREAM = 0, 1, 2
 
@@ -80,14 +88,14 @@ def read_checkpoint(path, networks, states):
             {name: torch.load(path / f"{name}.pt", weights_only=True) for name in states})
 
 
-def newest_intact_checkpoint(out, networks, states, log):
+def newest_intact_checkpoint(out, networks, states):
     """(path, read_checkpoint(path, ...)) of the newest checkpoint that reads back whole, or None when there
     is none; each damaged newer one is reported and passed over."""
     for path in sorted((Path(out) / "checkpoints").glob("step-*"), reverse=True):
         try:
             return path, read_checkpoint(path, networks, states)
         except DAMAGED_CHECKPOINT_ERRORS as e:
-            log(f"{path} is damaged ({first_line(e)}); trying the checkpoint before it")
+            log.warning(f"{path} is damaged ({first_line(e)}); trying the checkpoint before it")
     if any((Path(out) / "checkpoints").glob("step-*")):
         raise FacegenError(f"{out}: every checkpoint is damaged; start a new run with another --out")
     return None
@@ -99,3 +107,103 @@ def check_same_run(path, saved, expected):
         if saved.get(key) != value:
             raise FacegenError(f"{path} was made with {key.replace('_', ' ')} {saved.get(key)!r}, "
                                f"not {value!r}; resume with the same settings and data")
+
+
+class GeneratorState:
+    """A torch generator as a checkpointable state (its state_dict is the generator's state)."""
+
+    def __init__(self, generator):
+        self.generator = generator
+
+    def state_dict(self):
+        return {"state": self.generator.get_state()}
+
+    def load_state_dict(self, state):
+        self.generator.set_state(state["state"])
+
+
+class TrainingRun:
+    """One training run in folder `out`: accelerate's state (one process or several; a GPU or the CPU; the
+    networks under autocast in `precision`, devices.PRECISIONS), the checkpoints and the resume.
+
+    `networks` and `states` name what a checkpoint holds (weights as safetensors; optimizer, EMA and other
+    states with torch.save, read back with weights_only). A resumed run reads the newest intact checkpoint
+    at once (`saved`: its state.json), so that the trainer can see what the run was made with before it
+    builds anything; `restore` then loads it into the objects built and returns the step to start from.
+    A run without a folder (out=None) keeps no checkpoints.
+    """
+
+    def __init__(self, out, *, networks, states, precision="fp32", resume=False, keep=2):
+        self.out = None if out is None else Path(out)
+        self.networks, self.states, self.keep = tuple(networks), tuple(states), keep
+        if self.out is not None and not resume and latest_checkpoint(self.out):
+            raise FacegenError(f"{self.out} already holds checkpoints; add --resume to continue it, or choose a "
+                               "new --out")
+        # cpu=True on machines without a GPU: then processes started by `accelerate launch` or torchrun train
+        # together over gloo (accelerate's own --cpu launcher starts several only through MPI).
+        on_gpu = torch.cuda.is_available()
+        self.accelerator = Accelerator(mixed_precision=accelerate_precision(precision, "cuda" if on_gpu else "cpu"),
+                                       cpu=not on_gpu)
+        self.precision = "fp32" if self.accelerator.mixed_precision == "no" else self.accelerator.mixed_precision
+        if not self.is_main:  # one process speaks for all: the others say only what goes wrong
+            logging.getLogger("facegen_cli").setLevel(logging.WARNING)
+        self.checkpoint = newest_intact_checkpoint(self.out, self.networks, self.states) \
+            if resume and self.out is not None else None
+        self.saved = self.checkpoint[1][0] if self.checkpoint else None
+
+    @property
+    def device(self):
+        return self.accelerator.device
+
+    @property
+    def is_main(self):
+        return self.accelerator.is_main_process
+
+    @property
+    def rank(self):
+        return self.accelerator.process_index
+
+    @property
+    def world_size(self):
+        return self.accelerator.num_processes
+
+    def restore(self, objects, identity):
+        """Load the checkpoint read at the start, if any, into `objects` ({name: network or state}) after
+        checking that it was made with the same `identity` (preset, model shape, ...); returns its step
+        (0 for a new run)."""
+        if self.checkpoint is None:
+            return 0
+        path, (saved, networks, states) = self.checkpoint
+        check_same_run(path, saved, identity)
+        for name, weights in {**networks, **states}.items():
+            objects[name].load_state_dict(weights)
+        log.info(f"resuming from {path} at step {saved['step']}")
+        return saved["step"]
+
+    def autocast(self):
+        return self.accelerator.autocast()
+
+    def step(self, loss, optimizer, parameters=None, clip=None):
+        """One optimizer step on `loss`: gradients from this loss alone, clipped to norm `clip`."""
+        optimizer.zero_grad(set_to_none=True)
+        self.accelerator.backward(loss)
+        if clip:
+            self.accelerator.clip_grad_norm_(parameters, clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    def save(self, step, objects, run_state):
+        """A checkpoint of `objects` ({name: network or state}, the names given at the start) with
+        `run_state` and the step in state.json, written by the main process; the others wait for it."""
+        if self.out is not None and self.is_main:
+            unwrap = lambda obj: self.accelerator.unwrap_model(obj, keep_torch_compile=False)  # noqa: E731
+            save_checkpoint(self.out, step, {name: unwrap(objects[name]).state_dict() for name in self.networks},
+                            {name: objects[name].state_dict() for name in self.states}, run_state, self.keep)
+        self.accelerator.wait_for_everyone()
+
+    def append_log(self, record):
+        """One line of RUN/log.jsonl (main process only)."""
+        if self.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            with open(self.out / "log.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")

@@ -19,20 +19,15 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
+from . import layout
 from .attributes import DEFAULT_ATTRIBUTES, celeba_column
 from .errors import FacegenError
 from .files import atomic_path
+from .layout import LANDMARK_NAMES
 
 SUPERSAMPLE = 4
 STREAMS = ("labels", "geometry", "colours", "beard", "glasses", "hat", "hair", "nuisance")
 MARGIN = 0.15  # drawn beyond the frame on each side, so that rotating and shifting never shows an edge
-LANDMARK_NAMES = [
-    "left_eye", "right_eye", "left_eye_outer", "left_eye_inner", "right_eye_inner", "right_eye_outer",
-    "left_brow_outer", "left_brow_inner", "right_brow_inner", "right_brow_outer",
-    "nose_tip", "nose_base", "mouth_left", "mouth_right", "upper_lip", "lower_lip",
-    *[f"jaw_{i}" for i in range(9)],
-    "hairline_left", "hairline_center", "hairline_right",
-]
 
 SKIN_TONES = np.array([(141, 85, 36), (170, 110, 70), (198, 134, 66), (224, 172, 105), (232, 190, 150),
                        (241, 194, 125)], dtype=float)
@@ -533,18 +528,10 @@ def write_dataset(out, count, size=128, seed=0, workers=None, progress=None, lab
             if progress:
                 progress.advance(task)
     columns = [celeba_column(a) for a in DEFAULT_ATTRIBUTES]
-    attr_lines = [str(count), " ".join(c for c, _ in columns)]
-    landmark_lines = [str(count), " ".join(LANDMARK_NAMES)]
-    partition_lines = []
-    for (*_, path), (labels, points) in zip(jobs, results):
+    rows = []
+    for i, ((*_, path), (labels, points)) in enumerate(zip(jobs, results)):
         values = [(-1 if labels[a] else 1) if inverted else (1 if labels[a] else -1)
                   for a, (_, inverted) in zip(DEFAULT_ATTRIBUTES, columns)]
-        attr_lines.append(f"{path.name} " + " ".join(f"{v:2d}" for v in values))
-        landmark_lines.append(f"{path.name} " + " ".join(f"{points[n][0]:.2f} {points[n][1]:.2f}" for n in LANDMARK_NAMES))
-    for i, (*_, path) in enumerate(jobs):
-        partition_lines.append(f"{path.name} {0 if i % 20 < 18 else (1 if i % 20 == 18 else 2)}")
-    for name, lines in (("list_attr_celeba.txt", attr_lines), ("list_landmarks.txt", landmark_lines),
-                        ("list_eval_partition.txt", partition_lines)):
-        with atomic_path(out / name) as tmp:
-            Path(tmp).write_text("\n".join(lines) + "\n")
+        rows.append((path.name, values, 0 if i % 20 < 18 else (1 if i % 20 == 18 else 2), points))
+    layout.write_layout(out, [c for c, _ in columns], rows, landmark_names=LANDMARK_NAMES)
     return out

@@ -1,13 +1,17 @@
-"""What every `facegen` command shares: the stderr console and its progress bars, one-line errors and
-exit codes, the attribute flags, and the report of a folder command's per-file results.
+"""What every `facegen` command shares: the stderr console (the library's log lines and progress bars),
+one-line errors and exit codes, the options every command spells the same way, the attribute flags, and
+the report of a folder command's per-file results.
 
-Results' paths go to stdout (one per line, for pipelines); everything else goes to stderr.
+Results' paths go to stdout (one per line, for pipelines); everything else goes to stderr. The library
+logs through `logging` (logger "facegen_cli"); this module shows those lines on the console.
 """
 
 import functools
 import inspect
+import logging
 import math
-from typing import List
+from pathlib import Path
+from typing import Annotated, List, Optional
 
 import typer
 from rich.console import Console
@@ -16,6 +20,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColum
 from rich.text import Text
 
 from .attributes import DEFAULT_ATTRIBUTES, flag_names
+from .devices import DEVICE_HELP, PRECISION_HELP
 from .errors import FacegenError
 
 console = Console(stderr=True, soft_wrap=True)  # one log line stays one line in pipelines
@@ -23,6 +28,30 @@ console = Console(stderr=True, soft_wrap=True)  # one log line stays one line in
 
 def log(message):
     console.print(message, highlight=False, markup=False)
+
+
+class ConsoleHandler(logging.Handler):
+    """The library's log lines, as the command's own, on the stderr console."""
+
+    def emit(self, record):
+        log(record.getMessage())
+
+
+_library_log = logging.getLogger("facegen_cli")
+if not any(isinstance(h, ConsoleHandler) for h in _library_log.handlers):
+    _library_log.addHandler(ConsoleHandler())
+    _library_log.setLevel(logging.INFO)
+    _library_log.propagate = True  # tests read the records too
+
+# The options every command spells the same way.
+MAX_SEED = 2**63 - 1  # torch generators take seeds below 2**64; seed + i stays there
+MODEL_HELP = ("Model folder (a path), or a shipped model by name: faces (real faces; the default) or demo (built-in "
+              "faces). A folder of that name in the working directory wins over the shipped model.")
+Model = Annotated[Optional[Path], typer.Option("--model", help=MODEL_HELP)]
+Device = Annotated[str, typer.Option("--device", help=DEVICE_HELP)]
+Precision = Annotated[Optional[str], typer.Option("--precision", help=PRECISION_HELP)]
+Seed = Annotated[Optional[int], typer.Option("--seed", min=0, max=MAX_SEED,
+                                             help="Seed of the noise: the same seed gives the same result.")]
 
 
 class FieldsColumn(ProgressColumn):
@@ -106,6 +135,14 @@ def with_attribute_flags(command):
     return wrapper
 
 
+def load_pipeline(model, device, precision):
+    """The model a command's --model, --device and --precision name."""
+    from .devices import pick_device
+    from .pipeline import FacegenPipeline
+
+    return FacegenPipeline.load(model, pick_device(device), precision or "auto")
+
+
 def finite(value):
     """Typer callback: refuse nan and inf (NaN passes every min/max check, and a NaN guidance paints black)."""
     values = value if isinstance(value, list) else [value]
@@ -114,21 +151,14 @@ def finite(value):
     return value
 
 
-def pick_device(device):
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise FacegenError("--device cuda asked for, but no CUDA device is available")
-    return device
-
-
 def report_results(results, total, problems, describe):
     """Print each output's path as it comes and each problem on stderr, under one progress bar; then a
     count of each kind of result. `problems` are those found while collecting the inputs (unreadable).
     Returns the counts ({kind: number})."""
-    counts = {"done": 0, "skipped": 0, "no face": 0, "unreadable": len(problems), "failed": 0}
+    from .files import Outcome
+
+    counts = {kind: 0 for kind in Outcome}
+    counts[Outcome.UNREADABLE] = len(problems)
     for problem in problems:
         log(problem)
     with progress_bar() as progress:
@@ -137,8 +167,8 @@ def report_results(results, total, problems, describe):
             if result.output is not None:
                 print(result.output, flush=True)
             else:
-                log(f"{result.path}: {result.reason}" if result.kind != "skipped" else result.reason)
+                log(f"{result.path}: {result.reason}" if result.kind != Outcome.SKIPPED else result.reason)
             counts[result.kind] += 1
             progress.advance(task)
-    log(", ".join(f"{n} {kind}" for kind, n in counts.items() if n or kind == "done"))
+    log(", ".join(f"{n} {kind}" for kind, n in counts.items() if n or kind == Outcome.DONE))
     return counts

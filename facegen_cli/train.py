@@ -1,4 +1,4 @@
-"""Training: a LatentDiT on a latent cache with the rectified-flow objective, on accelerate.
+"""Training: a LatentDiT on a latent cache with the rectified-flow objective, on the runs.py skeleton.
 
     RUN/latents/                  the latent cache, when training started from images
     RUN/checkpoints/step-NNNNNN/  model.safetensors, ema.pt, optimizer.pt, state.json (runs.py)
@@ -11,28 +11,34 @@ One process, one GPU, or many with `accelerate launch -m facegen_cli.cli train .
 """
 
 import dataclasses
-import json
+import logging
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import torch
-from accelerate import Accelerator
 from diffusers.training_utils import EMAModel
 from PIL import Image
 
 from . import flow
 from .cache import encode_dataset, is_cache, load_cache
-from .config import ModelInfo
-from .data import image_grid, to_uint8
+from .config import ModelInfo, Preset, Provenance
 from .errors import FacegenError
 from .files import save_image
+from .images import image_grid, to_uint8
 from .model import LatentDiT
 from .pipeline import FacegenPipeline
-from .runs import (ORDER_STREAM, STEP_STREAM, batch_indices, check_same_run, latest_checkpoint,
-                   newest_intact_checkpoint, save_checkpoint, scheduled_lr, seeded_generator)
-from .vae import DEFAULT_VAE, load_vae, vae_fingerprint
+from .runs import ORDER_STREAM, STEP_STREAM, TrainingRun, batch_indices, scheduled_lr, seeded_generator
+from .vae import DEFAULT_VAE, load_vae, vae_fingerprint, weights_fingerprint
 
+log = logging.getLogger(__name__)
+
+
+# ---------------------------------------------------------------------------------------------
+# Batches: rare attributes oversampled, their free-attribute examples weighted back
+# ---------------------------------------------------------------------------------------------
 
 def rare_boosts(labels, rare_rate):
     """Per attribute, how much more often its positives are drawn so that they show about `rare_rate`
@@ -80,41 +86,83 @@ def device_memory(device):
     return torch.cuda.mem_get_info(device)[0] if torch.device(device).type == "cuda" else float("inf")
 
 
-def append_log(out, record):
-    """One line of RUN/log.jsonl: the step, the loss (mean over processes), the learning rate, the speed."""
-    Path(out).mkdir(parents=True, exist_ok=True)
-    with open(Path(out) / "log.jsonl", "a") as f:
-        f.write(json.dumps(record) + "\n")
+@dataclass
+class TrainingData:
+    """The normalised latents and their labels, and how a step's batch is drawn from them."""
+    latents: torch.Tensor  # (N, C, h, w)
+    labels: torch.Tensor  # (N, A) int8
+    boosts: Optional[torch.Tensor] = None  # rare_boosts, with rare_rate
+    weights: Optional[torch.Tensor] = None  # sampling_weights, with rare_rate (kept on the CPU)
+
+    @classmethod
+    def build(cls, latents, labels, attributes, cfg, device):
+        data = cls(latents, labels)
+        if cfg.rare_rate:
+            data.boosts = rare_boosts(labels, cfg.rare_rate)
+            data.weights = sampling_weights(labels, data.boosts)
+            shown = ((labels > 0).float() * data.weights[:, None]).sum(0) / data.weights.sum()
+            log.info("oversampling rare attributes: " + ", ".join(
+                f"{a} {100 * f:.1f}% -> {100 * g:.1f}%" for a, f, g in zip(attributes, (labels > 0).float().mean(0),
+                                                                            shown) if f < cfg.rare_rate))
+        # The cache goes to the device once, after the sampling weights were made from its labels: those stay
+        # on the CPU with the generator that draws batches from them.
+        if latents.nbytes < device_memory(device) / 8:  # 26k faces' latents are ~100 MB
+            data.latents, data.labels = latents.to(device), labels.to(device)
+        if data.boosts is not None:
+            data.boosts = data.boosts.to(device)
+        return data
+
+    def batch(self, step, cfg, generator, rank, world_size, device):
+        """(x0, y with labels dropped, loss weights or None) of this process's share of step `step`."""
+        if self.weights is None:
+            index = batch_indices(len(self.labels), cfg.batch_size, step, cfg.seed, rank, world_size)
+        else:
+            index = balanced_batch_indices(self.weights, cfg.batch_size, step, cfg.seed, rank, world_size)
+        index = index.to(self.latents.device)
+        y = drop_labels(self.labels[index].to(device), generator, cfg.attribute_dropout, cfg.condition_dropout,
+                        cfg.uniform_dropout)
+        loss_weights = None if self.weights is None else \
+            free_branch_weights(y, self.weights.to(self.latents.device)[index].to(device), self.boosts)
+        return self.latents[index].to(device), y, loss_weights
 
 
-def prepare_latents(data, out, vae_source, image_size, log, progress):
+# ---------------------------------------------------------------------------------------------
+# The run: latents, what it starts from, and the loop
+# ---------------------------------------------------------------------------------------------
+
+def prepare_latents(data, out, vae_source, image_size, progress):
     """Open a latent cache, or encode an image data set into RUN/latents first (resumably)."""
     if is_cache(data):
         latents, labels, meta = load_cache(data)
-        if vae_source and vae_fingerprint(load_vae(vae_source)) != meta["vae_fingerprint"]:
-            raise FacegenError(f"{data} was encoded with the VAE {meta['vae_source']}, not {vae_source}")
+        if vae_source and vae_fingerprint(load_vae(vae_source)) != meta.vae_fingerprint:
+            raise FacegenError(f"{data} was encoded with the VAE {meta.vae_source}, not {vae_source}")
         return latents, labels, meta
     source = vae_source or DEFAULT_VAE
-    log(f"encoding {data} with the VAE {source} into {Path(out) / 'latents'}")
-    encode_dataset(data, source, Path(out) / "latents", image_size, progress=progress, log=log)
+    log.info(f"encoding {data} with the VAE {source} into {Path(out) / 'latents'}")
+    encode_dataset(data, source, Path(out) / "latents", image_size, progress=progress)
     return load_cache(Path(out) / "latents")
 
 
-CHECKPOINT_NETWORKS, CHECKPOINT_STATES = ("model",), ("ema", "optimizer")
+@dataclass
+class Init:
+    """The model a fine-tuning run starts from (--init-from), as its checkpoints record it."""
+    model: Provenance  # its name and its DiT's fingerprint
+    trained_steps: int
+    latent_mean: list
+    latent_std: list
+    vae: Optional[Provenance] = None  # its record of where its VAE came from, which carries over
+    decoder: Optional[Provenance] = None
 
-
-def load_checkpoint(path, contents, model, ema, optimizer, state):
-    """Put a read checkpoint's weights into the model, EMA and optimizer; returns its step."""
-    saved, networks, states = contents
-    check_same_run(path, saved, {key: state[key] for key in ("preset", "model_config", "attributes")})
-    model.load_state_dict(networks["model"])
-    ema.load_state_dict(states["ema"])
-    optimizer.load_state_dict(states["optimizer"])
-    return saved["step"]
+    @classmethod
+    def from_state(cls, state):
+        optional = lambda d: Provenance(**d) if d else None  # noqa: E731
+        return cls(Provenance(**state["model"]), state["trained_steps"], state["latent_mean"], state["latent_std"],
+                   optional(state.get("vae")), optional(state.get("decoder")))
 
 
 def load_init_model(path, model_config, cache_meta):
-    """An existing model folder to fine-tune from: it must match the preset, vocabulary and VAE."""
+    """An existing model folder to fine-tune from: (its DiT's weights, its Init). It must match the preset,
+    vocabulary and VAE."""
     base = FacegenPipeline.load(path)
     base_config = {key: base.dit.config[key] for key in model_config}
     base_config["attributes"] = list(base_config["attributes"])
@@ -122,24 +170,35 @@ def load_init_model(path, model_config, cache_meta):
                  for key in model_config if base_config[key] != model_config[key]]
     if different:
         raise FacegenError(f"--init-from {path} does not match this run's preset and data: {'; '.join(different)}")
-    if vae_fingerprint(base.vae) != cache_meta["vae_fingerprint"]:
+    if vae_fingerprint(base.vae) != cache_meta.vae_fingerprint:
         raise FacegenError(f"--init-from {path} decodes with another VAE than the one that encoded the "
-                           f"latents ({cache_meta['vae_source']})")
-    return base
+                           f"latents ({cache_meta.vae_source})")
+    init = Init(Provenance.of(base.path, weights_fingerprint(base.dit)), base.info.trained_steps or 0,
+                base.info.latent_mean, base.info.latent_std, base.info.vae, base.info.decoder)
+    return base.dit.state_dict(), init
 
 
-def export_model(model, ema, vae, info, out):
-    """Write RUN/model with the EMA weights."""
+def model_info(preset, cache_meta, init, vae):
+    """The ModelInfo the run exports: the cache's latent statistics and VAE (`vae`, loaded), or the init
+    model's."""
+    info = ModelInfo(preset=preset.name, image_size=cache_meta.image_size, latent_mean=cache_meta.latent_mean,
+                     latent_std=cache_meta.latent_std, sample=preset.sample,
+                     vae=Provenance.of(cache_meta.vae_source, vae_fingerprint(vae, encoder_only=True)))
+    if init is None:
+        return info
+    return dataclasses.replace(info, latent_mean=init.latent_mean, latent_std=init.latent_std, init_from=init.model,
+                               vae=init.vae or info.vae, decoder=init.decoder)
+
+
+def ema_pipeline(model, ema, vae, info):
+    """A pipeline of the EMA weights (what the run exports and samples)."""
     ema_model = LatentDiT.from_config(model.config)
     ema.copy_to(ema_model.parameters())
-    return FacegenPipeline(ema_model, vae, info).save(Path(out) / "model")
+    return FacegenPipeline(ema_model.to(model.device).eval(), vae, info)
 
 
-def sample_grid(model, ema, vae, info, path, step):
+def sample_grid(pipe, path, step):
     """One face per attribute asked for alone, plus an unconditional one, from fixed seeds."""
-    ema_model = LatentDiT.from_config(model.config)
-    ema.copy_to(ema_model.parameters())
-    pipe = FacegenPipeline(ema_model.to(model.device).eval(), vae, info)
     num_attributes = len(pipe.attributes)
     y = torch.cat([torch.zeros(1, num_attributes), torch.eye(num_attributes)])
     images = pipe.generate(y, seeds=list(range(len(y))))
@@ -147,9 +206,10 @@ def sample_grid(model, ema, vae, info, path, step):
     save_image(Image.fromarray(grid), path, {"facegen": {"step": step}})
 
 
-def train(preset, data, out, vae_source=None, max_steps=None, batch_size=None, resume=False,
-          log=print, progress=None, cooldown_steps=None, init_from=None, compile=None):
-    """Train `preset` on `data` (a latent cache or a labelled image folder) into run folder `out`.
+def train(preset: Preset, data, out, *, vae_source=None, resume=False, init_from=None, compile=None,
+          progress=None):
+    """Train `preset` (its `train` settings as given: Preset.with_train applies overrides) on `data`, a
+    latent cache or a labelled image folder, into the run folder `out`.
 
     `init_from` (a model folder) starts the DiT and its EMA from that model's weights and latent
     statistics instead of from scratch (fine-tuning); the optimizer starts afresh, with warmup.
@@ -158,149 +218,94 @@ def train(preset, data, out, vae_source=None, max_steps=None, batch_size=None, r
 
     Returns the path of the exported model folder (None in the other processes of a multi-process run).
     """
-    cfg = preset.train
-    max_steps = max_steps or cfg.max_steps
-    batch_size = batch_size or cfg.batch_size
-    cooldown_steps = cfg.cooldown_steps if cooldown_steps is None else cooldown_steps
-    out = Path(out)
-    if not resume and latest_checkpoint(out):
-        raise FacegenError(f"{out} already holds checkpoints; add --resume to continue it, or choose a new --out")
-    # cpu=True on machines without a GPU: then processes started by `accelerate launch` or torchrun train
-    # together over gloo (accelerate's own --cpu launcher starts several only through MPI).
-    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available())
-    if not accelerator.is_main_process:  # one process speaks for all
-        log, progress = (lambda message: None), None
-    rank, world_size = accelerator.process_index, accelerator.num_processes
-
-    latents, labels, cache_meta = prepare_latents(data, out, vae_source, preset.image_size, log, progress)
-    model_config = {**preset.model, "attributes": cache_meta["attributes"]}
-    expected = [model_config["latent_channels"], model_config["latent_size"], model_config["latent_size"]]
+    cfg, out = preset.train, Path(out)
+    run = TrainingRun(out, networks=("model",), states=("ema", "optimizer"), precision=cfg.precision, resume=resume,
+                      keep=cfg.keep_checkpoints)
+    if not run.is_main:  # one process speaks for all
+        progress = None
+    latents, labels, cache_meta = prepare_latents(data, out, vae_source, preset.image_size, progress)
+    model_config = preset.model.config(cache_meta.attributes)
+    expected = [preset.model.latent_channels, preset.model.latent_size, preset.model.latent_size]
     if list(latents.shape[1:]) != expected:
         raise FacegenError(f"the latents have shape {list(latents.shape[1:])} but preset {preset.name} "
                            f"expects {expected}")
-    info = ModelInfo(preset=preset.name, image_size=cache_meta["image_size"], latent_mean=cache_meta["latent_mean"],
-                     latent_std=cache_meta["latent_std"], vae_source=cache_meta["vae_source"], sample=preset.sample)
-    state = {"preset": preset.name, "model_config": model_config, "attributes": cache_meta["attributes"]}
-    init = None  # the model this run fine-tunes, if any: where from, its steps, its latent statistics
-    init_weights = None  # its DiT weights, when this run starts from it rather than from a checkpoint
-    checkpoint = newest_intact_checkpoint(out, CHECKPOINT_NETWORKS, CHECKPOINT_STATES, log) if resume else None
-    if checkpoint:  # a fine-tuning run resumes from its own checkpoints
-        init = checkpoint[1][0].get("init")
+    identity = {"preset": preset.name, "model_config": model_config, "attributes": cache_meta.attributes}
+    init_weights, init = None, None  # a fine-tune resumes from its own checkpoints, which record its Init
+    if run.saved is not None:
+        init = Init.from_state(run.saved["init"]) if run.saved.get("init") else None
     elif init_from:
-        base = load_init_model(init_from, model_config, cache_meta)
-        init_weights = base.dit.state_dict()
-        # The VAE is the init model's (checked above), so its record of where that VAE came from carries over.
-        init = {"source": str(init_from), "trained_steps": base.info.trained_steps or 0,
-                "latent_mean": base.info.latent_mean, "latent_std": base.info.latent_std,
-                "vae_source": base.info.vae_source, "decoder_source": base.info.decoder_source}
-    if init:
-        state["init"] = init
-        info = dataclasses.replace(info, latent_mean=init["latent_mean"], latent_std=init["latent_std"],
-                                   init_from=init["source"], vae_source=init.get("vae_source") or info.vae_source,
-                                   decoder_source=init.get("decoder_source"))
-    mean = torch.tensor(info.latent_mean).view(1, -1, 1, 1)
-    std = torch.tensor(info.latent_std).view(1, -1, 1, 1)
-    latents = (latents - mean) / std
-    vae = load_vae(cache_meta["vae_source"], accelerator.device)
-    if vae_fingerprint(vae) != cache_meta["vae_fingerprint"]:  # the exported model would decode other latents
-        raise FacegenError(f"the VAE {cache_meta['vae_source']} has changed since the latents were encoded; "
+        init_weights, init = load_init_model(init_from, model_config, cache_meta)
+    vae = load_vae(cache_meta.vae_source, run.device)
+    if vae_fingerprint(vae) != cache_meta.vae_fingerprint:  # the exported model would decode other latents
+        raise FacegenError(f"the VAE {cache_meta.vae_source} has changed since the latents were encoded; "
                            "encode them again (facegen encode) or restore that VAE")
+    info = model_info(preset, cache_meta, init, vae)
+    latents = (latents - torch.tensor(info.latent_mean).view(1, -1, 1, 1)) / torch.tensor(info.latent_std).view(
+        1, -1, 1, 1)
 
     torch.manual_seed(cfg.seed)
     model = LatentDiT(**model_config)
     if init_weights is not None:
         model.load_state_dict(init_weights)
-        log(f"starting from {init['source']} (trained {init['trained_steps']} steps)")
-    on_gpu = accelerator.device.type == "cuda"
+        log.info(f"starting from {init_from} (trained {init.trained_steps} steps)")
     ema = EMAModel(model.parameters(), decay=cfg.ema_decay, foreach=True)
     # Fused AdamW (one pass over each tensor) on GPUs and CPUs alike: on 2 CPU cores it steps 287M
     # parameters in 0.1 s instead of the per-tensor loop's 0.3 s.
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
                                   fused=True)
-    start_step = 0
-    if checkpoint:
-        start_step = load_checkpoint(*checkpoint, model, ema, optimizer, state)
-        log(f"resuming from {checkpoint[0]} at step {start_step}")
-    steps_before = init["trained_steps"] if init else 0
-    compiled = on_gpu if compile is None else compile
+    start_step = run.restore({"model": model, "ema": ema, "optimizer": optimizer}, identity)
+    compiled = run.device.type == "cuda" if compile is None else compile
     if compiled:
         model = torch.compile(model)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    ema.to(accelerator.device)
-    num_params = sum(p.numel() for p in model.parameters())
-    cooldown = f" (learning rate decaying to 0 over the last {cooldown_steps})" if cooldown_steps else ""
-    log(f"training {preset.name} ({num_params / 1e6:.2f}M parameters) on {len(latents)} latents, "
-        f"batch {batch_size}, steps {start_step}..{max_steps}{cooldown}, device {accelerator.device}"
-        + (f" x {world_size} processes" if world_size > 1 else "") + ", "
-        f"precision {cfg.mixed_precision}" + (", compiled" if compiled else ""))
+    model, optimizer = run.accelerator.prepare(model, optimizer)
+    ema.to(run.device)
+    run_state = {**identity, **({"init": dataclasses.asdict(init)} if init else {})}
+    log.info(f"training {preset.name} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters) on "
+             f"{len(latents)} latents, batch {cfg.batch_size}, steps {start_step}..{cfg.max_steps}"
+             + (f" (learning rate decaying to 0 over the last {cfg.cooldown_steps})" if cfg.cooldown_steps else "")
+             + f", device {run.device}" + (f" x {run.world_size} processes" if run.world_size > 1 else "")
+             + f", precision {run.precision}" + (", compiled" if compiled else ""))
+    batches = TrainingData.build(latents, labels, cache_meta.attributes, cfg, run.device)
+    loop(run, cfg, model, ema, optimizer, batches, start_step, progress, vae, info, run_state,
+         steps_before=init.trained_steps if init else 0)
+    if start_step >= cfg.max_steps:
+        log.info(f"{out} is already trained to step {start_step}")
+    return out / "model" if run.is_main else None
 
-    task = progress.add_task("training", total=max_steps, completed=start_step, loss=float("nan"), speed=0.0) \
-        if progress and accelerator.is_main_process else None
-    boosts = rare_boosts(labels, cfg.rare_rate) if cfg.rare_rate else None
-    weights = sampling_weights(labels, boosts) if cfg.rare_rate else None
-    if weights is not None:
-        shown = ((labels > 0).float() * weights[:, None]).sum(0) / weights.sum()
-        log("oversampling rare attributes: " + ", ".join(
-            f"{a} {100 * f:.1f}% -> {100 * g:.1f}%" for a, f, g in zip(cache_meta["attributes"],
-                                                                        (labels > 0).float().mean(0), shown)
-            if f < cfg.rare_rate))
-    # The cache goes to the device once, after the sampling weights were made from its labels: those stay
-    # on the CPU with the generator that draws batches from them.
-    if latents.nbytes < device_memory(accelerator.device) / 8:  # 26k faces' latents are ~100 MB
-        latents, labels = latents.to(accelerator.device), labels.to(accelerator.device)
-    if weights is not None:
-        boosts, drawn_weights = boosts.to(accelerator.device), weights.to(latents.device)
+
+def loop(run, cfg, model, ema, optimizer, batches, start_step, progress, vae, info, run_state, steps_before):
+    """The training steps from `start_step` to cfg.max_steps: the loss logged every cfg.log_every steps,
+    sample grids, checkpoints and the exported model (RUN/model) at their intervals."""
+    task = progress.add_task("training", total=cfg.max_steps, completed=start_step, loss=float("nan"), speed=0.0) \
+        if progress else None
     tick, images_since_tick = time.perf_counter(), 0
-    for step in range(start_step, max_steps):
-        generator = seeded_generator(cfg.seed, STEP_STREAM, step, rank, device=accelerator.device)
-        if weights is None:
-            index = batch_indices(len(labels), batch_size, step, cfg.seed, rank, world_size)
-        else:
-            index = balanced_batch_indices(weights, batch_size, step, cfg.seed, rank, world_size)
-        index = index.to(latents.device)
-        x0 = latents[index].to(accelerator.device)
-        y = drop_labels(labels[index].to(accelerator.device), generator, cfg.attribute_dropout, cfg.condition_dropout,
-                        cfg.uniform_dropout)
-        loss_weights = None if weights is None else \
-            free_branch_weights(y, drawn_weights[index].to(accelerator.device), boosts)
+    for step in range(start_step, cfg.max_steps):
+        generator = seeded_generator(cfg.seed, STEP_STREAM, step, run.rank, device=run.device)
+        x0, y, loss_weights = batches.batch(step, cfg, generator, run.rank, run.world_size, run.device)
         for group in optimizer.param_groups:
-            group["lr"] = scheduled_lr(step, cfg.learning_rate, cfg.warmup_steps, max_steps, cooldown_steps)
-        with accelerator.autocast():
-            loss, parts = flow.flow_loss(model, x0, y, generator, cfg.laplacian_weight, cfg.t_mean, cfg.t_std,
-                                         loss_weights)
-        accelerator.backward(loss)
-        if cfg.grad_clip:
-            accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+            group["lr"] = scheduled_lr(step, cfg.learning_rate, cfg.warmup_steps, cfg.max_steps, cfg.cooldown_steps)
+        with run.autocast():
+            loss, _ = flow.flow_loss(model, x0, y, generator, cfg.laplacian_weight, cfg.t_mean, cfg.t_std, loss_weights)
+        run.step(loss, optimizer, model.parameters(), cfg.grad_clip)
         ema.step(model.parameters())
-        images_since_tick += len(index) * world_size
+        images_since_tick += len(x0) * run.world_size
 
         done = step + 1
-        if done % cfg.log_every == 0 or done == max_steps:  # the only host syncs between checkpoints
-            mean_loss = accelerator.reduce(loss.detach(), "mean").item()  # over the processes
+        if done % cfg.log_every == 0 or done == cfg.max_steps:  # the only host syncs between checkpoints
+            mean_loss = run.accelerator.reduce(loss.detach(), "mean").item()  # over the processes
             now = time.perf_counter()
             speed = images_since_tick / (now - tick)  # images per second, all processes together
             tick, images_since_tick = now, 0
-            if accelerator.is_main_process:
-                append_log(out, {"step": done, "loss": round(mean_loss, 6), "lr": optimizer.param_groups[0]["lr"],
-                                 "images_per_s": round(speed, 1)})
-                if task is not None:
-                    progress.update(task, completed=done, loss=mean_loss, speed=speed)
-        sampling = cfg.sample_every and done % cfg.sample_every == 0
-        checkpointing = done % cfg.checkpoint_every == 0 or done == max_steps
-        if sampling or checkpointing:
-            if accelerator.is_main_process:
-                unwrapped = accelerator.unwrap_model(model, keep_torch_compile=False)
-                if sampling:
-                    sample_grid(unwrapped, ema, vae, info, out / "samples" / f"step-{done:06d}.png", done)
-                if checkpointing:
-                    save_checkpoint(out, done, {"model": unwrapped.state_dict()},
-                                    {"ema": ema.state_dict(), "optimizer": optimizer.state_dict()}, state,
-                                    cfg.keep_checkpoints)
-                    export_model(unwrapped, ema, vae, dataclasses.replace(info, trained_steps=steps_before + done),
-                                 out)
-            accelerator.wait_for_everyone()
-    if start_step >= max_steps:
-        log(f"{out} is already trained to step {start_step}")
-    return out / "model" if accelerator.is_main_process else None
+            run.append_log({"step": done, "loss": round(mean_loss, 6), "lr": optimizer.param_groups[0]["lr"],
+                            "images_per_s": round(speed, 1)})
+            if task is not None:
+                progress.update(task, completed=done, loss=mean_loss, speed=speed)
+        if cfg.sample_every and done % cfg.sample_every == 0 and run.is_main:
+            sample_grid(ema_pipeline(run.accelerator.unwrap_model(model, keep_torch_compile=False), ema, vae, info),
+                        run.out / "samples" / f"step-{done:06d}.png", done)
+        if done % cfg.checkpoint_every == 0 or done == cfg.max_steps:
+            run.save(done, {"model": model, "ema": ema, "optimizer": optimizer}, run_state)
+            if run.is_main:
+                pipe = ema_pipeline(run.accelerator.unwrap_model(model, keep_torch_compile=False), ema, vae,
+                                    dataclasses.replace(info, trained_steps=steps_before + done))
+                pipe.save(run.out / "model")

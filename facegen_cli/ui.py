@@ -20,9 +20,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .attributes import flag_names, request_vector
+from .attributes import AttributeRequest, flag_names
+from .edit_request import EditRequest
 from .errors import FacegenError
-from .files import NEW_DIR_MODE, UNREADABLE_IMAGE_ERRORS
+from .files import NEW_DIR_MODE
+from .images import UNREADABLE_IMAGE_ERRORS
 
 CHOICES = ("for", "free", "against")
 
@@ -77,9 +79,9 @@ def equivalent_command(request, model_name):
 def generate_faces(pipe, request, out, model_name, on_progress=None):
     """Make the faces of a GenerateRequest into a new folder below `out`, exactly as `facegen generate`
     with the same request and seed would (same settings, batches and metadata). Returns (paths, command)."""
-    from .pipeline import save_faces
+    from .gallery import save_faces
 
-    y = request_vector(pipe.attributes, request.wanted, request.unwanted)
+    asked = AttributeRequest(pipe.attributes, request.wanted, request.unwanted)
     settings = pipe.settings(steps=request.steps, guidance=request.guidance, method=request.sampler)
     seeds = list(range(request.seed, request.seed + request.count))
     folder = new_folder(out, "generated")
@@ -90,16 +92,15 @@ def generate_faces(pipe, request, out, model_name, on_progress=None):
         if on_progress:
             on_progress(done[0] / request.count)
 
-    images = pipe.generate(y, seeds, settings, on_batch=advance)
-    paths = list(save_faces(pipe, images, y, seeds, settings, [folder / f"face-{s:010d}.png" for s in seeds],
-                            upscale=4 if request.upscale else None, model_name=model_name))
+    images = pipe.generate(asked.condition()[0], seeds, settings, reference=asked.reference()[0], on_batch=advance)
+    paths = list(save_faces(pipe, images, asked, seeds, settings, folder, upscale=4 if request.upscale else None,
+                            model_name=model_name))
     return paths, equivalent_command(request, model_name)
 
 
 def faces_in_photo(finder, path):
     """Labels for the face picker: 'every face' and one entry per face found, left to right."""
-    from .data import to_rgb
-    from .edit import read_photo
+    from .images import read_photo, to_rgb
 
     faces = finder(np.asarray(to_rgb(read_photo(path)[0])))
     return ["every face"] + [f"face {i} (from the left)" for i in range(len(faces))]
@@ -108,15 +109,15 @@ def faces_in_photo(finder, path):
 def edit_photo(pipe, classifier, photo, add, remove, strength, seed, face, out):
     """Edit one uploaded photo into `out` (the same calls as `facegen edit`); returns (the edited photo's
     path, the mask's path). A photo that cannot be edited raises FacegenError with the reason."""
-    from .edit import EditRequest, check_request, edit_photos
+    from .edit import edit_photos
 
     if not add and not remove:
         raise FacegenError("nothing to change: tick an attribute to add or to remove")
     request = EditRequest(tuple(add), tuple(remove), strength, pipe.sample, seed=int(seed))
-    check_request(pipe.attributes, request)
+    request.attributes(pipe.attributes)  # refuses unknown names and contradictions
     photo = Path(photo)
     folder = new_folder(out, "edited")
-    [result] = edit_photos(pipe, [(photo, Path(photo.name))], request, folder, classifier, face=face,
+    [result] = edit_photos(pipe, [(photo, Path(photo.name))], request, folder, classifier=classifier, face=face,
                            save_mask=True)
     if result.output is None:
         raise FacegenError(result.reason)

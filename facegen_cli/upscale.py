@@ -10,6 +10,7 @@ Weights, first found wins:
 """
 
 import importlib.util
+import logging
 import os
 import sys
 import types
@@ -20,9 +21,12 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from .data import to_rgb
+from . import devices
 from .errors import FacegenError
 from .files import FileResult, atomic_path, attempt, output_path, save_image
+from .images import to_rgb
+
+log = logging.getLogger(__name__)
 
 X4PLUS_URL = "https://github.com/xinntao/Real-ESRGAN/releases/download/v0.1.0/RealESRGAN_x4plus.pth"
 X4PLUS_CACHE_NAME = "realesrgan-x4plus.safetensors"
@@ -148,7 +152,7 @@ def cache_dir():
     return Path(base)
 
 
-def load_upscaler(weights=None, device="cpu", log=print):
+def load_upscaler(weights=None, device="cpu"):
     """The x4plus RRDBNet (or the network in `weights`), in eval mode on `device`."""
     if weights:
         net = rrdbnet_from_state_dict(read_state_dict(weights))
@@ -158,12 +162,12 @@ def load_upscaler(weights=None, device="cpu", log=print):
         if cached.is_file():
             net.load_state_dict(load_file(cached), strict=True)
         elif files := ncnn_model_files():
-            log(f"converting the Real-ESRGAN x4plus weights from {files[0].parent} (once) into {cached}")
+            log.info(f"converting the Real-ESRGAN x4plus weights from {files[0].parent} (once) into {cached}")
             state = convert_ncnn(*files, net)
             with atomic_path(cached) as tmp:
                 save_file(state, tmp)
         else:
-            log(f"downloading {X4PLUS_URL} into {cache_dir()}")
+            log.info(f"downloading {X4PLUS_URL} into {cache_dir()}")
             download = cache_dir() / "RealESRGAN_x4plus.pth"
             try:
                 with atomic_path(download) as tmp:
@@ -178,12 +182,13 @@ def load_upscaler(weights=None, device="cpu", log=print):
 
 
 @torch.inference_mode()
-def upscale_tensor(net, x, tile=256, tile_pad=10, bf16=False):
+def upscale_tensor(net, x, tile=256, tile_pad=10, precision="fp32"):
     """x: (B, 3, H, W) in [0, 1] -> (B, 3, sH, sW). Tiles of `tile` pixels, each run with `tile_pad`
-    pixels of context on every side that is cropped away afterwards (tile=0: the whole image at once)."""
+    pixels of context on every side that is cropped away afterwards (tile=0: the whole image at once).
+    precision: a resolved one (devices.resolve_precision), the network's autocast."""
     scale = net.scale
     device = next(net.parameters()).device
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+    autocast = devices.autocast(device, precision)
     _, _, height, width = x.shape
     if not tile or (height <= tile and width <= tile):
         with autocast:
@@ -202,7 +207,7 @@ def upscale_tensor(net, x, tile=256, tile_pad=10, bf16=False):
     return out.clamp(0, 1)
 
 
-def upscale_image(net, image, outscale=4, tile=256, tile_pad=10, bf16=False):
+def upscale_image(net, image, outscale=4, tile=256, tile_pad=10, precision="fp32"):
     """A PIL image (RGB, L, LA, RGBA, P, ...) -> the same mode, `outscale` times larger.
 
     Colour goes through the network; alpha is resized with bicubic interpolation. A scale other
@@ -212,7 +217,7 @@ def upscale_image(net, image, outscale=4, tile=256, tile_pad=10, bf16=False):
     alpha = image.getchannel("A") if mode in ("RGBA", "LA") or (mode == "P" and "transparency" in image.info) else None
     rgb = np.asarray(to_rgb(image), dtype=np.float32) / 255
     x = torch.from_numpy(rgb).permute(2, 0, 1)[None]
-    y = upscale_tensor(net, x, tile, tile_pad, bf16)[0]
+    y = upscale_tensor(net, x, tile, tile_pad, precision)[0]
     result = Image.fromarray((y.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
     size = (round(image.width * outscale), round(image.height * outscale))
     if result.size != size:
@@ -224,7 +229,7 @@ def upscale_image(net, image, outscale=4, tile=256, tile_pad=10, bf16=False):
     return result
 
 
-def upscale_files(net, files, out, outscale=4, tile=256, tile_pad=10, bf16=False, overwrite=False):
+def upscale_files(net, files, out, outscale=4, tile=256, tile_pad=10, precision="fp32", overwrite=False):
     """Upscale every (path, relative) of `files` into OUT/relative (same name and format); yields one
     FileResult per file, a bad one reported and passed over."""
     for path, relative in files:
@@ -232,7 +237,7 @@ def upscale_files(net, files, out, outscale=4, tile=256, tile_pad=10, bf16=False
             target = output_path(path, relative, out, overwrite)
             with Image.open(path) as image:
                 image.load()
-            return save_image(upscale_image(net, image, outscale, tile, tile_pad, bf16), target)
+            return save_image(upscale_image(net, image, outscale, tile, tile_pad, precision), target)
 
         output, problem = attempt(path, upscale_one)
         yield problem or FileResult(path, output)

@@ -30,17 +30,23 @@ def load_vae(source, device="cpu"):
     return vae.to(device).eval().requires_grad_(False)
 
 
-def vae_fingerprint(vae, encoder_only=False):
-    """A short hash of the VAE's weights, so that latents of two different VAEs never mix. With
-    encoder_only, of the part that makes the latents (encoder and quant_conv): two autoencoders with the
-    same encoder fingerprint share a latent space, whatever their decoders."""
+def weights_fingerprint(module, prefixes=None):
+    """A short hash of a network's weights (those whose names start with one of `prefixes`, if given), in
+    float32 whatever they are stored in: the same weights give the same fingerprint on every machine."""
     digest = hashlib.sha256()
-    for name, tensor in sorted(vae.state_dict().items()):
-        if encoder_only and not name.startswith(("encoder.", "quant_conv.")):
+    for name, tensor in sorted(module.state_dict().items()):
+        if prefixes and not name.startswith(prefixes):
             continue
         digest.update(name.encode())
         digest.update(tensor.detach().to("cpu", torch.float32).numpy().tobytes())
     return digest.hexdigest()[:16]
+
+
+def vae_fingerprint(vae, encoder_only=False):
+    """The VAE's weights_fingerprint, so that latents of two different VAEs never mix. With encoder_only,
+    of the part that makes the latents (encoder and quant_conv): two autoencoders with the same encoder
+    fingerprint share a latent space, whatever their decoders."""
+    return weights_fingerprint(vae, ("encoder.", "quant_conv.") if encoder_only else None)
 
 
 @torch.inference_mode()

@@ -19,19 +19,27 @@ its latent space, as it was: a DiT trained on that encoder's latents keeps worki
     OUT/vae/          the finished autoencoder (save_pretrained layout)
 """
 
+import logging
+import math
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch import nn
-from .data import image_grid, load_images_and_labels, to_tensor
+
+from .data import load_images_and_labels
+from .devices import PRECISIONS
 from .errors import FacegenError
-from .files import atomic_dir, save_image
+from .files import atomic_dir, save_image, save_pretrained
 from .flow import laplacian_loss
-from .runs import (AUGMENT_STREAM, batch_indices, check_same_run, newest_intact_checkpoint, save_checkpoint,
-                   scheduled_lr, seeded_generator)
+from .images import image_grid, to_tensor
+from .runs import AUGMENT_STREAM, TrainingRun, batch_indices, scheduled_lr, seeded_generator
 from .vae import build_vae, load_vae, psnr
+
+log = logging.getLogger(__name__)
 
 # Named autoencoder sizes. Few channels per GroupNorm group would make it an instance norm that erases
 # each image's colours (16 groups of a 16-channel block): the compact one keeps 4+ channels per group.
@@ -84,113 +92,126 @@ def comparison_grid(originals, reconstructions):
 WARMUP_STEPS = 100
 
 
-def train_vae(data_dir, out, steps=4000, batch_size=16, learning_rate=1e-3, kl_weight=1e-6, image_size=128,
-              crop_size=128, size="compact", disc_start=None, disc_weight=0.5, precision="no", resume=False,
-              seed=0, checkpoint_every=250, init=None, decoder_only=False, disc_warmup=0, log=print, progress=None):
-    """Train an f8 AutoencoderKL of a named size on a labelled data set; OUT/vae is the result.
+@dataclass(frozen=True)
+class VaeTrainConfig:
+    """`facegen vae train`'s settings (the CLI's options replace these defaults)."""
+    steps: int = 4000
+    batch_size: int = 16
+    learning_rate: float = 1e-3
+    kl_weight: float = 1e-6
+    image_size: int = 128
+    crop_size: int = 128  # random crops of this side (a multiple of 8): cheaper steps, whole faces learnt
+    size: str = "compact"  # VAE_SIZES, for a new autoencoder
+    disc_start: Optional[int] = None  # the step at which the patch discriminator starts learning (None: never)
+    # steps the discriminator learns alone before its loss reaches the autoencoder: an untrained
+    # discriminator's gradient, scaled up by the adaptive weight, is noise that blurs a trained decoder
+    disc_warmup: int = 0
+    disc_weight: float = 0.5
+    precision: str = "fp32"  # devices.PRECISIONS
+    seed: int = 0
+    checkpoint_every: int = 250
+    init: Optional[str] = None  # an autoencoder (folder or hub id) to start from instead of a new one
+    decoder_only: bool = False  # train the decoder alone (needs init): the encoder and its latents stay
 
-    disc_start: the step at which the patch discriminator starts learning (None: never).
-    disc_warmup: steps it learns alone before its loss reaches the autoencoder. An untrained
-        discriminator's gradient, scaled up by the adaptive weight, is noise that blurs a trained decoder.
-    init: an autoencoder (folder or hub id) to start from instead of a new one of `size`.
-    decoder_only: train the decoder alone (needs init); the encoder and its latents stay as they are.
-    Returns the held-out PSNR in dB (on whole images).
-    """
-    if decoder_only and init is None:
-        raise FacegenError("--decoder-only fine-tunes an existing autoencoder: give it with --init")
-    if init is None and size not in VAE_SIZES:
-        raise FacegenError(f"unknown VAE size {size!r}; use {' or '.join(VAE_SIZES)}")
-    if precision not in ("no", "bf16"):
-        raise FacegenError(f"unknown precision {precision!r}; use no or bf16")
-    out = Path(out)
-    if any((out / "checkpoints").glob("step-*")) and not resume:
-        raise FacegenError(f"{out} already holds a VAE checkpoint; add --resume to continue it, or choose a new --out")
-    train_images = load_images_and_labels(data_dir, "train", image_size)[0]
-    held_out = to_tensor(load_images_and_labels(data_dir, "valid", image_size)[0][:256])
-    if init is None:
-        what = f"a {size} VAE"
-    else:
-        what = f"the decoder of {init}" if decoder_only else str(init)
-    log(f"training {what} on {len(train_images)} images, validating on {len(held_out)}")
+    def __post_init__(self):
+        if self.decoder_only and self.init is None:
+            raise FacegenError("--decoder-only fine-tunes an existing autoencoder: give it with --init")
+        if self.init is None and self.size not in VAE_SIZES:
+            raise FacegenError(f"unknown VAE size {self.size!r}; use {' or '.join(VAE_SIZES)}")
+        if self.precision not in PRECISIONS:
+            raise FacegenError(f"unknown precision {self.precision!r}; use {', '.join(PRECISIONS)}")
+        if self.crop_size % 8 or self.crop_size < 8:
+            raise FacegenError(f"--crop-size must be a multiple of 8 (the latent grid), not {self.crop_size}")
+        if not (math.isfinite(self.learning_rate) and self.learning_rate >= 0):
+            raise FacegenError(f"--learning-rate must be a finite number of at least 0, not {self.learning_rate}")
 
-    torch.manual_seed(seed)
-    vae = build_vae(**VAE_SIZES[size]) if init is None else load_vae(init).requires_grad_(True)
-    if decoder_only:
+
+def build_autoencoder(config):
+    """(the autoencoder to train, its trained parameters, a new discriminator)."""
+    torch.manual_seed(config.seed)
+    vae = build_vae(**VAE_SIZES[config.size]) if config.init is None else load_vae(config.init).requires_grad_(True)
+    if config.decoder_only:
         vae.encoder.requires_grad_(False)
         vae.quant_conv.requires_grad_(False)
-    trained = [p for p in vae.parameters() if p.requires_grad]
-    discriminator = PatchDiscriminator()
-    optimizer = torch.optim.AdamW(trained, lr=learning_rate, weight_decay=0.0)
-    disc_optimizer = torch.optim.AdamW(discriminator.parameters(), lr=learning_rate, betas=(0.5, 0.9),
+    return vae, [p for p in vae.parameters() if p.requires_grad], PatchDiscriminator()
+
+
+def autoencoder_losses(vae, discriminator, x, generator, config, step, decoder_only):
+    """(the autoencoder's loss, its reconstruction part, the reconstruction) of one batch: L1 + Laplacian
+    L1 + KL, plus the adaptive-weighted adversarial term once the discriminator has warmed up."""
+    with torch.set_grad_enabled(not decoder_only):
+        posterior = vae.encode(x).latent_dist
+    latents = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=generator)
+    reconstruction = vae.decode(latents).sample.float()
+    rec_loss = F.l1_loss(reconstruction, x) + laplacian_loss(reconstruction, x, levels=4).mean()
+    loss = rec_loss + config.kl_weight * posterior.kl().mean()
+    if config.disc_start is not None and step >= config.disc_start + config.disc_warmup:
+        gen_loss = -discriminator(reconstruction).float().mean()
+        loss = loss + config.disc_weight * adaptive_weight(rec_loss, gen_loss, vae.decoder.conv_out.weight) * gen_loss
+    return loss, rec_loss, reconstruction
+
+
+def train_vae(data_dir, out, config=VaeTrainConfig(), *, resume=False, progress=None):
+    """Train an f8 AutoencoderKL (VaeTrainConfig) on a labelled data set; OUT/vae is the result.
+    Returns the held-out PSNR in dB (on whole images)."""
+    out = Path(out)
+    run = TrainingRun(out, networks=("vae", "discriminator"), states=("optimizer", "disc_optimizer"),
+                      precision=config.precision, resume=resume)
+    train_images = load_images_and_labels(data_dir, "train", config.image_size)[0]
+    held_out = to_tensor(load_images_and_labels(data_dir, "valid", config.image_size)[0][:256])
+    if config.init is None:
+        what = f"a {config.size} VAE"
+    else:
+        what = f"the decoder of {config.init}" if config.decoder_only else str(config.init)
+    log.info(f"training {what} on {len(train_images)} images, validating on {len(held_out)}")
+
+    vae, trained, discriminator = build_autoencoder(config)
+    optimizer = torch.optim.AdamW(trained, lr=config.learning_rate, weight_decay=0.0)
+    disc_optimizer = torch.optim.AdamW(discriminator.parameters(), lr=config.learning_rate, betas=(0.5, 0.9),
                                        weight_decay=0.0)
-    run_state = {"size": size if init is None else str(init), "seed": seed, "decoder_only": decoder_only}
-    start = 0
-    checkpoint = newest_intact_checkpoint(out, ("vae", "discriminator"), ("optimizer", "disc_optimizer"), log) \
-        if resume else None
-    if checkpoint:
-        path, (saved, networks, states) = checkpoint
-        check_same_run(path, saved, run_state)
-        vae.load_state_dict(networks["vae"])
-        discriminator.load_state_dict(networks["discriminator"])
-        optimizer.load_state_dict(states["optimizer"])
-        disc_optimizer.load_state_dict(states["disc_optimizer"])
-        start = saved["step"]
-        log(f"resuming the VAE at step {start}")
-    vae.train()
-    last_layer = vae.decoder.conv_out.weight
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
+    objects = {"vae": vae, "discriminator": discriminator, "optimizer": optimizer, "disc_optimizer": disc_optimizer}
+    identity = {"size": config.size if config.init is None else str(config.init), "seed": config.seed,
+                "decoder_only": config.decoder_only}
+    start = run.restore(objects, identity)
+    vae, discriminator = vae.to(run.device).train(), discriminator.to(run.device)
+    optimizer, disc_optimizer = run.accelerator.prepare(optimizer, disc_optimizer)
+    objects.update(optimizer=optimizer, disc_optimizer=disc_optimizer)
 
     def evaluate():
         vae.eval()
         with torch.inference_mode():
-            reconstructions = torch.cat([vae(chunk).sample.float() for chunk in held_out.split(32)])
+            reconstructions = torch.cat([vae(chunk.to(run.device)).sample.float().cpu() for chunk in held_out.split(32)])
         vae.train()
         return psnr(reconstructions, held_out), reconstructions[:8]
 
-    task = progress.add_task("training VAE", total=steps, completed=start, loss=float("nan")) if progress else None
-    for step in range(start, steps):
-        generator = seeded_generator(seed, AUGMENT_STREAM, step)
-        x = to_tensor(train_images[batch_indices(len(train_images), batch_size, step, seed).numpy()])
+    task = progress.add_task("training VAE", total=config.steps, completed=start, loss=float("nan")) \
+        if progress else None
+    for step in range(start, config.steps):
+        generator = seeded_generator(config.seed, AUGMENT_STREAM, step)
+        x = to_tensor(train_images[batch_indices(len(train_images), config.batch_size, step, config.seed).numpy()])
         flip = torch.rand(len(x), generator=generator) < 0.5
-        x = random_crops(torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x), crop_size, generator)
+        x = random_crops(torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x), config.crop_size, generator).to(run.device)
         for group in (*optimizer.param_groups, *disc_optimizer.param_groups):
-            group["lr"] = scheduled_lr(step, learning_rate, WARMUP_STEPS, steps, cooldown_steps=steps)
-        adversarial = disc_start is not None and step >= disc_start
-        gan_term = adversarial and step >= disc_start + disc_warmup
-        with autocast:
-            with torch.set_grad_enabled(not decoder_only):
-                posterior = vae.encode(x).latent_dist
-            latents = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=generator)
-            reconstruction = vae.decode(latents).sample.float()
-            rec_loss = F.l1_loss(reconstruction, x) + laplacian_loss(reconstruction, x, levels=4).mean()
-            loss = rec_loss + kl_weight * posterior.kl().mean()
-            if gan_term:
-                gen_loss = -discriminator(reconstruction).float().mean()
-                loss = loss + disc_weight * adaptive_weight(rec_loss, gen_loss, last_layer) * gen_loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(trained, 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if adversarial:  # hinge loss: real patches above +1, reconstructed ones below -1
-            with autocast:
+            group["lr"] = scheduled_lr(step, config.learning_rate, WARMUP_STEPS, config.steps, cooldown_steps=config.steps)
+        with run.autocast():
+            loss, rec_loss, reconstruction = autoencoder_losses(vae, discriminator, x, generator, config, step,
+                                                                config.decoder_only)
+        run.step(loss, optimizer, trained, clip=1.0)
+        if config.disc_start is not None and step >= config.disc_start:  # hinge: real above +1, reconstructed below -1
+            with run.autocast():
                 disc_loss = F.relu(1 - discriminator(x)).mean() + F.relu(1 + discriminator(reconstruction.detach())).mean()
-            disc_optimizer.zero_grad(set_to_none=True)  # drop what the generator's loss left there
-            disc_loss.backward()
-            disc_optimizer.step()
-            disc_optimizer.zero_grad(set_to_none=True)
+            run.step(disc_loss, disc_optimizer)
         if progress:
             progress.update(task, completed=step + 1, loss=rec_loss.item())
-        if (step + 1) % checkpoint_every == 0 or step + 1 == steps:
+        if (step + 1) % config.checkpoint_every == 0 or step + 1 == config.steps:
             value, reconstructions = evaluate()
             save_image(comparison_grid(held_out[:8], reconstructions), out / "samples" / f"step-{step + 1:06d}.png")
-            save_checkpoint(out, step + 1, {"vae": vae.state_dict(), "discriminator": discriminator.state_dict()},
-                            {"optimizer": optimizer.state_dict(), "disc_optimizer": disc_optimizer.state_dict()},
-                            {**run_state, "psnr": value}, keep=2)
-            log(f"step {step + 1}: held-out PSNR {value:.2f} dB")
+            run.save(step + 1, objects, {**identity, "psnr": value})
+            log.info(f"step {step + 1}: held-out PSNR {value:.2f} dB")
     value, _ = evaluate()
     with atomic_dir(out / "vae") as tmp:
-        vae.eval().save_pretrained(tmp)
-    log(f"VAE held-out PSNR {value:.2f} dB")
+        save_pretrained(vae.eval(), tmp)
+    log.info(f"VAE held-out PSNR {value:.2f} dB")
     return value
 
 

@@ -19,9 +19,9 @@ from pathlib import Path
 import torch
 
 from facegen_cli.classifier import load_classifier
-from facegen_cli.data import to_tensor
 from facegen_cli.evaluate import (combination_control, combination_requests, condition_diversity, control_rates,
                                   frechet_distance, load_held_out_faces, read_single_attribute_faces)
+from facegen_cli.images import to_tensor
 from facegen_cli.pipeline import FacegenPipeline
 
 

@@ -12,11 +12,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from facegen_cli.classifier import load_classifier
-from facegen_cli.edit import REGIONS, EditRequest, NoFaceFound, edit_prepared, prepare_photo
+from facegen_cli.edit import REGIONS, NoFaceFound, edit_prepared, prepare_photo
+from facegen_cli.edit_request import EditRequest
 from facegen_cli.evaluate import attribute_grid
 from facegen_cli.files import save_image
-from facegen_cli.data import to_tensor
+from facegen_cli.images import to_tensor
 from facegen_cli.landmarks import FaceFinder, frame
 from facegen_cli.pipeline import FacegenPipeline
 
@@ -29,7 +29,7 @@ def main():
     args = parser.parse_args()
 
     pipe = FacegenPipeline.load(args.model)
-    classifier = load_classifier(pipe.path / "classifier")[0] if (pipe.path / "classifier").is_dir() else None
+    classifier = pipe.load_classifier()
     finder = FaceFinder()
     photos = sorted(p for p in args.photos.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
     size = pipe.info.image_size

@@ -63,7 +63,7 @@ def tiny_run(tmp_path_factory, tiny_data, tiny_vae_dir):
     from facegen_cli.train import train
 
     out = tmp_path_factory.mktemp("run")
-    train(load_preset("tiny"), tiny_data, out, vae_source=str(tiny_vae_dir), max_steps=6, log=lambda m: None)
+    train(load_preset("tiny").with_train(max_steps=6), tiny_data, out, vae_source=str(tiny_vae_dir))
     return out
 
 

@@ -3,9 +3,10 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from facegen_cli.align import partition_of, read_label_file
+from facegen_cli.align import partition_of, read_labels
 from facegen_cli.cli import app
-from facegen_cli.data import read_dataset, read_landmarks
+from facegen_cli.data import read_dataset
+from facegen_cli.layout import read_landmarks
 from facegen_cli.landmarks import CANONICAL_POINTS, align_face, alignment
 from facegen_cli.synthfaces import render_face
 
@@ -52,7 +53,7 @@ def test_align_writes_a_celeba_folder_and_accounts_for_every_photo(tmp_path, sou
     assert "182640.jpg no face found" in problems and "182641.jpg cannot read" in problems
     assert "199999.jpg not found" in problems
 
-    columns, labels = read_label_file(out / "list_attr_celeba.txt")
+    columns, labels = read_labels(out / "list_attr_celeba.txt")
     assert columns == COLUMNS  # every column carried over, not only the model's 12
     assert labels == {"000001.png": rows["000001.jpg"], "182638.png": rows["182638.jpg"],
                       "182639.png": rows["182639.png"]}

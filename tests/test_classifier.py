@@ -3,8 +3,9 @@ import pytest
 import torch
 
 from facegen_cli.attributes import DEFAULT_ATTRIBUTES
-from facegen_cli.classifier import accuracy, balanced_accuracy, fit_classifier, load_classifier, save_classifier
-from facegen_cli.data import to_tensor
+from facegen_cli.classifier import (ClassifierTrainConfig, accuracy, balanced_accuracy, fit_classifier, load_classifier,
+                                    save_classifier)
+from facegen_cli.images import to_tensor
 from facegen_cli.synthfaces import render_face
 
 
@@ -21,7 +22,7 @@ def test_labels_are_learnable_to_95_percent_per_attribute(rendered_faces):
     """The renderer's labels are what the pixels show: a small CNN trained on 2,000 faces reads
     every attribute of 500 others right at least 95% of the time."""
     images, labels = rendered_faces
-    model = fit_classifier(images[:2000], labels[:2000], DEFAULT_ATTRIBUTES, epochs=16)
+    model = fit_classifier(images[:2000], labels[:2000], DEFAULT_ATTRIBUTES, ClassifierTrainConfig(epochs=16))
     scores = accuracy(model.predict(to_tensor(images[2000:])), labels[2000:])
     report = dict(zip(DEFAULT_ATTRIBUTES, scores.tolist()))
     assert min(report.values()) >= 0.95, report
@@ -42,7 +43,7 @@ def test_balanced_accuracy_gives_a_reader_that_always_says_no_one_half():
 
 def test_save_load_round_trip(tmp_path, rendered_faces):
     images, labels = rendered_faces
-    model = fit_classifier(images[:64], labels[:64], DEFAULT_ATTRIBUTES, epochs=1)
+    model = fit_classifier(images[:64], labels[:64], DEFAULT_ATTRIBUTES, ClassifierTrainConfig(epochs=1))
     save_classifier(model, tmp_path / "clf", {"test_accuracy": {}})
     loaded, report = load_classifier(tmp_path / "clf")
     x = to_tensor(images[64:80])
@@ -72,7 +73,8 @@ def test_train_classifier_through_the_cli_measures_it_on_every_test_split(tmp_pa
     assert report["test_accuracy"] == held_out_accuracy(model, independent)[0]
     assert report["test_balanced_accuracy"] == held_out_accuracy(model, independent)[2]
     assert report["balanced_loss"] is True and model.config.widths == [8, 8, 16, 16]
-    assert report["other_test_accuracy"] == {str(celeba): held_out_accuracy(model, celeba)[0]}
+    assert report["other_test_accuracy"] == {celeba.name: held_out_accuracy(model, celeba)[0]}  # named, not a path
+    assert report["data"] == independent.name
     assert f"held-out accuracy on {celeba}" in result.stderr
 
     result = CliRunner().invoke(app, ["eval", "train-classifier", "--data", str(independent), "--test-data",

@@ -3,9 +3,10 @@ import pytest
 import torch
 from PIL import Image
 
-from facegen_cli.attributes import DEFAULT_ATTRIBUTES, celeba_column, flag_names, request_vector
+from facegen_cli.attributes import DEFAULT_ATTRIBUTES, AttributeRequest, celeba_column, flag_names
 from facegen_cli.cache import encode_dataset, load_cache
-from facegen_cli.data import load_image, read_dataset
+from facegen_cli.data import read_dataset
+from facegen_cli.images import load_image
 from facegen_cli.errors import FacegenError
 
 CELEBA_COLUMNS = ("5_o_Clock_Shadow Arched_Eyebrows Attractive Bags_Under_Eyes Bald Bangs Big_Lips Big_Nose "
@@ -38,13 +39,13 @@ def test_celeba_columns_and_flags():
 
 
 def test_request_vector_and_unknown_names():
-    y = request_vector(DEFAULT_ATTRIBUTES, ["male", "beard"], ["smiling"])
+    y = AttributeRequest(DEFAULT_ATTRIBUTES, ["male", "beard"], ["smiling"]).condition()[0]
     assert y[DEFAULT_ATTRIBUTES.index("male")] == 1 and y[DEFAULT_ATTRIBUTES.index("smiling")] == -1
     assert int(y.abs().sum()) == 3
     with pytest.raises(FacegenError, match="unknown attribute 'beards'.*male, young"):
-        request_vector(DEFAULT_ATTRIBUTES, ["beards"])
+        AttributeRequest(DEFAULT_ATTRIBUTES, ["beards"])
     with pytest.raises(FacegenError, match="both"):
-        request_vector(DEFAULT_ATTRIBUTES, ["male"], ["male"])
+        AttributeRequest(DEFAULT_ATTRIBUTES, ["male"], ["male"])
 
 
 def test_celeba_layout_parses_with_inverted_beard_and_partition(tmp_path):
@@ -87,22 +88,26 @@ def test_bad_data_sets_are_refused(tmp_path, content, message):
         read_dataset(root)
 
 
-def test_encode_skips_corrupt_images_counts_them_and_refuses_another_vae(tmp_path, tiny_vae_dir):
+def messages_of(caplog):
+    return [record.getMessage() for record in caplog.records]
+
+
+def test_encode_skips_corrupt_images_counts_them_and_refuses_another_vae(tmp_path, tiny_vae_dir, caplog):
     from conftest import make_tiny_vae, write_labelled_folder
 
     root = write_labelled_folder(tmp_path / "data", 5)
     (root / "img_0002.png").write_bytes(b"not an image")
-    warnings = []
-    meta = encode_dataset(root, tiny_vae_dir, tmp_path / "cache", workers=0, log=warnings.append)
-    assert meta["num_images"] == 4 and meta["num_unreadable"] == 1
-    assert any("img_0002.png" in w for w in warnings)
+    caplog.set_level("INFO", logger="facegen_cli")
+    meta = encode_dataset(root, tiny_vae_dir, tmp_path / "cache", workers=0)
+    assert meta.num_images == 4 and meta.num_unreadable == 1
+    assert any("img_0002.png" in w for w in messages_of(caplog))
     latents, labels, meta = load_cache(tmp_path / "cache")
     assert latents.shape == (4, 4, 16, 16) and labels.shape == (4, 12)
-    assert np.allclose(meta["latent_mean"], latents.double().mean(dim=(0, 2, 3)).numpy(), atol=1e-3)
+    assert np.allclose(meta.latent_mean, latents.double().mean(dim=(0, 2, 3)).numpy(), atol=1e-3)
 
     # Running again resumes (nothing to do) and gives the same cache.
-    again = encode_dataset(root, tiny_vae_dir, tmp_path / "cache", workers=0, log=warnings.append)
-    assert again["latent_mean"] == meta["latent_mean"]
+    again = encode_dataset(root, tiny_vae_dir, tmp_path / "cache", workers=0)
+    assert again.latent_mean == meta.latent_mean
 
     other = make_tiny_vae()
     with __import__("torch").no_grad():
@@ -112,20 +117,20 @@ def test_encode_skips_corrupt_images_counts_them_and_refuses_another_vae(tmp_pat
         encode_dataset(root, tmp_path / "other-vae", tmp_path / "cache", workers=0)
 
 
-def test_a_damaged_shard_is_reported_by_train_and_encoded_anew_by_encode(tmp_path, tiny_vae_dir):
+def test_a_damaged_shard_is_reported_by_train_and_encoded_anew_by_encode(tmp_path, tiny_vae_dir, caplog):
     from conftest import write_labelled_folder
 
     root = write_labelled_folder(tmp_path / "data", 5)
-    meta = encode_dataset(root, tiny_vae_dir, tmp_path / "cache", workers=0, log=lambda m: None)
+    meta = encode_dataset(root, tiny_vae_dir, tmp_path / "cache", workers=0)
     latents, _, _ = load_cache(tmp_path / "cache")
     shard = tmp_path / "cache" / "shard-00000.safetensors"
     shard.write_bytes(shard.read_bytes()[:100])  # cut short
     with pytest.raises(FacegenError, match="shard-00000.safetensors is damaged.*facegen encode"):
         load_cache(tmp_path / "cache")
-    messages = []
-    again = encode_dataset(root, tiny_vae_dir, tmp_path / "cache", workers=0, log=messages.append)
-    assert any("shard-00000.safetensors is damaged" in m for m in messages)
-    assert again["latent_mean"] == meta["latent_mean"]
+    caplog.set_level("INFO", logger="facegen_cli")
+    again = encode_dataset(root, tiny_vae_dir, tmp_path / "cache", workers=0)
+    assert any("shard-00000.safetensors is damaged" in m for m in messages_of(caplog))
+    assert again.latent_mean == meta.latent_mean
     assert __import__("torch").equal(load_cache(tmp_path / "cache")[0], latents)
 
 
@@ -135,11 +140,11 @@ def test_encode_of_only_unreadable_images_fails(tmp_path, tiny_vae_dir):
     (root / "a.png").write_bytes(b"junk")
     (root / "attributes.csv").write_text("filename,male\na.png,1\n")
     with pytest.raises(FacegenError, match="none of the 1 images"):
-        encode_dataset(root, tiny_vae_dir, tmp_path / "cache", workers=0, log=lambda m: None)
+        encode_dataset(root, tiny_vae_dir, tmp_path / "cache", workers=0)
 
 
 def test_sixteen_bit_grey_photos_are_read_as_their_grey_levels_not_white(tmp_path):
-    from facegen_cli.data import load_image, to_rgb
+    from facegen_cli.images import load_image, to_rgb
 
     ramp = (np.linspace(0, 65535, 64 * 64).reshape(64, 64)).astype(np.uint16)
     Image.fromarray(ramp).save(tmp_path / "deep.png")  # a 16-bit greyscale PNG
@@ -155,7 +160,7 @@ def test_sixteen_bit_grey_photos_are_read_as_their_grey_levels_not_white(tmp_pat
 def test_image_grid_lays_faces_out_as_torchvisions_make_grid_does(count, columns, padding):
     from torchvision.utils import make_grid
 
-    from facegen_cli.data import image_grid
+    from facegen_cli.images import image_grid
 
     images = np.random.default_rng(count).integers(0, 256, (count, 6, 5, 3), dtype=np.uint8)
     grid = image_grid(images, columns, padding)

@@ -33,13 +33,13 @@ def test_generate_with_the_shipped_model_through_the_cli(tmp_path):
 def test_the_demo_classifier_reads_what_the_demo_was_asked_for():
     """End to end on fixed seeds: faces asked for --male --beard read as such (the two attributes the
     demo controls best at its default guidance; docs/demo-eval/report.md has them all)."""
-    from facegen_cli.attributes import request_vector
+    from facegen_cli.attributes import AttributeRequest
     from facegen_cli.classifier import load_classifier
 
     pipe = FacegenPipeline.load("demo")
     classifier, report = load_classifier(DEMO_MODEL / "classifier")
     assert min(report["test_accuracy"].values()) > 0.9
-    y = request_vector(pipe.attributes, ["male", "beard"])
+    y = AttributeRequest(pipe.attributes, ["male", "beard"]).condition()[0]
     readings = classifier.predict(pipe.generate(y, seeds=list(range(6))))
     asked = [pipe.attributes.index(a) for a in ("male", "beard")]
     assert (readings[:, asked] == 1).float().mean() >= 0.8, readings[:, asked]

@@ -1,5 +1,3 @@
-from types import SimpleNamespace
-
 import numpy as np
 import pytest
 import torch
@@ -8,13 +6,13 @@ from typer.testing import CliRunner
 
 from facegen_cli.attributes import DEFAULT_ATTRIBUTES
 from facegen_cli.cli import app
-from facegen_cli.edit import (REGIONS, EditRequest, edit_crops, latent_mask, paste_back, reference_vectors, region_mask,
-                              request_vectors)
 from facegen_cli.config import SampleConfig
+from facegen_cli.edit import REGIONS, edit_crops, paste_back, region_mask
+from facegen_cli.edit_request import EditRequest
 from facegen_cli.errors import FacegenError
 from facegen_cli.landmarks import (CANONICAL_POINTS, align_face, alignment, invert, similarity_transform,
                                    transform_points, warp)
-from facegen_cli.pipeline import FacegenPipeline
+from facegen_cli.pipeline import FacegenPipeline, latent_mask
 from facegen_cli.synthfaces import render_face
 
 runner = CliRunner()
@@ -26,7 +24,14 @@ def face():
     return image, points
 
 
-PIPE = SimpleNamespace(attributes=DEFAULT_ATTRIBUTES)  # what request_vectors and reference_vectors read
+
+def request_vectors(request, current=None):
+    return request.attributes(DEFAULT_ATTRIBUTES).condition(current)
+
+
+def reference_vectors(request, current=None):
+    return request.attributes(DEFAULT_ATTRIBUTES).reference(current)
+
 INDEX = {name: i for i, name in enumerate(DEFAULT_ATTRIBUTES)}
 
 
@@ -34,29 +39,29 @@ def test_an_edit_holds_the_readings_but_takes_away_what_the_added_attribute_rule
     current = -torch.ones(2, len(DEFAULT_ATTRIBUTES), dtype=torch.long)
     current[0, INDEX["black_hair"]] = current[0, INDEX["smiling"]] = 1  # a smiling face with black hair
     current[1, INDEX["wearing_hat"]] = current[1, INDEX["bangs"]] = 1  # a face with a hat and bangs
-    y = request_vectors(PIPE, EditRequest(add=("blond_hair",)), current)
+    y = request_vectors(EditRequest(add=("blond_hair",)), current)
     expected = current.float()
     expected[:, INDEX["blond_hair"]] = 1
     expected[0, INDEX["black_hair"]] = -1  # blond replaces black; the smile and everything else stay
     assert torch.equal(y, expected)
-    y = request_vectors(PIPE, EditRequest(add=("bald",), remove=("smiling",)), current)
+    y = request_vectors(EditRequest(add=("bald",), remove=("smiling",)), current)
     assert y[1, INDEX["bald"]] == 1 and y[1, INDEX["wearing_hat"]] == -1 and y[1, INDEX["bangs"]] == -1
     assert y[0, INDEX["black_hair"]] == 1 and (y[:, INDEX["smiling"]] == -1).all()  # bald keeps side hair colour
     # Without readings, only the request is asked; the rest stays free.
-    free = request_vectors(PIPE, EditRequest(add=("blond_hair",)))
+    free = request_vectors(EditRequest(add=("blond_hair",)))
     assert free.shape == (1, len(DEFAULT_ATTRIBUTES)) and free.abs().sum() == 1 and free[0, INDEX["blond_hair"]] == 1
 
 
 def test_an_edit_is_guided_away_from_the_face_as_it_is_with_the_change_reversed():
     current = -torch.ones(2, len(DEFAULT_ATTRIBUTES), dtype=torch.long)
     current[:, INDEX["black_hair"]] = current[:, INDEX["smiling"]] = 1
-    reference = reference_vectors(PIPE, EditRequest(add=("blond_hair",), remove=("smiling",)), current)
+    reference = reference_vectors(EditRequest(add=("blond_hair",), remove=("smiling",)), current)
     expected = current.float()
     expected[:, INDEX["blond_hair"]] = -1  # not blond, still smiling, and its black hair as it was
     expected[:, INDEX["smiling"]] = 1
     assert torch.equal(reference, expected)
     assert current[0, INDEX["smiling"]] == 1  # the readings themselves are left alone
-    free = reference_vectors(PIPE, EditRequest(add=("mustache",)))
+    free = reference_vectors(EditRequest(add=("mustache",)))
     assert free.shape == (1, len(DEFAULT_ATTRIBUTES)) and free.abs().sum() == 1 and free[0, INDEX["mustache"]] == -1
 
 

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from facegen_cli.classifier import fit_classifier, save_classifier
+from facegen_cli.classifier import ClassifierTrainConfig, fit_classifier, save_classifier
 from facegen_cli.evaluate import (control_rates, free_flip_ceiling, held_flip_agreement, held_flip_requests,
                                   leakage_matrix, off_diagonal_mean, read_held_flips, read_single_attribute_faces,
                                   single_attribute_requests)
@@ -124,7 +124,7 @@ def test_eval_report_through_the_cli(tmp_path, tiny_model_dir, tiny_data):
 
     images = torch.randint(0, 256, (16, 64, 64, 3), dtype=torch.uint8).numpy()
     labels = torch.randint(0, 2, (16, len(DEFAULT_ATTRIBUTES))) * 2 - 1
-    save_classifier(fit_classifier(images, labels, DEFAULT_ATTRIBUTES, epochs=1), tmp_path / "clf",
+    save_classifier(fit_classifier(images, labels, DEFAULT_ATTRIBUTES, ClassifierTrainConfig(epochs=1)), tmp_path / "clf",
                     {"test_accuracy": dict.fromkeys(DEFAULT_ATTRIBUTES, 0.5)})
     result = CliRunner().invoke(app, ["eval", "--model", str(tiny_model_dir), "--classifier", str(tmp_path / "clf"),
                                       "-k", "2", "--guidance", "1", "--guidance", "3", "--steps", "2",
@@ -243,7 +243,7 @@ def test_edit_locality_on_built_in_faces_keeps_the_outside_exact(tiny_model_dir)
     from facegen_cli.attributes import DEFAULT_ATTRIBUTES
     from facegen_cli.classifier import AttributeClassifier
     from facegen_cli.config import SampleConfig
-    from facegen_cli.edit import EditRequest
+    from facegen_cli.edit_request import EditRequest
     from facegen_cli.evaluate import HeldOutFaces, edit_locality
     from facegen_cli.pipeline import FacegenPipeline
     from facegen_cli.synthfaces import render_face

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from facegen_cli import flow
+from facegen_cli import flow, guidance, sampling
 from facegen_cli.config import SampleConfig, load_preset
 from facegen_cli.errors import FacegenError
 from facegen_cli.model import LatentDiT
@@ -10,7 +10,7 @@ from test_model import perturbed
 
 @pytest.fixture
 def model():
-    return perturbed(LatentDiT(attributes=[f"a{i}" for i in range(5)], **load_preset("tiny").model)).eval()
+    return perturbed(load_preset("tiny").model.build([f"a{i}" for i in range(5)])).eval()
 
 
 def test_interpolation_ends():
@@ -40,38 +40,53 @@ def test_laplacian_pyramid_reconstructs_and_loss_is_zero_on_equal_inputs():
 
 
 def test_guidance_one_equals_the_conditional_prediction(model):
-    x, t, y = torch.randn(3, 4, 16, 16), torch.rand(3), torch.randn(3, 5).sign()
+    x, t, y = torch.randn(3, 4, 16, 16), torch.rand(()), torch.randn(3, 5).sign()
     with torch.no_grad():
-        assert torch.equal(flow.guided_velocity(model, x, t, y, 1.0), model(x, t, y))
+        assert torch.equal(guidance.classifier_free(model, y, torch.zeros_like(y), 1.0)(x, t), model(x, t.expand(3), y))
 
 
 def test_guidance_mixes_both_branches_of_one_batched_forward(model):
-    x, t, y = torch.randn(3, 4, 16, 16), torch.rand(3), torch.randn(3, 5).sign()
+    x, t, y = torch.randn(3, 4, 16, 16), torch.rand(()).expand(3), torch.randn(3, 5).sign()
     with torch.no_grad():
         v_c, v_u = model(x, t, y), model(x, t, torch.zeros_like(y))
-        guided = flow.guided_velocity(model, x, t, y, 4.0)
+        guided = guidance.classifier_free(model, y, torch.zeros_like(y), 4.0)(x, t[0])
     assert torch.allclose(guided, v_u + 4.0 * (v_c - v_u), atol=1e-5)
     assert not torch.allclose(guided, v_c, atol=1e-3)
 
 
 def test_guidance_steers_away_from_a_given_reference_condition(model):
-    x, t, y = torch.randn(3, 4, 16, 16), torch.rand(3), torch.randn(3, 5).sign()
+    x, t, y = torch.randn(3, 4, 16, 16), torch.rand(()).expand(3), torch.randn(3, 5).sign()
     reference = y.clone()
     reference[:, 0] = -reference[:, 0]  # the same request with one attribute reversed
     with torch.no_grad():
         v_c, v_r = model(x, t, y), model(x, t, reference)
-        guided = flow.guided_velocity(model, x, t, y, 4.0, reference)
-        assert torch.equal(flow.guided_velocity(model, x, t, y, 1.0, reference), v_c)
-        free = flow.guided_velocity(model, x, t, y, 4.0)
+        guided = guidance.classifier_free(model, y, reference, 4.0)(x, t[0])
+        assert torch.equal(guidance.classifier_free(model, y, reference, 1.0)(x, t[0]), v_c)
+        free = guidance.classifier_free(model, y, torch.zeros_like(y), 4.0)(x, t[0])
     assert torch.allclose(guided, v_r + 4.0 * (v_c - v_r), atol=1e-5)
     assert not torch.allclose(guided, free, atol=1e-3)
+
+
+def velocity(model, y, scale=2.0):
+    return guidance.classifier_free(model, y, torch.zeros_like(y), scale)
+
+
+def masked(model, y, known, noise, mask, steps, start=1.0, resample=1, seeds=None, scale=2.0):
+    """Masked sampling from the known latent noised to `start`, as the pipeline starts it."""
+    times = sampling.time_grid(steps, start)
+    x = flow.interpolate(known, noise, times[:1].expand(len(known)))
+    generators = [torch.Generator().manual_seed(s) for s in (seeds or [0] * len(known))]
+    with torch.inference_mode():
+        return sampling.sample_masked(velocity(model, y, scale), x, times, known=known, mask=mask, noise=noise,
+                                      generators=generators, resample=resample)
 
 
 @pytest.mark.parametrize("method", ["euler", "heun"])
 def test_sampling_is_reproducible_and_shaped(model, method):
     noise, y = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(1)), torch.zeros(2, 5)
-    a = flow.sample(model, noise, y, SampleConfig(steps=4, method=method))
-    b = flow.sample(model, noise.clone(), y, SampleConfig(steps=4, method=method))
+    with torch.inference_mode():
+        a = sampling.sample(velocity(model, y), noise, sampling.time_grid(4), method=method)
+        b = sampling.sample(velocity(model, y), noise.clone(), sampling.time_grid(4), method=method)
     assert a.shape == noise.shape and torch.equal(a, b)
     assert not torch.equal(a, noise)
 
@@ -84,7 +99,7 @@ def test_euler_on_a_constant_velocity_lands_exactly():
 
     noise = torch.randn(2, 4, 16, 16)
     for method in ("euler", "heun"):
-        out = flow.sample(Exact(), noise, torch.zeros(2, 1), SampleConfig(steps=5, guidance=1.0, method=method))
+        out = sampling.sample(velocity(Exact(), torch.zeros(2, 1), 1.0), noise, sampling.time_grid(5), method=method)
         assert torch.allclose(out, torch.zeros_like(out), atol=1e-5)
 
 
@@ -92,7 +107,7 @@ def test_masked_sampling_keeps_the_known_latent_outside_the_mask(model):
     known, noise = torch.randn(2, 4, 16, 16), torch.randn(2, 4, 16, 16)
     mask = torch.zeros(2, 1, 16, 16)
     mask[..., 4:10, 3:12] = 1
-    out = flow.sample(model, noise, torch.zeros(2, 5), SampleConfig(steps=6, guidance=2.0), known=known, mask=mask)
+    out = masked(model, torch.zeros(2, 5), known, noise, mask, steps=6)
     outside = (mask == 0).expand_as(out)
     assert torch.equal(out[outside], known[outside])
     assert not torch.allclose(out[~outside], known[~outside])
@@ -100,10 +115,10 @@ def test_masked_sampling_keeps_the_known_latent_outside_the_mask(model):
 
 def test_partial_strength_starts_from_the_noised_known_latent(model):
     known, noise = torch.randn(1, 4, 16, 16), torch.randn(1, 4, 16, 16)
-    zero_steps_from = flow.sample(model, noise, torch.zeros(1, 5), SampleConfig(steps=3), start=0.0, known=known)
+    everywhere = torch.ones(1, 1, 16, 16)
+    zero_steps_from = masked(model, torch.zeros(1, 5), known, noise, everywhere, steps=3, start=0.0)
     assert torch.equal(zero_steps_from, known)  # strength 0 changes nothing
-    with pytest.raises(ValueError):
-        flow.sample(model, noise, torch.zeros(1, 5), SampleConfig(), start=0.5)
+    assert sampling.time_grid(4, 0.5)[0] == 0.5 and sampling.time_grid(4, 0.5)[-1] == 0
 
 
 def test_unknown_sampler_is_refused():
@@ -143,15 +158,28 @@ def test_resampling_renoises_to_the_same_time_and_keeps_the_known_latent(model):
 
     known, noise = torch.zeros(2, 4, 16, 16), torch.randn(2, 4, 16, 16)
     ones = torch.ones(2, 1, 16, 16)
-    out = flow.sample(Exact(), noise, torch.zeros(2, 1), SampleConfig(steps=5, guidance=1.0), known=known, mask=ones,
-                      resample=3, generator=torch.Generator().manual_seed(0))
+    out = masked(Exact(), torch.zeros(2, 1), known, noise, ones, steps=5, resample=3, scale=1.0)
     assert torch.allclose(out, known, atol=1e-5)
 
     known = torch.randn(2, 4, 16, 16)
     mask = torch.zeros(2, 1, 16, 16)
     mask[..., 2:8, 2:8] = 1
-    once = flow.sample(model, noise, torch.zeros(2, 5), SampleConfig(steps=4), known=known, mask=mask)
-    thrice = flow.sample(model, noise, torch.zeros(2, 5), SampleConfig(steps=4), known=known, mask=mask, resample=3,
-                         generator=torch.Generator().manual_seed(0))
+    once = masked(model, torch.zeros(2, 5), known, noise, mask, steps=4)
+    thrice = masked(model, torch.zeros(2, 5), known, noise, mask, steps=4, resample=3)
     outside = (mask == 0).expand_as(once)
     assert torch.equal(thrice[outside], known[outside]) and not torch.equal(thrice, once)
+
+
+def test_resampling_draws_each_items_noise_from_its_own_generator(model):
+    """An item's RePaint noise comes from its own seed: the same alone as beside any other item."""
+    known, noise = torch.randn(3, 4, 16, 16), torch.randn(3, 4, 16, 16)
+    mask = torch.zeros(3, 1, 16, 16)
+    mask[..., 3:11, 2:9] = 1
+    y = torch.randn(3, 5).sign()
+    together = masked(model, y, known, noise, mask, steps=3, resample=3, seeds=[4, 5, 6])
+    for i, seed in enumerate([4, 5, 6]):
+        alone = masked(model, y[i:i + 1], known[i:i + 1], noise[i:i + 1], mask[i:i + 1], steps=3, resample=3,
+                       seeds=[seed])
+        assert torch.allclose(alone[0], together[i], atol=1e-5)
+    other = masked(model, y, known, noise, mask, steps=3, resample=3, seeds=[4, 9, 6])
+    assert not torch.allclose(other[1], together[1], atol=1e-3)  # another seed, other draws

@@ -1,3 +1,5 @@
+import dataclasses
+
 import pytest
 import torch
 
@@ -8,7 +10,7 @@ from facegen_cli.model import LatentDiT, sincos_pos_embed_2d
 
 def build(name, device=None):
     with torch.device(device or "cpu"):
-        return LatentDiT(attributes=DEFAULT_ATTRIBUTES, **load_preset(name).model)
+        return load_preset(name).model.build(DEFAULT_ATTRIBUTES)
 
 
 def count(model):
@@ -21,7 +23,7 @@ def test_presets_include_the_design_sizes():
 
 def test_full_size_preset_matches_the_design():
     preset = load_preset("dit-l-face128")
-    assert preset.model | {} == {"latent_size": 16, "latent_channels": 4, "patch_size": 2, "hidden_size": 1024,
+    assert dataclasses.asdict(preset.model) == {"latent_size": 16, "latent_channels": 4, "patch_size": 2, "hidden_size": 1024,
                                  "depth": 15, "num_heads": 16, "mlp_size": 4096}
     model = build("dit-l-face128", device="meta")
     assert len(model.blocks) == 15
@@ -87,7 +89,7 @@ def test_save_load_round_trip_gives_identical_outputs(tmp_path):
 
 
 def test_vocabulary_lives_in_the_config(tmp_path):
-    model = LatentDiT(attributes=["gray_hair", "goatee"], **load_preset("tiny").model)
+    model = load_preset("tiny").model.build(["gray_hair", "goatee"])
     model.save_pretrained(tmp_path)
     assert LatentDiT.from_pretrained(tmp_path).attributes == ["gray_hair", "goatee"]
 

@@ -13,11 +13,11 @@ from facegen_cli.pipeline import FacegenPipeline
 from facegen_cli.runs import batch_indices, scheduled_lr
 from facegen_cli.train import (balanced_batch_indices, drop_labels, free_branch_weights, rare_boosts, sampling_weights,
                                train)
-from facegen_cli.vae import load_vae
+from facegen_cli.vae import load_vae, weights_fingerprint
 
 
-def quiet(message):
-    pass
+def messages_of(caplog):
+    return [record.getMessage() for record in caplog.records]
 
 
 def test_batches_cover_each_epoch_once():
@@ -105,9 +105,9 @@ def test_learning_rate_warms_up_holds_and_cools_down_to_zero():
 def test_resume_continues_bit_for_bit(tmp_path, tiny_run):
     cache = tiny_run / "latents"
     preset = load_preset("tiny")
-    train(preset, cache, tmp_path / "straight", max_steps=8, log=quiet)
-    train(preset, cache, tmp_path / "split", max_steps=4, log=quiet)
-    train(preset, cache, tmp_path / "split", max_steps=8, resume=True, log=quiet)
+    train(preset.with_train(max_steps=8), cache, tmp_path / "straight")
+    train(preset.with_train(max_steps=4), cache, tmp_path / "split")
+    train(preset.with_train(max_steps=8), cache, tmp_path / "split", resume=True)
     a = load_file(tmp_path / "straight/checkpoints/step-000008/model.safetensors")
     b = load_file(tmp_path / "split/checkpoints/step-000008/model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -125,21 +125,22 @@ def test_checkpoints_read_back_what_was_written_and_keep_the_newest(tmp_path):
     for step in (1, 2, 3):
         save_checkpoint(tmp_path, step, weights, {"optimizer": {"lr": 0.1 * step}}, {"preset": "tiny"}, keep=2)
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-000002", "step-000003"]
-    path, (state, networks, states) = newest_intact_checkpoint(tmp_path, ("net",), ("optimizer",), quiet)
+    path, (state, networks, states) = newest_intact_checkpoint(tmp_path, ("net",), ("optimizer",))
     assert path == latest_checkpoint(tmp_path) and state == {"preset": "tiny", "step": 3}
     assert torch.equal(networks["net"]["w"], weights["net"]["w"]) and states["optimizer"] == {"lr": 0.1 * 3}
 
 
-def test_resume_passes_over_a_damaged_latest_checkpoint_and_still_ends_bit_for_bit(tmp_path, tiny_run):
+def test_resume_passes_over_a_damaged_latest_checkpoint_and_still_ends_bit_for_bit(tmp_path, tiny_run, caplog):
     cache = tiny_run / "latents"
     preset = load_preset("tiny")
-    train(preset, cache, tmp_path / "straight", max_steps=6, log=quiet)
+    train(preset.with_train(max_steps=6), cache, tmp_path / "straight")
     run = tmp_path / "damaged"
-    train(preset, cache, run, max_steps=2, log=quiet)
-    train(preset, cache, run, max_steps=4, resume=True, log=quiet)
+    train(preset.with_train(max_steps=2), cache, run)
+    train(preset.with_train(max_steps=4), cache, run, resume=True)
     (run / "checkpoints/step-000004/model.safetensors").write_bytes(b"cut short")
-    messages = []
-    train(preset, cache, run, max_steps=6, resume=True, log=messages.append)
+    caplog.set_level("INFO", logger="facegen_cli")
+    train(preset.with_train(max_steps=6), cache, run, resume=True)
+    messages = messages_of(caplog)
     assert any("step-000004 is damaged" in m for m in messages)
     assert any("resuming from" in m and "step-000002" in m for m in messages)
     a = load_file(tmp_path / "straight/checkpoints/step-000006/model.safetensors")
@@ -148,16 +149,16 @@ def test_resume_passes_over_a_damaged_latest_checkpoint_and_still_ends_bit_for_b
     for step in ("000004", "000006"):  # the two kept
         (run / f"checkpoints/step-{step}/ema.pt").write_bytes(b"")
     with pytest.raises(FacegenError, match="every checkpoint is damaged"):
-        train(preset, cache, run, max_steps=8, resume=True, log=quiet)
+        train(preset.with_train(max_steps=8), cache, run, resume=True)
 
 
 def test_a_run_is_not_overwritten_and_resumes_only_with_its_preset(tmp_path, tiny_run):
     cache = tiny_run / "latents"
-    train(load_preset("tiny"), cache, tmp_path / "run", max_steps=2, log=quiet)
+    train(load_preset("tiny").with_train(max_steps=2), cache, tmp_path / "run")
     with pytest.raises(FacegenError, match="--resume"):
-        train(load_preset("tiny"), cache, tmp_path / "run", max_steps=4, log=quiet)
+        train(load_preset("tiny").with_train(max_steps=4), cache, tmp_path / "run")
     with pytest.raises(FacegenError, match="preset 'tiny'"):
-        train(load_preset("dit-s"), cache, tmp_path / "run", max_steps=4, resume=True, log=quiet)
+        train(load_preset("dit-s").with_train(max_steps=4), cache, tmp_path / "run", resume=True)
 
 
 def test_exported_model_carries_config_and_statistics(tiny_model_dir, tiny_run):
@@ -178,38 +179,40 @@ def test_fine_tuning_starts_from_the_init_model_and_resumes_bit_for_bit(tmp_path
     preset = load_preset("tiny")
     frozen = dataclasses.replace(preset, train=dataclasses.replace(preset.train, learning_rate=0.0))
     # With a learning rate of 0 the fine-tuned model is exactly the one it started from.
-    model_dir = train(frozen, cache, tmp_path / "frozen", max_steps=2, init_from=tiny_model_dir, log=quiet)
+    model_dir = train(frozen.with_train(max_steps=2), cache, tmp_path / "frozen", init_from=tiny_model_dir)
     start, tuned = FacegenPipeline.load(tiny_model_dir), FacegenPipeline.load(model_dir)
     assert all(torch.equal(a, b) for a, b in zip(start.dit.state_dict().values(), tuned.dit.state_dict().values()))
     info = json.loads((model_dir / "facegen.json").read_text())
-    assert info["trained_steps"] == 6 + 2 and info["init_from"] == str(tiny_model_dir)
+    assert info["trained_steps"] == 6 + 2 and info["init_from"]["name"] == f"{tiny_model_dir.parent.name}/model"
+    assert info["init_from"]["fingerprint"] == weights_fingerprint(start.dit)  # by name and weights, not by path
     assert info["latent_mean"] == start.info.latent_mean
 
     # Where the VAE came from (its training run, a fine-tuned decoder) carries over from the init model.
     recorded = tmp_path / "recorded"
     shutil.copytree(tiny_model_dir, recorded)
     record = json.loads((recorded / "facegen.json").read_text())
-    record.update(vae_source="runs/vae", decoder_source="runs/decoder")
+    record.update(vae={"name": "vae", "fingerprint": "0123456789abcdef"},
+                  decoder={"name": "decoder", "fingerprint": "fedcba9876543210"})
     (recorded / "facegen.json").write_text(json.dumps(record))
-    info = json.loads((train(frozen, cache, tmp_path / "carried", max_steps=1, init_from=recorded, log=quiet)
+    info = json.loads((train(frozen.with_train(max_steps=1), cache, tmp_path / "carried", init_from=recorded)
                        / "facegen.json").read_text())
-    assert (info["vae_source"], info["decoder_source"]) == ("runs/vae", "runs/decoder")
+    assert (info["vae"]["name"], info["decoder"]["name"]) == ("vae", "decoder")
 
-    train(preset, cache, tmp_path / "straight", max_steps=4, init_from=tiny_model_dir, log=quiet)
-    train(preset, cache, tmp_path / "split", max_steps=2, init_from=recorded, log=quiet)
-    train(preset, cache, tmp_path / "split", max_steps=4, resume=True, log=quiet)
+    train(preset.with_train(max_steps=4), cache, tmp_path / "straight", init_from=tiny_model_dir)
+    train(preset.with_train(max_steps=2), cache, tmp_path / "split", init_from=recorded)
+    train(preset.with_train(max_steps=4), cache, tmp_path / "split", resume=True)
     a = load_file(tmp_path / "straight/checkpoints/step-000004/model.safetensors")
     b = load_file(tmp_path / "split/checkpoints/step-000004/model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
     resumed = json.loads((tmp_path / "split/model/facegen.json").read_text())
-    assert resumed["trained_steps"] == 6 + 4 and resumed["decoder_source"] == "runs/decoder"
+    assert resumed["trained_steps"] == 6 + 4 and resumed["decoder"]["fingerprint"] == "fedcba9876543210"
     assert not torch.equal(a["final_layer.linear.weight"], start.dit.state_dict()["final_layer.linear.weight"])
 
 
 def test_fine_tuning_refuses_a_model_of_another_preset_or_vae(tmp_path, tiny_run, tiny_model_dir):
     cache = tiny_run / "latents"
     with pytest.raises(FacegenError, match="does not match this run.s preset and data: hidden_size 64 vs 384; depth 2 vs 12"):
-        train(load_preset("dit-s"), cache, tmp_path / "a", max_steps=1, init_from=tiny_model_dir, log=quiet)
+        train(load_preset("dit-s").with_train(max_steps=1), cache, tmp_path / "a", init_from=tiny_model_dir)
     other_vae = tmp_path / "other"
     shutil.copytree(tiny_model_dir, other_vae)
     vae = load_vae(other_vae / "vae")
@@ -217,7 +220,7 @@ def test_fine_tuning_refuses_a_model_of_another_preset_or_vae(tmp_path, tiny_run
         vae.decoder.conv_out.bias.add_(0.1)
     vae.save_pretrained(other_vae / "vae")
     with pytest.raises(FacegenError, match="another VAE"):
-        train(load_preset("tiny"), cache, tmp_path / "b", max_steps=1, init_from=other_vae, log=quiet)
+        train(load_preset("tiny").with_train(max_steps=1), cache, tmp_path / "b", init_from=other_vae)
 
 
 def test_train_refuses_latents_whose_vae_has_changed_since_encoding(tmp_path, tiny_data):
@@ -226,13 +229,13 @@ def test_train_refuses_latents_whose_vae_has_changed_since_encoding(tmp_path, ti
 
     vae_dir = tmp_path / "vae"
     make_tiny_vae().save_pretrained(vae_dir)
-    encode_dataset(tiny_data, str(vae_dir), tmp_path / "latents", 128, log=quiet)
+    encode_dataset(tiny_data, str(vae_dir), tmp_path / "latents", 128)
     changed = make_tiny_vae()
     with torch.no_grad():
         changed.decoder.conv_out.weight.add_(0.1)
     changed.save_pretrained(vae_dir)  # replaced in place after encoding
     with pytest.raises(FacegenError, match="has changed since the latents were encoded"):
-        train(load_preset("tiny"), tmp_path / "latents", tmp_path / "run", max_steps=1, log=quiet)
+        train(load_preset("tiny").with_train(max_steps=1), tmp_path / "latents", tmp_path / "run")
     assert not (tmp_path / "run" / "model").exists()
 
 
@@ -262,7 +265,7 @@ def test_two_processes_train_like_one_at_the_same_global_batch_and_resume(tmp_pa
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming from" in resumed.stderr and "steps 50..60" in resumed.stderr
 
-    train(load_preset("tiny"), cache, tmp_path / "one", max_steps=60, log=quiet)
+    train(load_preset("tiny").with_train(max_steps=60), cache, tmp_path / "one")
     curves = [[json.loads(line)["loss"] for line in (tmp_path / run / "log.jsonl").read_text().splitlines()]
               for run in ("one", "two")]
     assert len(curves[0]) == len(curves[1]) == 6  # every 10 steps, the resumed run's included

@@ -98,9 +98,9 @@ def test_ncnn_conversion_fills_every_parameter_of_x4plus():
 @needs_ncnn
 def test_x4plus_is_cached_as_safetensors_and_reloads(tmp_path, monkeypatch):
     monkeypatch.setenv("FACEGEN_CACHE", str(tmp_path))
-    first = load_upscaler(log=lambda m: None)
+    first = load_upscaler()
     assert (tmp_path / "realesrgan-x4plus.safetensors").is_file()
-    second = load_upscaler(log=lambda m: None)
+    second = load_upscaler()
     assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), second.state_dict().values()))
 
 
@@ -132,7 +132,7 @@ def test_x4plus_restores_the_detail_bicubic_loses_on_real_faces(tmp_path, monkey
     benchmarks/bench_upscale.py), as perceptual super-resolution models do, but it restores edges:
     its edge energy is far closer to the original's than bicubic's blur, while staying faithful."""
     monkeypatch.setenv("FACEGEN_CACHE", str(tmp_path))
-    net = load_upscaler(log=lambda m: None)
+    net = load_upscaler()
     with torch.no_grad():  # flat regions and smooth ramps pass through unchanged: no colour or scale error
         ramp = torch.linspace(0, 1, 32).view(1, 1, 1, 32).expand(1, 3, 32, 32).contiguous()
         smooth = torch.nn.functional.interpolate(ramp, scale_factor=4, mode="bilinear")

@@ -5,7 +5,7 @@ import torch
 
 from facegen_cli.errors import FacegenError
 from facegen_cli.vae import encode, load_vae, psnr
-from facegen_cli.vae_train import random_crops, train_vae
+from facegen_cli.vae_train import VaeTrainConfig, random_crops, train_vae
 
 
 def test_psnr_of_known_errors():
@@ -26,12 +26,12 @@ def test_random_crops_are_windows_of_the_images_on_the_latent_grid():
 
 def test_train_vae_checkpoints_resumes_and_saves_an_f8_autoencoder(tmp_path, tiny_data):
     out = tmp_path / "vae-run"
-    quiet = dict(batch_size=4, crop_size=64, checkpoint_every=2, log=lambda m: None)
-    train_vae(tiny_data, out, steps=2, **quiet)
+    small = dict(batch_size=4, crop_size=64, checkpoint_every=2)
+    train_vae(tiny_data, out, VaeTrainConfig(steps=2, **small))
     assert json.loads((out / "checkpoints" / "step-000002" / "state.json").read_text())["step"] == 2
     with pytest.raises(FacegenError, match="--resume"):
-        train_vae(tiny_data, out, steps=4, **quiet)
-    value = train_vae(tiny_data, out, steps=4, resume=True, **quiet)
+        train_vae(tiny_data, out, VaeTrainConfig(steps=4, **small))
+    value = train_vae(tiny_data, out, VaeTrainConfig(steps=4, **small), resume=True)
     assert json.loads((out / "checkpoints" / "step-000004" / "state.json").read_text())["step"] == 4
     vae = load_vae(out / "vae")
     assert encode(vae, torch.zeros(1, 3, 128, 128)).shape == (1, 4, 16, 16)
@@ -57,10 +57,10 @@ def test_decoder_only_fine_tuning_keeps_the_latent_space(tmp_path, tiny_data, ti
     from facegen_cli.vae import vae_fingerprint
 
     with pytest.raises(FacegenError, match="--init"):
-        train_vae(tiny_data, tmp_path / "no-init", steps=1, decoder_only=True, log=lambda m: None)
+        VaeTrainConfig(steps=1, decoder_only=True)
     out = tmp_path / "decoder"
-    train_vae(tiny_data, out, steps=2, batch_size=4, crop_size=64, learning_rate=1e-2, disc_start=0,
-              init=str(tiny_vae_dir), decoder_only=True, log=lambda m: None)
+    train_vae(tiny_data, out, VaeTrainConfig(steps=2, batch_size=4, crop_size=64, learning_rate=1e-2, disc_start=0,
+                                             init=str(tiny_vae_dir), decoder_only=True))
     before, after = load_vae(tiny_vae_dir), load_vae(out / "vae")
     images = torch.rand(2, 3, 128, 128) * 2 - 1
     assert torch.equal(encode(before, images), encode(after, images))
@@ -75,16 +75,18 @@ def test_export_swaps_in_a_decoder_with_the_same_encoder_only(tmp_path, tiny_dat
 
     from facegen_cli.cli import app
     from facegen_cli.pipeline import FacegenPipeline
+    from facegen_cli.vae import vae_fingerprint
 
     fine_tuned = tmp_path / "decoder"
-    train_vae(tiny_data, fine_tuned, steps=1, batch_size=4, crop_size=64, learning_rate=1e-2,
-              init=str(tiny_vae_dir), decoder_only=True, log=lambda m: None)
+    train_vae(tiny_data, fine_tuned, VaeTrainConfig(steps=1, batch_size=4, crop_size=64, learning_rate=1e-2,
+                                                    init=str(tiny_vae_dir), decoder_only=True))
     result = CliRunner().invoke(app, ["export", str(tiny_model_dir), "--vae", str(fine_tuned / "vae"),
                                       "--out", str(tmp_path / "model")])
     assert result.exit_code == 0, result.stderr
     exported, expected = FacegenPipeline.load(tmp_path / "model"), load_vae(fine_tuned / "vae")
     assert all(torch.equal(a, b) for a, b in zip(exported.vae.state_dict().values(), expected.state_dict().values()))
-    assert exported.info.decoder_source == str(fine_tuned / "vae")
+    assert exported.info.decoder.fingerprint == vae_fingerprint(expected)  # named by its weights, not its path
+    assert exported.info.decoder.name == "decoder/vae"
 
     stranger = load_vae(tiny_vae_dir).requires_grad_(False)
     with torch.no_grad():
@@ -99,11 +101,10 @@ def test_export_swaps_in_a_decoder_with_the_same_encoder_only(tmp_path, tiny_dat
 def test_the_discriminator_warms_up_without_touching_the_autoencoder(tmp_path, tiny_data, tiny_vae_dir):
     """During --disc-warmup the discriminator learns alone: the autoencoder's steps are those of a run
     without any discriminator."""
-    common = dict(steps=2, batch_size=4, crop_size=64, learning_rate=1e-2, init=str(tiny_vae_dir),
-                  decoder_only=True, log=lambda m: None)
-    train_vae(tiny_data, tmp_path / "plain", **common)
-    train_vae(tiny_data, tmp_path / "warming", disc_start=0, disc_warmup=2, **common)
-    train_vae(tiny_data, tmp_path / "adversarial", disc_start=0, **common)
+    common = dict(steps=2, batch_size=4, crop_size=64, learning_rate=1e-2, init=str(tiny_vae_dir), decoder_only=True)
+    train_vae(tiny_data, tmp_path / "plain", VaeTrainConfig(**common))
+    train_vae(tiny_data, tmp_path / "warming", VaeTrainConfig(disc_start=0, disc_warmup=2, **common))
+    train_vae(tiny_data, tmp_path / "adversarial", VaeTrainConfig(disc_start=0, **common))
     plain, warming, adversarial = (load_vae(tmp_path / name / "vae").state_dict()
                                    for name in ("plain", "warming", "adversarial"))
     assert all(torch.equal(plain[k], warming[k]) for k in plain)

@@ -1,0 +1,112 @@
+"""`facegen data` and `facegen vae`: labelled face data (built-in faces, aligned photos) and the image
+autoencoder. Thin over the library, as cli.py is."""
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from .terminal import Precision, Seed, log, progress_bar, reports_errors
+
+data_app = typer.Typer(help="Labelled face data: built-in faces and aligned real photos.", no_args_is_help=True)
+
+
+@data_app.command("synth")
+@reports_errors
+def data_synth(
+    out: Path = typer.Argument(..., help="Folder to write (CelebA layout)."),
+    count: int = typer.Option(1000, "--count", "-n", min=1, help="Number of faces."),
+    size: int = typer.Option(128, min=16, help="Image side in pixels."),
+    seed: Seed = 0,
+    workers: Optional[int] = typer.Option(None, min=1, help="Worker processes (default: all cores)."),
+    labels: str = typer.Option("celeba", help="celeba: CelebA-like frequencies and dependencies (beards mostly "
+                                              "on men); independent: every attribute half the time, whatever the "
+                                              "others (for training the attribute classifier)."),
+):
+    """Render built-in faces with exact labels and landmarks into a CelebA-layout folder (face i: seed + i)."""
+    from .synthfaces import write_dataset
+
+    with progress_bar() as progress:
+        print(write_dataset(out, count, size, seed, workers, progress, label_distribution=labels))
+
+
+@data_app.command("align")
+@reports_errors
+def data_align(
+    src: Path = typer.Argument(..., help="Folder of labelled photos (any size; sub-folders searched)."),
+    out: Path = typer.Argument(..., help="Folder to write (CelebA layout)."),
+    attributes: Optional[Path] = typer.Option(None, help="Label file (CelebA's list_attr_celeba.txt format or a "
+                                                         "CSV with a filename column), when not inside SRC."),
+    size: int = typer.Option(128, min=16, help="Side of the aligned faces in pixels."),
+    holdout: float = typer.Option(0.05, min=0.0, max=0.5, help="Share of the photos for each of the valid and test "
+                                                                "splits, when the source has no partition file."),
+    workers: Optional[int] = typer.Option(None, min=1, help="Worker processes (default: all cores)."),
+):
+    """Align real photos to the model's framing (the landmarks and transform `edit` uses), CelebA layout."""
+    from .align import align_dataset
+
+    with progress_bar() as progress:
+        counts = align_dataset(src, out, attributes, size, holdout, workers, progress)
+    log(f"{counts.aligned} of {counts.labelled} aligned, {counts.no_face} no face, {counts.unreadable} unreadable, "
+        f"{counts.not_found} not found (listed in {out / 'not_aligned.txt'})")
+    print(out)
+    if counts.aligned < counts.labelled:
+        raise typer.Exit(1)
+
+
+vae_app = typer.Typer(help="The image autoencoder.", no_args_is_help=True)
+
+
+@vae_app.command("train")
+@reports_errors
+def vae_train(
+    data: Path = typer.Argument(..., help="Labelled image folder (its train and valid splits are used)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Folder for OUT/vae, OUT/checkpoints and OUT/samples."),
+    steps: int = typer.Option(4000, min=1),
+    batch_size: int = typer.Option(16, min=1),
+    learning_rate: float = typer.Option(1e-3),
+    crop_size: int = typer.Option(128, min=8, help="Train on random crops of this size (faster; a multiple of 8)."),
+    size: str = typer.Option("compact", help="Network size: compact (built-in faces) or faces (real photos)."),
+    disc_start: Optional[int] = typer.Option(None, min=0, help="Step at which the patch discriminator's loss starts "
+                                                               "(default: never)."),
+    disc_weight: float = typer.Option(0.5, min=0.0, help="Weight of the adversarial loss (times the adaptive "
+                                                         "balance)."),
+    disc_warmup: int = typer.Option(0, min=0, help="Steps the discriminator learns alone, from --disc-start, "
+                                                   "before its loss reaches the autoencoder."),
+    precision: Precision = "fp32",
+    checkpoint_every: int = typer.Option(250, min=1, help="Steps between checkpoints and sample grids."),
+    init: Optional[str] = typer.Option(None, help="Start from this autoencoder (a folder or hub id) instead of a "
+                                                  "new one of --size."),
+    decoder_only: bool = typer.Option(False, "--decoder-only", help="Train only the decoder of --init: its latents "
+                                                                    "(and a DiT trained on them) stay valid."),
+    resume: bool = typer.Option(False, "--resume"),
+):
+    """Train an f8 AutoencoderKL (128 px -> 16x16x4) on a data set; prints OUT/vae."""
+    from .vae_train import VaeTrainConfig, train_vae
+
+    config = VaeTrainConfig(steps=steps, batch_size=batch_size, learning_rate=learning_rate, crop_size=crop_size,
+                            size=size, disc_start=disc_start, disc_weight=disc_weight, disc_warmup=disc_warmup,
+                            precision=precision, checkpoint_every=checkpoint_every, init=init,
+                            decoder_only=decoder_only)
+    with progress_bar(loss=".4f") as progress:
+        train_vae(data, out, config, resume=resume, progress=progress)
+    print(out / "vae")
+
+
+@vae_app.command("eval")
+@reports_errors
+def vae_eval(
+    data: Path = typer.Argument(..., help="Labelled image folder."),
+    vae: str = typer.Option(..., help="The autoencoder: a save_pretrained folder or a hub id."),
+    split: str = typer.Option("test", help="train, valid, test or all."),
+    grid: Optional[Path] = typer.Option(None, help="Also write faces (top) above their reconstructions (bottom)."),
+    columns: int = typer.Option(8, min=1, help="Faces in the grid."),
+):
+    """Measure an autoencoder's PSNR on held-out faces; prints the PSNR (and the grid's path)."""
+    from .vae_train import evaluate_vae
+
+    value, count = evaluate_vae(vae, data, split, grid, columns)
+    log(f"{vae}: PSNR {value:.2f} dB on the {count} faces of {data} ({split})")
+    print(f"{value:.4f}")
+    if grid is not None:
+        print(grid)

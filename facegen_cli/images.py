@@ -1,0 +1,90 @@
+"""Pixels: conversions between PIL images, uint8 arrays and the networks' tensors, grids, and reading
+photos as they are (mode, EXIF orientation, the options that write them back the same way).
+
+Arrays are uint8 (B, H, W, 3); tensors are float (B, 3, H, W) in [-1, 1].
+"""
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, JpegImagePlugin, UnidentifiedImageError
+
+from .errors import FacegenError
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"}
+# What PIL raises for a file that is not a readable image.
+UNREADABLE_IMAGE_ERRORS = (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError)
+
+
+def deep_grey_scale(image):
+    """How many of a 16- or 32-bit grey image's levels make one 8-bit level: 257 for 16-bit data, 1 for an
+    "I" image that holds only 8-bit values."""
+    return 257 if image.mode.startswith("I;16") or np.asarray(image).max() > 255 else 1
+
+
+def to_rgb(image):
+    """A PIL image of any mode as 8-bit RGB. 16- and 32-bit grey ("I;16", "I") are scaled to 8 bits first:
+    PIL's own convert clips them, which turns a 16-bit photo white."""
+    if image.mode.startswith("I"):
+        grey = np.asarray(image, dtype=np.float64) / deep_grey_scale(image)
+        image = Image.fromarray(np.clip(np.rint(grey), 0, 255).astype(np.uint8))
+    return image.convert("RGB")
+
+
+def load_image(path, size):
+    """An RGB image, EXIF orientation applied, centre-cropped square and resized: uint8 (size, size, 3)."""
+    with Image.open(path) as image:
+        image = to_rgb(ImageOps.exif_transpose(image))
+        side = min(image.size)
+        left, top = (image.width - side) // 2, (image.height - side) // 2
+        image = image.crop((left, top, left + side, top + side))
+        return np.asarray(image.resize((size, size), Image.Resampling.LANCZOS))
+
+
+def to_tensor(images):
+    """uint8 (B, H, W, 3) -> float (B, 3, H, W) in [-1, 1]."""
+    return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 127.5 - 1
+
+
+def to_uint8(images):
+    """float (B, 3, H, W) in [-1, 1] -> uint8 (B, H, W, 3)."""
+    return ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+def image_grid(images, columns, padding=2):
+    """uint8 images (N, H, W, C) -> one uint8 image (H', W', C), `columns` to a row, each framed by
+    `padding` black pixels (torchvision's make_grid layout)."""
+    count, height, width, channels = images.shape
+    columns = min(columns, count)
+    rows = -(-count // columns)
+    grid = np.zeros((rows * (height + padding) + padding, columns * (width + padding) + padding, channels),
+                    dtype=np.uint8)
+    for i, image in enumerate(images):
+        top, left = (i // columns) * (height + padding) + padding, (i % columns) * (width + padding) + padding
+        grid[top:top + height, left:left + width] = image
+    return grid
+
+
+# Modes in which the edited pixels are composited into the original as it is (16- and 32-bit grey
+# included); the others (palette, 1-bit) are written as 8-bit RGB(A) or grey, every colour kept.
+KEPT_MODES = ("RGB", "RGBA", "L", "LA", "CMYK", "I;16", "I")
+
+
+def read_photo(path):
+    """(the picture with EXIF orientation applied, in its own mode or the nearest kept one; the options
+    that write it back the way it was encoded). Animated images are refused."""
+    with Image.open(path) as image:
+        if getattr(image, "n_frames", 1) > 1:
+            raise FacegenError(f"an animated image ({image.n_frames} frames): only still photos can be edited")
+        image.load()
+        options = {"icc_profile": image.info.get("icc_profile")}
+        if image.format == "JPEG":  # the source's own compression, not Pillow's default quality 75
+            options.update(qtables=image.quantization, subsampling=JpegImagePlugin.get_sampling(image))
+        upright = ImageOps.exif_transpose(image)  # also drops the orientation tag from its EXIF
+    if "exif" in upright.info:
+        options["exif"] = upright.info["exif"]
+    if upright.mode not in KEPT_MODES:
+        has_alpha = upright.mode == "PA" or "transparency" in upright.info
+        upright = upright.convert("L" if upright.mode == "1" else "RGBA" if has_alpha else "RGB")
+    return upright, {k: v for k, v in options.items() if v is not None and v != -1}
+
+

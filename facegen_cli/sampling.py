@@ -1,0 +1,74 @@
+"""Samplers for the rectified-flow ODE dx/dt = v(x, t), integrated from t = 1 (noise) towards t = 0.
+
+Every sampler has one signature, as in k-diffusion:
+
+    sampler(velocity, x, times, *, callback=None, ...) -> x at times[-1]
+
+`velocity(x, t)` is the model as a function of the latent and a scalar time (guidance.py wraps a DiT and
+a request into one); `times` is the decreasing grid (time_grid); `callback(i, x)` sees the latent after
+step i. A sampler never draws from a shared random stream: the masked one takes one generator per item,
+so that an item comes out the same alone or in any batch.
+"""
+
+import torch
+
+from .flow import interpolate
+
+
+def time_grid(steps, start=1.0, device="cpu"):
+    """`steps` equal steps from t = start down to 0 (steps + 1 times)."""
+    return torch.linspace(start, 0.0, steps + 1, device=device)
+
+
+def euler_step(velocity, x, t, t_next):
+    return x + (t_next - t) * velocity(x, t)
+
+
+def heun_step(velocity, x, t, t_next):
+    """Heun's second-order step (the trapezoid rule); the last step, to t = 0, is Euler's."""
+    v = velocity(x, t)
+    x_next = x + (t_next - t) * v
+    if t_next > 0:
+        x_next = x + (t_next - t) * (v + velocity(x_next, t_next)) / 2
+    return x_next
+
+
+STEPS = {"euler": euler_step, "heun": heun_step}
+
+
+def sample(velocity, x, times, *, method="euler", callback=None):
+    """Integrate from times[0] to times[-1] with the `method`'s steps (euler or heun)."""
+    step = STEPS[method]
+    for i, (t, t_next) in enumerate(zip(times[:-1], times[1:])):
+        x = step(velocity, x, t, t_next)
+        if callback:
+            callback(i, x)
+    return x
+
+
+def per_item_noise(generators, like):
+    """One standard normal draw shaped like one item of `like` from each item's own generator."""
+    return torch.stack([torch.randn(like.shape[1:], generator=g, device=like.device, dtype=like.dtype)
+                        for g in generators])
+
+
+def sample_masked(velocity, x, times, *, known, mask, noise, generators, resample=1, method="euler",
+                  callback=None):
+    """Inpainting: only where `mask` is 1 is generated; elsewhere the `known` latent, re-noised to each new
+    time with the item's `noise` (x_t = (1 - t) known + t noise, as flow inpainting does), is put back after
+    every step.
+
+    resample: RePaint's rounds per step. Each round after the first goes back from t_next to t with fresh
+    noise from the item's generator (x_t = a x_next + b eps keeps the noise level t), so that the generated
+    region settles against the known one.
+    """
+    step = STEPS[method]
+    for i, (t, t_next) in enumerate(zip(times[:-1], times[1:])):
+        for round_ in range(resample):
+            if round_ > 0:
+                a = (1 - t) / (1 - t_next)
+                x = a * x + (t.square() - (a * t_next).square()).clamp(min=0).sqrt() * per_item_noise(generators, x)
+            x = mask * step(velocity, x, t, t_next) + (1 - mask) * interpolate(known, noise, t_next.expand(len(x)))
+        if callback:
+            callback(i, x)
+    return x
