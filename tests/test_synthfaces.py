@@ -103,3 +103,21 @@ def test_synth_writes_a_celeba_layout_that_the_celeba_loader_reads(tmp_path):
     assert lines[1].split() == LANDMARK_NAMES
     values = [float(v) for v in lines[2 + 3].split()[1:]]
     assert values[:2] == pytest.approx(points["left_eye"], abs=0.01)
+
+
+def test_the_canonical_framing_is_the_built_in_faces_mean_geometry():
+    """landmarks.CANONICAL_POINTS (what every photo is aligned to) are where the renderer puts the eyes and
+    mouth corners of its mean face: change one and this says the other must follow."""
+    from facegen_cli.landmarks import CANONICAL_POINTS, CANONICAL_SIZE, MESH_POINTS
+    from facegen_cli.synthfaces import FaceGeometry
+
+    class Mean:  # every draw at its mean
+        def normal(self, mean, std):
+            return mean
+
+    g = FaceGeometry(Mean(), {"male": True})
+    mean_face = {"left_eye": (g.cx - g.eye_dx, g.eye_y), "right_eye": (g.cx + g.eye_dx, g.eye_y),
+                 "mouth_left": (g.cx - g.mouth_w, g.mouth_y), "mouth_right": (g.cx + g.mouth_w, g.mouth_y)}
+    for name, (x, y) in CANONICAL_POINTS.items():
+        assert (x, y) == pytest.approx((mean_face[name][0] * CANONICAL_SIZE, mean_face[name][1] * CANONICAL_SIZE))
+    assert list(MESH_POINTS) == LANDMARK_NAMES  # MediaPipe's points carry the same names, in the same order
