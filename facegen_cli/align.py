@@ -189,7 +189,7 @@ def align_photos(todo, done, journal_path, workers, progress, task):
                 progress.advance(task)
 
 
-def align_dataset(src, out, attributes=None, size=CANONICAL_SIZE, holdout=0.05, workers=None, progress=None):
+def align_dataset(src, out, *, attributes=None, size=CANONICAL_SIZE, holdout=0.05, workers=None, progress=None):
     """Align every labelled photo of SRC into OUT (CelebA layout); returns the AlignCounts.
 
     Resumable: photos already in OUT's journal are not done again. Photos without a face or that cannot

@@ -68,8 +68,8 @@ def _shard_path(out, k):
     return Path(out) / f"shard-{k:05d}.safetensors"
 
 
-def encode_dataset(data_dir, vae_source, out, image_size=128, split="all", batch_size=32,
-                   workers=2, device="cpu", progress=None):
+def encode_dataset(data_dir, vae_source, out, *, image_size=128, split="all", batch_size=32, workers=2,
+                   device="cpu", progress=None):
     """Encode a labelled data set with the VAE `vae_source` (hub id or folder) into a latent cache at `out`.
 
     Returns the cache's CacheMeta.

@@ -52,7 +52,8 @@ def upscale(
         raise FacegenError("no images in the inputs given")
     device = pick_device(device)
     net = load_upscaler(weights, device)
-    results = upscale_files(net, files, out, scale, tile, tile_pad, resolve_precision(precision, device), overwrite)
+    results = upscale_files(net, files, out, outscale=scale, tile=tile, tile_pad=tile_pad,
+                            precision=resolve_precision(precision, device), overwrite=overwrite)
     counts = report_results(results, len(files), problems, "upscaling")
     if counts["unreadable"] + counts["failed"]:
         raise typer.Exit(1)
@@ -149,7 +150,8 @@ def encode(
     from .devices import pick_device
 
     with progress_bar() as progress:
-        meta = encode_dataset(data, vae, out, image_size, split, batch_size, workers, pick_device(device), progress)
+        meta = encode_dataset(data, vae, out, image_size=image_size, split=split, batch_size=batch_size,
+                              workers=workers, device=pick_device(device), progress=progress)
     log(f"{meta.num_images} latents of shape {meta.latent_shape} in {out}"
         + (f"; {meta.num_unreadable} unreadable images skipped" if meta.num_unreadable else ""))
     print(out)

@@ -27,7 +27,8 @@ def data_synth(
     from .synthfaces import write_dataset
 
     with progress_bar() as progress:
-        print(write_dataset(out, count, size, seed, workers, progress, label_distribution=labels))
+        print(write_dataset(out, count, size=size, seed=seed, workers=workers, progress=progress,
+                            label_distribution=labels))
 
 
 @data_app.command("align")
@@ -46,7 +47,8 @@ def data_align(
     from .align import align_dataset
 
     with progress_bar() as progress:
-        counts = align_dataset(src, out, attributes, size, holdout, workers, progress)
+        counts = align_dataset(src, out, attributes=attributes, size=size, holdout=holdout, workers=workers,
+                               progress=progress)
     log(f"{counts.aligned} of {counts.labelled} aligned, {counts.no_face} no face, {counts.unreadable} unreadable, "
         f"{counts.not_found} not found (listed in {out / 'not_aligned.txt'})")
     print(out)

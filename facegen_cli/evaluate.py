@@ -282,7 +282,7 @@ class EvalReport:
         return {**measured(self), "guidance": {g: measured(r) for g, r in self.guidance.items()}}
 
 
-def measure_guidance(pipe, classifier, settings, seeds, combos, real_features, fid, advance):
+def measure_guidance(pipe, classifier, settings, *, seeds, combos, real_features, fid, advance):
     """(GuidanceResult, single-attribute images (A, 2, K, 3, H, W), held-flip images) at settings.guidance."""
     attributes = pipe.attributes
     generate = lambda y, s: pipe.generate(y, s, settings)  # noqa: E731
@@ -366,8 +366,9 @@ def evaluate_model(pipe, classifier, classifier_report, out, *, num_seeds=32, gu
         ceiling = free_flip_ceiling(held_out.train_labels).tolist()
         report.free_flip_ceiling = {a: None if math.isnan(v) else round(v, 4) for a, v in zip(attributes, ceiling)}
     for guidance in guidances:
-        result, images, flipped_images = measure_guidance(pipe, classifier, dataclasses.replace(settings, guidance=guidance),
-                                                          seeds, combos, real_features, fid, advance)
+        result, images, flipped_images = measure_guidance(
+            pipe, classifier, dataclasses.replace(settings, guidance=guidance), seeds=seeds, combos=combos,
+            real_features=real_features, fid=fid, advance=advance)
         report.guidance[str(guidance)] = result
         save_grids(out / "grids", attributes, guidance, images, flipped_images)
     if held_out is not None and held_out.points is not None:

@@ -145,27 +145,14 @@ class TrainingRun:
         self.accelerator = Accelerator(mixed_precision=accelerate_precision(precision, "cuda" if on_gpu else "cpu"),
                                        cpu=not on_gpu)
         self.precision = "fp32" if self.accelerator.mixed_precision == "no" else self.accelerator.mixed_precision
+        self.device, self.is_main = self.accelerator.device, self.accelerator.is_main_process
+        self.rank, self.world_size = self.accelerator.process_index, self.accelerator.num_processes
         if not self.is_main:  # one process speaks for all: the others say only what goes wrong
             logging.getLogger("facegen_cli").setLevel(logging.WARNING)
         self.checkpoint = newest_intact_checkpoint(self.out, self.networks, self.states) \
             if resume and self.out is not None else None
         self.saved = self.checkpoint[1][0] if self.checkpoint else None
 
-    @property
-    def device(self):
-        return self.accelerator.device
-
-    @property
-    def is_main(self):
-        return self.accelerator.is_main_process
-
-    @property
-    def rank(self):
-        return self.accelerator.process_index
-
-    @property
-    def world_size(self):
-        return self.accelerator.num_processes
 
     def restore(self, objects, identity):
         """Load the checkpoint read at the start, if any, into `objects` ({name: network or state}) after

@@ -505,7 +505,7 @@ def _render_to_file(job):
     return labels, points
 
 
-def write_dataset(out, count, size=128, seed=0, workers=None, progress=None, label_distribution="celeba"):
+def write_dataset(out, count, *, size=128, seed=0, workers=None, progress=None, label_distribution="celeba"):
     """Render `count` faces into a CelebA-layout folder; returns the folder.
 
     img_align_celeba/NNNNNN.jpg, list_attr_celeba.txt (CelebA's columns), list_landmarks.txt

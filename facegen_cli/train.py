@@ -139,7 +139,7 @@ def prepare_latents(data, out, vae_source, image_size, progress):
         return latents, labels, meta
     source = vae_source or DEFAULT_VAE
     log.info(f"encoding {data} with the VAE {source} into {Path(out) / 'latents'}")
-    encode_dataset(data, source, Path(out) / "latents", image_size, progress=progress)
+    encode_dataset(data, source, Path(out) / "latents", image_size=image_size, progress=progress)
     return load_cache(Path(out) / "latents")
 
 
@@ -266,14 +266,14 @@ def train(preset: Preset, data, out, *, vae_source=None, resume=False, init_from
              + f", device {run.device}" + (f" x {run.world_size} processes" if run.world_size > 1 else "")
              + f", precision {run.precision}" + (", compiled" if compiled else ""))
     batches = TrainingData.build(latents, labels, cache_meta.attributes, cfg, run.device)
-    loop(run, cfg, model, ema, optimizer, batches, start_step, progress, vae, info, run_state,
-         steps_before=init.trained_steps if init else 0)
+    loop(run, cfg, model=model, ema=ema, optimizer=optimizer, batches=batches, start_step=start_step,
+         progress=progress, vae=vae, info=info, run_state=run_state, steps_before=init.trained_steps if init else 0)
     if start_step >= cfg.max_steps:
         log.info(f"{out} is already trained to step {start_step}")
     return out / "model" if run.is_main else None
 
 
-def loop(run, cfg, model, ema, optimizer, batches, start_step, progress, vae, info, run_state, steps_before):
+def loop(run, cfg, *, model, ema, optimizer, batches, start_step, progress, vae, info, run_state, steps_before):
     """The training steps from `start_step` to cfg.max_steps: the loss logged every cfg.log_every steps,
     sample grids, checkpoints and the exported model (RUN/model) at their intervals."""
     task = progress.add_task("training", total=cfg.max_steps, completed=start_step, loss=float("nan"), speed=0.0) \

@@ -229,7 +229,7 @@ def upscale_image(net, image, outscale=4, tile=256, tile_pad=10, precision="fp32
     return result
 
 
-def upscale_files(net, files, out, outscale=4, tile=256, tile_pad=10, precision="fp32", overwrite=False):
+def upscale_files(net, files, out, *, outscale=4, tile=256, tile_pad=10, precision="fp32", overwrite=False):
     """Upscale every (path, relative) of `files` into OUT/relative (same name and format); yields one
     FileResult per file, a bad one reported and passed over."""
     for path, relative in files:

@@ -27,7 +27,7 @@ from facegen_cli.pipeline import FacegenPipeline
 
 def measure(model, data, num_faces, guidance, combinations, labelled=512):
     pipe = FacegenPipeline.load(model, "cpu", "fp32")
-    classifier, _ = load_classifier(pipe.path / "classifier", pipe.device)
+    classifier, _ = load_classifier(pipe.classifier_path, pipe.device)
     held_out = load_held_out_faces(data, pipe.attributes, pipe.info.image_size)
     settings = dataclasses.replace(pipe.settings(), guidance=guidance)
     with torch.inference_mode():

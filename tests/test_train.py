@@ -229,7 +229,7 @@ def test_train_refuses_latents_whose_vae_has_changed_since_encoding(tmp_path, ti
 
     vae_dir = tmp_path / "vae"
     make_tiny_vae().save_pretrained(vae_dir)
-    encode_dataset(tiny_data, str(vae_dir), tmp_path / "latents", 128)
+    encode_dataset(tiny_data, str(vae_dir), tmp_path / "latents", image_size=128)
     changed = make_tiny_vae()
     with torch.no_grad():
         changed.decoder.conv_out.weight.add_(0.1)
