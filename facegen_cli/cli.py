@@ -72,8 +72,11 @@ def edit(
     steps: Optional[int] = typer.Option(None, min=1, help="Sampling steps (default: the model's)."),
     guidance: Optional[float] = typer.Option(None, callback=finite,
                                              help="Classifier-free guidance (default: the model's)."),
-    resample: int = typer.Option(EDIT.resample, min=1, help="RePaint resampling rounds per step (coherence at the "
-                                                            "mask edge)."),
+    trajectory: str = typer.Option(EDIT.trajectory, help="Where the repainting starts: inversion (the face's own "
+                                                          "trajectory: the person and what is not asked for stay) "
+                                                          "or noise (fresh noise, RePaint's resampling)."),
+    resample: int = typer.Option(EDIT.resample, min=1, help="RePaint resampling rounds per step, with --trajectory "
+                                                            "noise (coherence at the mask edge)."),
     mask_grow: int = typer.Option(EDIT.mask_grow, min=0, help="Grow the region mask by this many pixels (of the "
                                                               "aligned crop)."),
     save_mask: bool = typer.Option(False, "--save-mask", help="Also write NAME.mask.png beside each output."),
@@ -101,7 +104,7 @@ def edit(
         check_output_folder(out)
     pipe = load_pipeline(model, device, precision)
     request = EditRequest(tuple(add), tuple(remove), strength, pipe.settings(steps=steps, guidance=guidance),
-                          resample, mask_grow, seed)
+                          resample, trajectory, mask_grow, seed)
     request.attributes(pipe.attributes)  # an unknown or contradictory change fails before any photo is read
     classifier = None if free_others else pipe.load_classifier()
     files, problems = collect_inputs(inputs, recursive)

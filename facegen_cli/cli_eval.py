@@ -1,11 +1,13 @@
 """`facegen eval`: the evaluation report and the attribute classifier that measures it. Thin over the
 library, as cli.py is."""
 
+import dataclasses
 from pathlib import Path
 from typing import List, Optional
 
 import typer
 
+from .edit_request import EditRequest
 from .errors import FacegenError
 from .terminal import Device, Model, Precision, finite, load_pipeline, log, progress_bar, reports_errors
 
@@ -93,3 +95,37 @@ def eval_train_classifier(
             extra = f"  ({100 * own_balanced[name]:5.1f}%)" if folder == str(data) else ""
             log(f"{name:>12}  {100 * value:5.1f}%{extra}")
     print(out)
+
+
+@eval_app.command("edits")
+@reports_errors
+def eval_edits(
+    photos: List[Path] = typer.Argument(..., help="Photos or folders of photos (the largest face of each)."),
+    out: Path = typer.Option(Path("edit-report"), "--out", "-o", help="Report folder."),
+    kind: List[str] = typer.Option([], "--kind", help="Edit kinds to measure (repeatable; default: the local "
+                                                      "and whole-face kinds)."),
+    limit: Optional[int] = typer.Option(None, min=1, help="At most this many photos."),
+    trajectory: Optional[str] = typer.Option(None, help="noise or inversion (default: edit's)."),
+    strength: Optional[float] = typer.Option(None, min=0.05, max=1.0, help="Strength (default: edit's)."),
+    model: Model = None,
+    device: Device = "auto",
+    precision: Precision = "fp32",
+):
+    """Measure edits on photos at their own resolution (texture, dlib identity, attribute shown, pixels
+    outside the mask) beside the no-op floor; writes OUT/report.md, report.json and crops."""
+    from .files import collect_inputs
+    from .photo_eval import LOCAL_KINDS, WHOLE_FACE_KINDS, measure_photo_edits
+
+    files, problems = collect_inputs([str(p) for p in photos])
+    for problem in problems:
+        log(problem)
+    paths = sorted(path for path, _ in files if not path.name.endswith(".mask.png"))[:limit]
+    if not paths:
+        raise FacegenError("no photos in the inputs given")
+    pipe = load_pipeline(model, device, precision)
+    request = EditRequest(sample=pipe.sample, strength=strength)
+    request = dataclasses.replace(request, trajectory=trajectory) if trajectory else request
+    with progress_bar() as progress:
+        measure_photo_edits(pipe, pipe.load_classifier(), paths, out, kinds=tuple(kind) or LOCAL_KINDS + WHOLE_FACE_KINDS,
+                            request=request, progress=progress)
+    print(out / "report.md")

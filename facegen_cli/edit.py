@@ -5,6 +5,7 @@ Pixels where the (feathered, grown) mask is 0 come back exactly as they were; in
 redraws the face with the requested attributes, the rest of the face held fixed around it.
 """
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +18,8 @@ from .errors import FacegenError
 from .files import FileResult, Outcome, attempt, output_path, save_image
 from .images import deep_grey_scale, read_photo, to_rgb, to_tensor, to_uint8
 from .landmarks import FaceFinder, align_face, invert, warp
+
+log = logging.getLogger(__name__)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -168,23 +171,41 @@ def edit_crops(pipe, crops, masks, request, current=None):
     asked = request.attributes(pipe.attributes)
     y = asked.condition(current).expand(len(crops), -1)
     reference = asked.reference(current).expand(len(crops), -1)
+    source = None if current is None else current.float().expand(len(crops), -1)
+    inverted = request.trajectory == "inversion"
     decoded = pipe.inpaint(to_tensor(crops), masks, y, reference, seeds=[request.seed] * len(crops),
-                           strength=request.start, resample=request.resample, settings=request.sample)
+                           strength=request.start, resample=1 if inverted else request.resample,
+                           settings=request.sample, start=request.trajectory, source=source)
+    return composite(crops, to_uint8(decoded), masks)
+
+
+def composite(crops, generated, masks):
+    """uint8 crops with `generated` blended in where the masks are above 0, the crops' own pixels elsewhere."""
     m = masks[..., None]
-    out = np.rint(crops * (1 - m) + to_uint8(decoded) * m).astype(np.uint8)
+    out = np.rint(crops * (1 - m) + generated * m).astype(np.uint8)
     return np.where(m > 0, out, crops)
 
 
-def paste_back(photo, edited, mask, matrix):
-    """Warp an edited crop and its mask back into the photo (PIL RGB) and blend; pixels whose warped
-    mask is 0 are the photo's own, exactly. Returns (uint8 photo, uint8 mask in photo space)."""
+def reconstruct_crops(pipe, crops, masks):
+    """The crops with their own reconstruction through the VAE inside the masks: what an edit that changes
+    nothing would give, against which an edit's change is measured (paste_back)."""
+    return composite(crops, to_uint8(pipe.reconstruct(to_tensor(crops))), masks)
+
+
+def paste_back(photo, edited, reconstructed, mask, matrix):
+    """Put the change an edited crop makes into the photo (PIL RGB) at the photo's own resolution: the
+    difference between the edited crop and the crop's own reconstruction (`reconstructed`), warped back and
+    added to the photo's pixels inside the warped mask. Where the model changed nothing, the photo keeps its
+    own detail; the VAE's error never reaches it. Pixels whose warped mask is 0 are the photo's own, exactly.
+    Returns (uint8 photo, uint8 mask in photo space)."""
     inverse = invert(matrix)
     size = photo.size
-    back = np.asarray(warp(Image.fromarray(edited), inverse, size), dtype=np.float32)
+    change = np.asarray(warp(Image.fromarray(edited), inverse, size), dtype=np.float32) - np.asarray(
+        warp(Image.fromarray(reconstructed), inverse, size), dtype=np.float32)
     weight = np.asarray(warp(Image.fromarray(np.rint(mask * 255).astype(np.uint8)), inverse, size,
                              Image.Resampling.BILINEAR), dtype=np.float32)[..., None] / 255
     original = np.asarray(photo)
-    blended = np.rint(original * (1 - weight) + back * weight).astype(np.uint8)
+    blended = np.clip(np.rint(original + change * weight), 0, 255).astype(np.uint8)
     return np.where(weight > 0, blended, original), np.rint(weight[..., 0] * 255).astype(np.uint8)
 
 
@@ -223,10 +244,27 @@ def prepare_photo(path, target, finder, request, size, face=None):
         crop, matrix, aligned_points = align_face(photo, points, size)
         crops.append(crop)
         matrices.append(matrix)
-        person = finder.person(crop) if ON_THE_PERSON & set(request.changed) else None
-        masks.append(region_mask(request.changed, aligned_points, size, grow=request.mask_grow, person=person))
+        person = finder.person(crop) if ON_THE_PERSON & set(request.regions) else None
+        masks.append(region_mask(request.regions, aligned_points, size, grow=request.mask_grow, person=person))
     return PreparedPhoto(Path(path), Path(target), photo, original, save_options, np.stack(crops), matrices,
                          np.stack(masks))
+
+
+# Changes the training data can hardly support: (added attribute, attribute read, its reading) -> why.
+UNSUPPORTED = {("mustache", "male", -1): "CelebA has almost no women with a mustache",
+               ("beard", "male", -1): "CelebA has almost no women with a beard"}
+
+
+def warn_unsupported(prepared, request, attributes, current):
+    """One line per face whose change the data can hardly support (a mustache on a face read as a woman's):
+    the edit may not show there."""
+    faces = [(p.path, k) for p in prepared for k in range(len(p.crops))]
+    for (added, read, value), why in UNSUPPORTED.items():
+        if added in request.add and read in attributes:
+            for (path, k), reading in zip(faces, current[:, attributes.index(read)].tolist()):
+                if reading == value:
+                    log.warning(f"{path}: face {k} reads as {'not ' if value < 0 else ''}{read}; {why}, so "
+                                f"the {added} may not show")
 
 
 def edit_prepared(pipe, prepared, request, classifier=None):
@@ -234,12 +272,16 @@ def edit_prepared(pipe, prepared, request, classifier=None):
     crops = np.concatenate([p.crops for p in prepared])
     masks = np.concatenate([p.masks for p in prepared])
     current = classifier.predict(to_tensor(crops).to(classifier.device)) if classifier is not None else None
+    if current is not None:
+        warn_unsupported(prepared, request, pipe.attributes, current)
     edited = edit_crops(pipe, crops, masks, request, current)
+    reconstructed = reconstruct_crops(pipe, crops, masks)
     results, start = [], 0
     for p in prepared:
         photo, total_mask = p.photo, np.zeros(p.photo.size[::-1], dtype=np.uint8)
-        for crop, mask, matrix in zip(edited[start:start + len(p.crops)], p.masks, p.matrices):
-            pixels, photo_mask = paste_back(photo, crop, mask, matrix)
+        faces = slice(start, start + len(p.crops))
+        for crop, own, mask, matrix in zip(edited[faces], reconstructed[faces], p.masks, p.matrices):
+            pixels, photo_mask = paste_back(photo, crop, own, mask, matrix)
             photo, total_mask = Image.fromarray(pixels), np.maximum(total_mask, photo_mask)
         start += len(p.crops)
         results.append((np.asarray(photo), total_mask))

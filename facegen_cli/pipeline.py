@@ -19,7 +19,6 @@ from .config import ModelInfo, Provenance, SampleConfig
 from .devices import autocast, resolve_precision
 from .errors import FacegenError, first_line
 from .files import atomic_dir, save_pretrained
-from .flow import interpolate
 from .model import LatentDiT
 
 MODEL_FILE = "facegen.json"
@@ -140,6 +139,11 @@ class FacegenPipeline:
         with self.autocast():
             return vae_lib.decode(self.vae, latents * self.latent_std.to(latents) + self.latent_mean.to(latents))
 
+    @torch.inference_mode()
+    def reconstruct(self, images):
+        """Images in [-1, 1] through the autoencoder and back: what it keeps of them."""
+        return self.decode(self.encode(images.to(self.device))).cpu()
+
     def noise(self, seeds):
         """One Gaussian latent per seed, independent of batch composition."""
         shape = (self.dit.config.latent_channels, self.dit.config.latent_size, self.dit.config.latent_size)
@@ -181,25 +185,33 @@ class FacegenPipeline:
         return torch.cat(images)
 
     @torch.inference_mode()
-    def inpaint(self, images, masks, condition, reference, *, seeds, strength=1.0, resample=1, settings=None):
+    def inpaint(self, images, masks, condition, reference, *, seeds, strength=1.0, resample=1, settings=None,
+                start="noise", source=None):
         """Repaint `images` ((B, 3, S, S) in [-1, 1]) where `masks` ((B, S, S) in [0, 1]) are above 0, asking
         for `condition` and guiding away from `reference` (both (B, A)); returns the decoded images in [-1, 1]
-        (the caller composites them). Inside the mask the sampler starts from the image's latent noised to
-        t = `strength` (1: pure noise), with RePaint's `resample` rounds per step; outside it the image's
-        latent is kept. Item i's noise and RePaint draws come from seeds[i] alone."""
+        (the caller composites them). Outside the mask the image's latent is kept.
+
+        start: "noise": inside the mask the sampler starts from the image's latent noised to t = `strength`
+               (1: pure noise) with the seed's noise, with RePaint's `resample` rounds per step;
+               "inversion": from the image's own ODE trajectory up to t = `strength`, integrated without
+               guidance for the condition `source` (B, A) (the face as it is read), so that what the edit
+               does not change comes back as it was. Item i's draws come from seeds[i] alone.
+        """
         settings = settings or self.sample
         known = self.encode(images.to(self.device))
         mask = torch.cat([latent_mask(m, known.shape[-1]) for m in masks]).to(self.device)
-        noise = self.noise(seeds).to(self.device)
-        generators = [torch.Generator(self.device).manual_seed(seed) for seed in seeds]
         times = sampling.time_grid(settings.steps, start=strength, device=self.device)
+        generators = [torch.Generator(self.device).manual_seed(seed) for seed in seeds]
         velocity = self._velocity(condition.to(self.device), reference.to(self.device), settings)
         with self.autocast():
-            start = interpolate(known, noise, times[:1].expand(len(known)))
-            latents = sampling.sample_masked(velocity, start, times, known=known, mask=mask, noise=noise,
+            if start == "inversion":
+                unguided = guidance.conditional(self.dit, (condition if source is None else source).to(self.device))
+                path = sampling.invert(unguided, known, times, method=settings.method)
+            else:
+                path = sampling.noised_path(known, self.noise(seeds).to(self.device), times)
+            latents = sampling.sample_masked(velocity, path[0], times, known_path=path, mask=mask,
                                              generators=generators, resample=resample, method=settings.method)
         return self.decode(latents).cpu()
-
 
 def latent_mask(mask, latent_size):
     """A pixel mask (H, W) in [0, 1] -> a soft latent mask (1, 1, h, w): any latent cell the pixel mask

@@ -52,11 +52,12 @@ def per_item_noise(generators, like):
                         for g in generators])
 
 
-def sample_masked(velocity, x, times, *, known, mask, noise, generators, resample=1, method="euler",
+def sample_masked(velocity, x, times, *, known_path, mask, generators, resample=1, method="euler",
                   callback=None):
-    """Inpainting: only where `mask` is 1 is generated; elsewhere the `known` latent, re-noised to each new
-    time with the item's `noise` (x_t = (1 - t) known + t noise, as flow inpainting does), is put back after
-    every step.
+    """Inpainting: only where `mask` is 1 is generated; elsewhere the known latent at each new time,
+    known_path[i] at times[i], is put back after every step. With the known latent noised by fresh noise
+    (x_t = (1 - t) known + t noise, as flow inpainting does) that path is RePaint's; with the known latent's
+    own ODE trajectory (invert) it is the photo's own.
 
     resample: RePaint's rounds per step. Each round after the first goes back from t_next to t with fresh
     noise from the item's generator (x_t = a x_next + b eps keeps the noise level t), so that the generated
@@ -68,7 +69,20 @@ def sample_masked(velocity, x, times, *, known, mask, noise, generators, resampl
             if round_ > 0:
                 a = (1 - t) / (1 - t_next)
                 x = a * x + (t.square() - (a * t_next).square()).clamp(min=0).sqrt() * per_item_noise(generators, x)
-            x = mask * step(velocity, x, t, t_next) + (1 - mask) * interpolate(known, noise, t_next.expand(len(x)))
+            x = mask * step(velocity, x, t, t_next) + (1 - mask) * known_path[i + 1]
         if callback:
             callback(i, x)
     return x
+
+
+def noised_path(known, noise, times):
+    """The known latent noised to each time with one draw of noise: x_t = (1 - t) known + t noise."""
+    return [interpolate(known, noise, t.expand(len(known))) for t in times]
+
+
+def invert(velocity, x0, times, *, method="euler"):
+    """The ODE trajectory from clean latents x0 up to noise at times[0] (the grid a sampler then integrates
+    down): the same integrator run backwards. Returns the latents at each of `times` (x0 last)."""
+    path = [x0]
+    sample(velocity, x0, times.flip(0), method=method, callback=lambda i, x: path.append(x))
+    return path[::-1]

@@ -184,7 +184,8 @@ def test_masked_edit_keeps_every_pixel_outside_the_mask(tiny_model_dir, face):
     assert np.array_equal(edited, edit_crops(pipe, crops, masks, request))  # same seed, same result
 
 
-def test_a_crop_is_edited_the_same_alone_or_in_any_batch(tiny_model_dir, face):
+@pytest.mark.parametrize("trajectory", ["inversion", "noise"])
+def test_a_crop_is_edited_the_same_alone_or_in_any_batch(tiny_model_dir, face, trajectory):
     """Every draw is the crop's own (its seed's noise, its own RePaint generator): at fp32 a crop's edit
     alone and beside others differ by float rounding at most (before: up to 110 grey levels)."""
     pipe = FacegenPipeline.load(tiny_model_dir, precision="fp32")
@@ -193,7 +194,7 @@ def test_a_crop_is_edited_the_same_alone_or_in_any_batch(tiny_model_dir, face):
     masks = np.stack([region_mask(["mustache"], points, 128), region_mask(["eyeglasses"], points, 128),
                       region_mask(["beard"], points, 128)])
     current = torch.tensor([[1, -1] * 6, [-1, 1] * 6, [1, 1] * 6])
-    request = EditRequest(add=("mustache",), sample=SampleConfig(steps=3), resample=3, seed=5)
+    request = EditRequest(add=("mustache",), sample=SampleConfig(steps=3), resample=3, seed=5, trajectory=trajectory)
     together = edit_crops(pipe, crops, masks, request, current).astype(int)
     for i in range(3):
         alone = edit_crops(pipe, crops[i:i + 1], masks[i:i + 1], request, current[i:i + 1]).astype(int)
@@ -202,17 +203,58 @@ def test_a_crop_is_edited_the_same_alone_or_in_any_batch(tiny_model_dir, face):
     assert np.abs(reordered[::-1] - together).max() <= 2
 
 
+def test_repainting_with_nothing_asked_gives_back_the_crop_from_its_own_trajectory(tiny_model_dir, face):
+    """With the crop's inverted trajectory, an edit that asks for nothing lands back on the crop's own
+    reconstruction (Heun both ways), which paste_back then adds nothing from; fresh noise does not."""
+    from facegen_cli.edit import reconstruct_crops
+
+    pipe = FacegenPipeline.load(tiny_model_dir, precision="fp32")
+    image, points = face
+    crops, masks = image[None], region_mask(["beard"], points, 128)[None]
+    own = reconstruct_crops(pipe, crops, masks).astype(int)
+    for trajectory, most in (("inversion", 3), ("noise", None)):
+        request = EditRequest(repaint=("beard",), sample=SampleConfig(steps=12), trajectory=trajectory)
+        difference = np.abs(edit_crops(pipe, crops, masks, request).astype(int) - own)
+        if most is None:
+            assert difference.max() > 10
+        else:
+            assert difference.max() <= most
+
+
+def test_an_unsupported_change_is_said_in_one_line(caplog):
+    from types import SimpleNamespace
+
+    from facegen_cli.edit import warn_unsupported
+
+    prepared = [SimpleNamespace(path="a.jpg", crops=[0, 1])]
+    current = torch.ones(2, len(DEFAULT_ATTRIBUTES))
+    current[1, DEFAULT_ATTRIBUTES.index("male")] = -1
+    caplog.set_level("WARNING", logger="facegen_cli")
+    warn_unsupported(prepared, EditRequest(add=("mustache",)), DEFAULT_ATTRIBUTES, current)
+    assert [r.getMessage() for r in caplog.records] == [
+        "a.jpg: face 1 reads as not male; CelebA has almost no women with a mustache, so the mustache may not show"]
+
+
 def test_paste_back_changes_only_the_masked_pixels_of_the_photo(face):
     image, points = face
     photo = Image.fromarray(np.random.default_rng(0).integers(0, 256, (300, 420, 3), dtype=np.uint8))
     matrix = alignment({n: (x * 1.5 + 100, y * 1.5 + 20) for n, (x, y) in points.items()})
     mask = region_mask(["beard"], transform_points({n: (x * 1.5 + 100, y * 1.5 + 20) for n, (x, y) in points.items()},
                                                    matrix), 128)
-    result, photo_mask = paste_back(photo, image, mask, matrix)
+    darker = (image * 0.5).astype(np.uint8)
+    result, photo_mask = paste_back(photo, darker, image, mask, matrix)
     original = np.asarray(photo)
     assert result.shape == original.shape and photo_mask.shape == original.shape[:2]
     assert np.array_equal(result[photo_mask == 0], original[photo_mask == 0])
     assert (photo_mask > 0).mean() > 0.02 and not np.array_equal(result[photo_mask > 0], original[photo_mask > 0])
+    # Only the change reaches the photo: an edit equal to the reconstruction leaves every pixel as it was,
+    # the photo's own detail included, however unlike the photo the reconstruction is.
+    unchanged, _ = paste_back(photo, image, image, mask, matrix)
+    assert np.array_equal(unchanged, original)
+    # ...and a change is added to the photo's pixels, not pasted over them.
+    inside = photo_mask == 255
+    assert (result[inside].astype(int) - original[inside]).mean() < -10
+    assert np.corrcoef(result[inside].ravel(), original[inside].ravel())[0, 1] > 0.9
 
 
 def write_face_photo(path, seed=3):
@@ -376,6 +418,7 @@ def test_in_place_edits_keep_the_photo_as_it_was_outside_the_mask(tmp_path, tiny
         image.load()
     result = runner.invoke(app, ["edit", str(tmp_path / "face.png"), str(tmp_path / "face.jpg"),
                                  str(tmp_path / "cmyk.jpg"), "--add", "mustache", "--in-place", "--steps", "1",
+                                 "--trajectory", "noise",  # the tiny model changes little along a trajectory
                                  "--model", str(tiny_model_dir)])
     assert result.exit_code == 0, result.stderr
     masks = {}
