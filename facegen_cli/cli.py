@@ -22,6 +22,7 @@ from .terminal import (MAX_SEED, Device, Model, Precision, Seed, finite, load_pi
 app = typer.Typer(help="Attribute-controlled faces from a latent Diffusion Transformer.", no_args_is_help=True,
                   pretty_exceptions_show_locals=False)
 EDIT = EditRequest()  # the edit's defaults, which its options show
+MAX_FACES = 10_000_000  # faces one generate makes
 app.add_typer(data_app, name="data")
 app.add_typer(vae_app, name="vae")
 app.add_typer(eval_app, name="eval")
@@ -237,13 +238,15 @@ def generate(
     from .files import check_output_folder
     from .gallery import face_paths, refuse_existing, save_faces
 
-    if n < 1:
-        raise FacegenError(f"-n must be at least 1, not {n}")
+    if not 1 <= n <= MAX_FACES:
+        raise FacegenError(f"-n must be from 1 to {MAX_FACES:,}, not {n}")
     check_output_folder(out)  # a bad --out fails now, not after the faces are made
     pipe = load_pipeline(model, device, precision)
     request = AttributeRequest(pipe.attributes, wanted, unwanted)
     seed = secrets.randbelow(2**31) if seed is None else seed
-    seeds = list(range(seed, min(seed + n, MAX_SEED + 1)))
+    if seed + n - 1 > MAX_SEED:
+        raise FacegenError(f"--seed {seed} with -n {n} runs past the largest seed, {MAX_SEED}")
+    seeds = list(range(seed, seed + n))
     refuse_existing(face_paths(out, seeds), overwrite)
     settings = pipe.settings(steps=steps, guidance=guidance, method=sampler)
     log(f"generating {n} faces: {request.describe()}; seeds {seed}..{seed + n - 1}; {settings}")

@@ -50,6 +50,7 @@ class TrainConfig:
 
 
 SAMPLERS = ("euler", "heun")
+MAX_GUIDANCE = 30
 
 
 @dataclass(frozen=True)
@@ -67,6 +68,8 @@ class SampleConfig:
             raise FacegenError(f"sampling steps must be a whole number of at least 1, not {self.steps!r}")
         if not math.isfinite(self.guidance):
             raise FacegenError(f"guidance must be a finite number, not {self.guidance}")
+        if not -MAX_GUIDANCE <= self.guidance <= MAX_GUIDANCE:  # far past it a face is black or noise
+            raise FacegenError(f"guidance {self.guidance:g} is out of range; use -{MAX_GUIDANCE} to {MAX_GUIDANCE}")
 
 
 @dataclass(frozen=True)
@@ -205,6 +208,8 @@ class ModelInfo:
     trained_steps: Optional[int] = None
 
     def __post_init__(self):
+        if not (isinstance(self.image_size, int) and self.image_size >= 8 and self.image_size % 8 == 0):
+            raise FacegenError(f"image_size must be a whole number of pixels, a multiple of 8, not {self.image_size!r}")
         mean, std = self.latent_mean, self.latent_std
         if not (isinstance(mean, list) and isinstance(std, list) and len(mean) == len(std) and mean
                 and all(isinstance(v, (int, float)) and math.isfinite(v) for v in mean + std)

@@ -106,6 +106,9 @@ class FacegenPipeline:
             dit = LatentDiT.from_pretrained(path / "dit")
         except (OSError, ValueError, RuntimeError, KeyError, TypeError) as e:
             raise FacegenError(f"{path}: the DiT checkpoint does not load: {first_line(e)}") from None
+        if len(info.latent_mean) != dit.config.latent_channels:
+            raise FacegenError(f"{path / MODEL_FILE}: latent_mean has {len(info.latent_mean)} values, but the DiT "
+                               f"has {dit.config.latent_channels} latent channels")
         vae = vae_lib.load_vae(path / "vae", device)
         return cls(dit.to(device).eval().requires_grad_(False), vae, info, path, precision)
 

@@ -65,8 +65,8 @@ def test_generate_names_unknown_attributes(tiny_model_dir, tmp_path):
     assert result.exit_code == 2 and "No such option: --beards" in result.stderr
 
 
-@pytest.mark.parametrize("n", [0, -3])
-def test_generate_refuses_non_positive_counts(tiny_model_dir, tmp_path, n):
+@pytest.mark.parametrize("n", [0, -3, 10**12])
+def test_generate_refuses_counts_out_of_range(tiny_model_dir, tmp_path, n):
     assert_clean_error(run("generate", "--model", tiny_model_dir, "-n", n, "--out", tmp_path / "o"), "-n must be")
     assert not (tmp_path / "o").exists()
 

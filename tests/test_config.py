@@ -24,7 +24,8 @@ def test_model_info_round_trips_through_its_json_and_ignores_keys_it_does_not_kn
 @pytest.mark.parametrize("change, message", [
     ({"latent_std": [1.0, 0.0]}, "std above 0"), ({"sample": {"method": "ddim"}}, "unknown sampler"),
     ({"sample": {"steps": 0}}, "at least 1"), ({"sample": {"guidance": float("nan")}}, "finite"),
-    ({"sample": {"temperature": 1}}, "unknown keys"), ({"format": "something-else"}, "not a facegen model")])
+    ({"sample": {"temperature": 1}}, "unknown keys"), ({"format": "something-else"}, "not a facegen model"),
+    ({"image_size": -5}, "image_size must be"), ({"sample": {"guidance": 1e30}}, "out of range")])
 def test_a_bad_model_description_is_refused_with_its_file_named(change, message):
     data = {**ModelInfo(image_size=64, latent_mean=[0.0, 0.0], latent_std=[1.0, 1.0]).to_dict(), **change}
     with pytest.raises(FacegenError, match=message) as error:
@@ -94,3 +95,14 @@ def test_one_precision_vocabulary_everywhere():
         make("bf16")
         with pytest.raises(FacegenError, match="unknown precision 'no'"):
             make("no")
+
+
+def test_a_model_folder_whose_latent_statistics_do_not_fit_its_dit_is_refused(tmp_path, tiny_model_dir):
+    import shutil
+
+    shutil.copytree(tiny_model_dir, tmp_path / "m")
+    data = json.loads((tmp_path / "m/facegen.json").read_text())
+    data["latent_mean"], data["latent_std"] = data["latent_mean"][:3], data["latent_std"][:3]
+    (tmp_path / "m/facegen.json").write_text(json.dumps(data))
+    with pytest.raises(FacegenError, match="latent_mean has 3 values, but the DiT has 4"):
+        FacegenPipeline.load(tmp_path / "m")

@@ -512,3 +512,29 @@ def test_sixteen_bit_grey_photos_stay_sixteen_bit_and_exact_outside_the_mask(tmp
     mask = np.asarray(Image.open(tmp_path / "out" / "deep.mask.png"))
     assert edited.mode == "I;16" and (mask > 0).any()
     assert np.array_equal(np.asarray(edited)[mask == 0], deep[mask == 0])  # every 16-bit value kept
+
+
+def test_edits_are_measured_at_the_photos_own_resolution(tmp_path, tiny_model_dir):
+    """facegen eval edits: per kind the edit and the no-op floor, nothing changed outside the mask, and the
+    before/after crops at the photo's own pixels (not the model's 128)."""
+    pytest.importorskip("mediapipe")
+    pytest.importorskip("dlib")
+    import json
+
+    from facegen_cli.classifier import AttributeClassifier, save_classifier
+
+    model = tmp_path / "model"
+    import shutil
+    shutil.copytree(tiny_model_dir, model)
+    save_classifier(AttributeClassifier(attributes=DEFAULT_ATTRIBUTES), model / "classifier", {})
+    photo = Image.open(write_face_photo(tmp_path / "face.png")).resize((720, 640), Image.Resampling.LANCZOS)
+    photo.save(tmp_path / "big.png")
+    result = runner.invoke(app, ["eval", "edits", str(tmp_path / "big.png"), "--kind", "mustache", "--model",
+                                 str(model), "--out", str(tmp_path / "report")])
+    assert result.exit_code == 0, result.stderr
+    report = json.loads((tmp_path / "report" / "report.json").read_text())
+    assert [(e["kind"], e["noop"]) for e in report["edits"]] == [("mustache", False), ("mustache", True)]
+    assert all(e["changed_outside"] == 0 and 0 <= e["identity"] < 2 for e in report["edits"])
+    assert set(report["summary"]["mustache"]) == {"edited", "noop"}
+    with Image.open(tmp_path / "report" / "crops" / "mustache" / "big.png") as crop:
+        assert crop.height > 256  # the face at the photo's pixels: the face is about 2x the model's framing
