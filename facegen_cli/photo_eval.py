@@ -50,6 +50,7 @@ class PhotoEdit:
     face_width: float  # pixels between the temples in the photo
     texture: float
     identity: float
+    had: bool  # the classifier read the attribute on the unedited face already
     shown: bool
     others_kept: float
     changed_outside: int
@@ -101,7 +102,7 @@ def measure_one(pipe, classifier, embedder, finder, path, kind, noop, request):
         photo=Path(path).name, kind=kind, noop=noop, face_width=round(width, 1),
         texture=round(texture_ratio(pixels, mask, width) / texture_ratio(photo, mask, width), 4),
         identity=round(embedder.distance(photo, pixels, embedder.box(photo, points)), 4),
-        shown=bool(after is not None and after[index] == 1),
+        had=bool(before[index] == 1), shown=bool(after is not None and after[index] == 1),
         others_kept=round(float((after[compared] == before[compared]).float().mean()) if after is not None else 0.0, 4),
         changed_outside=int((pixels != photo).any(-1)[mask == 0].sum()), seconds=round(seconds, 2))
     return result, pixels, points
@@ -162,16 +163,22 @@ def summarise(results):
             rows = [r for r in results if r.kind == kind and r.noop == noop]
             if not rows:
                 continue
+            without = [r for r in rows if not r.had]
             summary[kind][name] = {
                 "faces": len(rows),
-                "texture_median": round(float(np.median([r.texture for r in rows])), 3),
+                "faces_without": len(without),  # read without the attribute before: where "shown" is counted
+                "texture_median": round(float(np.nanmedian([r.texture for r in rows])), 3),
                 "identity_median": round(float(np.median([r.identity for r in rows])), 3),
                 "identity_max": round(max(r.identity for r in rows), 3),
-                "shown": round(sum(r.shown for r in rows) / len(rows), 3),
+                "shown": round(sum(r.shown for r in without) / len(without), 3) if without else None,
                 "others_kept": round(float(np.mean([r.others_kept for r in rows])), 3),
                 "changed_outside": sum(r.changed_outside for r in rows),
                 "seconds_median": round(float(np.median([r.seconds for r in rows])), 2)}
     return summary
+
+
+def percent(fraction):
+    return "n/a" if fraction is None else f"{100 * fraction:.0f}%"
 
 
 def report_markdown(summary):
@@ -179,12 +186,13 @@ def report_markdown(summary):
              "Per kind: the edit (`facegen edit --add KIND`, defaults) and, below it, the no-op floor (the same "
              "region repainted with nothing asked). Texture: 1.0 = as sharp as the photo there. Identity: dlib "
              "distance, original vs edited (0.6 = another person). Shown: the classifier reads the attribute on "
-             "the face found again in the edited photo.", "",
+             "the face found again in the edited photo, of the faces read without it before (their number in "
+             "brackets).", "",
              "| kind | | faces | texture (median) | identity median | identity max | shown | others kept | "
              "px changed outside | s per photo |", "|---|---|---|---|---|---|---|---|---|---|"]
     for kind, rows in summary.items():
         for name, r in rows.items():
             lines.append(f"| {kind} | {name} | {r['faces']} | {r['texture_median']:.2f} | {r['identity_median']:.3f} | "
-                         f"{r['identity_max']:.3f} | {100 * r['shown']:.0f}% | {100 * r['others_kept']:.0f}% | "
+                         f"{r['identity_max']:.3f} | {percent(r['shown'])} ({r['faces_without']}) | {100 * r['others_kept']:.0f}% | "
                          f"{r['changed_outside']} | {r['seconds_median']:.1f} |")
     return "\n".join(lines) + "\n"
