@@ -36,7 +36,7 @@ class EditRequest:
     strength: Optional[float] = None  # sampler start time, 1 = pure noise inside the mask; None: see `start`
     sample: SampleConfig = field(default_factory=SampleConfig)
     resample: int = 2  # RePaint rounds per step, with trajectory "noise": the second one blends the mask's edge
-    # where the sampler starts inside the mask: "inversion" (the crop's own ODE trajectory, Heun both ways:
+    # where the sampler starts inside the mask: "inversion" (the crop's own ODE trajectory, the model's sampler both ways:
     # what the edit does not change comes back as it was; on 8 CelebA men, --add mustache moved dlib's
     # identity 0.20 instead of 0.30, and repainting with nothing asked 0.04 instead of 0.24) or "noise" (the
     # crop's latent noised with fresh noise, RePaint's resampling)

@@ -4,7 +4,6 @@ import torch
 from facegen_cli import flow, guidance, sampling
 from facegen_cli.config import SampleConfig, load_preset
 from facegen_cli.errors import FacegenError
-from facegen_cli.model import LatentDiT
 from test_model import perturbed
 
 
