@@ -205,7 +205,7 @@ def test_a_crop_is_edited_the_same_alone_or_in_any_batch(tiny_model_dir, face, t
 
 def test_repainting_with_nothing_asked_gives_back_the_crop_from_its_own_trajectory(tiny_model_dir, face):
     """With the crop's inverted trajectory, an edit that asks for nothing lands back on the crop's own
-    reconstruction (up to the integrator's error), which paste_back then adds nothing from; fresh noise does not."""
+    reconstruction (Heun both ways), which paste_back then adds nothing from; fresh noise does not."""
     from facegen_cli.edit import reconstruct_crops
 
     pipe = FacegenPipeline.load(tiny_model_dir, precision="fp32")
