@@ -1,7 +1,6 @@
 """`facegen eval`: the evaluation report and the attribute classifier that measures it. Thin over the
 library, as cli.py is."""
 
-import dataclasses
 from pathlib import Path
 from typing import List, Optional
 
@@ -105,7 +104,7 @@ def eval_edits(
     kind: List[str] = typer.Option([], "--kind", help="Edit kinds to measure (repeatable; default: the local "
                                                       "and whole-face kinds)."),
     limit: Optional[int] = typer.Option(None, min=1, help="At most this many photos."),
-    trajectory: Optional[str] = typer.Option(None, help="noise or inversion (default: edit's)."),
+    trajectory: str = typer.Option(EditRequest.trajectory, help="inversion or noise, as facegen edit takes."),
     strength: Optional[float] = typer.Option(None, min=0.05, max=1.0, help="Strength (default: edit's)."),
     model: Model = None,
     device: Device = "auto",
@@ -113,18 +112,18 @@ def eval_edits(
 ):
     """Measure edits on photos at their own resolution (texture, dlib identity, attribute shown, pixels
     outside the mask) beside the no-op floor; writes OUT/report.md, report.json and crops."""
+    from .edit import without_masks
     from .files import collect_inputs
     from .photo_eval import LOCAL_KINDS, WHOLE_FACE_KINDS, measure_photo_edits
 
     files, problems = collect_inputs([str(p) for p in photos])
     for problem in problems:
         log(problem)
-    paths = sorted(path for path, _ in files if not path.name.endswith(".mask.png"))[:limit]
+    paths = sorted(path for path, _ in without_masks(files)[0])[:limit]
     if not paths:
         raise FacegenError("no photos in the inputs given")
     pipe = load_pipeline(model, device, precision)
-    request = EditRequest(sample=pipe.sample, strength=strength)
-    request = dataclasses.replace(request, trajectory=trajectory) if trajectory else request
+    request = EditRequest(sample=pipe.sample, strength=strength, trajectory=trajectory)
     with progress_bar() as progress:
         measure_photo_edits(pipe, pipe.load_classifier(), paths, out, kinds=tuple(kind) or LOCAL_KINDS + WHOLE_FACE_KINDS,
                             request=request, progress=progress)

@@ -227,17 +227,15 @@ class ModelInfo:
             raise FacegenError(f"{where}: no {missing[0]!r}")
         known = {f.name for f in fields(cls)}
         values = {k: v for k, v in data.items() if k in known}
+        values["sample"] = _section(SampleConfig, data.get("sample", {}), f"{where} [sample]")  # names itself
+        for key in ("vae", "decoder", "init_from"):
+            if isinstance(values.get(key), dict):
+                values[key] = _section(Provenance, values[key], f"{where} [{key}]")
+            elif values.get(key) is not None:  # version 1 recorded a path here: no longer kept
+                values[key] = None
         try:
-            values["sample"] = _section(SampleConfig, data.get("sample", {}), f"{where} [sample]")
-            for key in ("vae", "decoder", "init_from"):
-                if isinstance(values.get(key), dict):
-                    values[key] = _section(Provenance, values[key], f"{where} [{key}]")
-                elif values.get(key) is not None:  # version 1 recorded a path here: no longer kept
-                    values[key] = None
             return cls(**values)
-        except FacegenError as e:
-            raise FacegenError(f"{where}: {e}") from None
-        except TypeError as e:
+        except (FacegenError, TypeError) as e:
             raise FacegenError(f"{where}: {e}") from None
 
     def to_dict(self):

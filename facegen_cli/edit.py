@@ -171,10 +171,9 @@ def edit_crops(pipe, crops, masks, request, current=None):
     y = asked.condition(current).expand(len(crops), -1)
     reference = asked.reference(current).expand(len(crops), -1)
     source = None if current is None else current.float().expand(len(crops), -1)
-    inverted = request.trajectory == "inversion"
     decoded = pipe.inpaint(to_tensor(crops), masks, y, reference, seeds=[request.seed] * len(crops),
-                           strength=request.start, resample=1 if inverted else request.resample,
-                           settings=request.sample, start=request.trajectory, source=source)
+                           strength=request.start, resample=request.resample, settings=request.sample,
+                           start=request.trajectory, source=source)
     return composite(crops, to_uint8(decoded), masks)
 
 

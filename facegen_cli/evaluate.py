@@ -282,7 +282,7 @@ class EvalReport:
         return {**measured(self), "guidance": {g: measured(r) for g, r in self.guidance.items()}}
 
 
-def measure_guidance(pipe, classifier, settings, *, seeds, combos, real_features, fid, advance):
+def measure_guidance(pipe, classifier, settings, *, seeds, combos, real_features, fid, fid_unavailable, advance):
     """(GuidanceResult, single-attribute images (A, 2, K, 3, H, W), held-flip images) at settings.guidance."""
     attributes = pipe.attributes
     generate = lambda y, s: pipe.generate(y, s, settings)  # noqa: E731
@@ -310,10 +310,9 @@ def measure_guidance(pipe, classifier, settings, *, seeds, combos, real_features
     if real_features is not None:
         result.frechet_classifier_features = round(frechet_distance(real_features, features.flatten(0, 2)), 4)
         result.diversity_real = round(mean_pairwise_distance(real_features[:len(seeds)]), 4)
-    if callable(fid):
+    if fid is not None:
         result.inception_fid = round(fid(to_uint8(images.flatten(0, 2))), 4)
-    elif fid is not None:
-        result.inception_fid_unavailable = fid
+    result.inception_fid_unavailable = fid_unavailable
     return result, images, flipped_images
 
 
@@ -354,12 +353,12 @@ def evaluate_model(pipe, classifier, classifier_report, out, *, num_seeds=32, gu
         if progress else None
     advance = (lambda: progress.advance(task)) if progress else None
     real_features = classifier.embed(to_tensor(held_out.images)) if held_out is not None else None
-    fid = None  # a function of the generated images, or why there is none
+    fid, fid_unavailable = None, None  # fid(generated images), or why there is none
     if fid_to is not None and held_out is not None:
         try:
             fid = fid_to(held_out.images)
         except FacegenError as e:
-            fid = str(e)
+            fid_unavailable = str(e)
     report = EvalReport(model=pipe.info.preset, seeds=[seeds[0], seeds[-1]], faces_per_condition=num_seeds,
                         classifier_test_accuracy=classifier_report.get("test_accuracy", {}))
     if held_out is not None and held_out.train_labels is not None:
@@ -368,7 +367,8 @@ def evaluate_model(pipe, classifier, classifier_report, out, *, num_seeds=32, gu
     for guidance in guidances:
         result, images, flipped_images = measure_guidance(
             pipe, classifier, dataclasses.replace(settings, guidance=guidance), seeds=seeds, combos=combos,
-            real_features=real_features, fid=fid, advance=advance)
+            real_features=real_features, fid=fid,
+            fid_unavailable=fid_unavailable, advance=advance)
         report.guidance[str(guidance)] = result
         save_grids(out / "grids", attributes, guidance, images, flipped_images)
     if held_out is not None and held_out.points is not None:

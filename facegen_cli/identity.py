@@ -11,9 +11,6 @@ import numpy as np
 
 from .errors import FacegenError
 
-SAME_PERSON = 0.6  # dlib's own threshold: a larger distance means another person
-
-
 def _model_file(name):
     # The package's __init__ imports pkg_resources, which current setuptools no longer ships: find its
     # folder without running it.

@@ -18,7 +18,6 @@ OUT/report.json, OUT/report.md (medians per kind) and OUT/crops/KIND/NAME.png (b
 the photo's own pixels).
 """
 
-import logging
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -36,7 +35,6 @@ from .identity import FaceEmbedder, face_box
 from .images import to_tensor
 from .landmarks import FaceFinder, align_face
 
-log = logging.getLogger(__name__)
 LOCAL_KINDS = ("mustache", "beard", "eyeglasses", "smiling", "bangs", "wearing_hat")
 WHOLE_FACE_KINDS = ("young", "male", "pale_skin")
 
@@ -81,7 +79,8 @@ def texture_ratio(pixels, mask, face_width):
 
 
 def measure_one(pipe, classifier, embedder, finder, path, kind, noop, request):
-    """A PhotoEdit, the edited photo and its photo-space mask, or None when no face is found."""
+    """(a PhotoEdit, the photo as edited (RGB, EXIF orientation applied), the edited pixels, the face's
+    landmarks), or None when no face is found."""
     asked = replace(request, add=() if noop else (kind,), repaint=(kind,))
     size = pipe.info.image_size
     try:
@@ -105,7 +104,7 @@ def measure_one(pipe, classifier, embedder, finder, path, kind, noop, request):
         had=bool(before[index] == 1), shown=bool(after is not None and after[index] == 1),
         others_kept=round(float((after[compared] == before[compared]).float().mean()) if after is not None else 0.0, 4),
         changed_outside=int((pixels != photo).any(-1)[mask == 0].sum()), seconds=round(seconds, 2))
-    return result, pixels, points
+    return result, photo, pixels, points
 
 
 def before_after(photo, pixels, points):
@@ -141,16 +140,16 @@ def measure_photo_edits(pipe, classifier, photos, out, *, kinds=LOCAL_KINDS + WH
                         progress.advance(task)
                     if measured is None:
                         continue
-                    result, pixels, points = measured
+                    result, photo, pixels, points = measured
                     results.append(result)
                     if not noop:
-                        photo = np.asarray(Image.open(path).convert("RGB"))
                         save_image(before_after(photo, pixels, points), out / "crops" / kind / f"{Path(path).stem}.png")
     finally:
         finder.close()
-    write_json(out / "report.json", {"edits": [asdict(r) for r in results], "summary": summarise(results)})
+    summary = summarise(results)
+    write_json(out / "report.json", {"edits": [asdict(r) for r in results], "summary": summary})
     with atomic_path(out / "report.md") as tmp:
-        Path(tmp).write_text(report_markdown(summarise(results)))
+        Path(tmp).write_text(report_markdown(summary))
     return results
 
 

@@ -196,6 +196,7 @@ class FacegenPipeline:
 
         start: "noise": inside the mask the sampler starts from the image's latent noised to t = `strength`
                (1: pure noise) with the seed's noise, with RePaint's `resample` rounds per step;
+               (`resample` does not apply to "inversion")
                "inversion": from the image's own ODE trajectory up to t = `strength`, integrated without
                guidance for the condition `source` (B, A) (the face as it is read), so that what the edit
                does not change comes back as it was. Heun's steps both ways: on 8 faces a round trip of 20
@@ -203,8 +204,8 @@ class FacegenPipeline:
         Item i's draws come from seeds[i] alone.
         """
         settings = settings or self.sample
-        if start == "inversion":
-            settings = dataclasses.replace(settings, method="heun")
+        if start == "inversion":  # the face's own trajectory: no RePaint noise to settle the region with
+            settings, resample = dataclasses.replace(settings, method="heun"), 1
         known = self.encode(images.to(self.device))
         mask = torch.cat([latent_mask(m, known.shape[-1]) for m in masks]).to(self.device)
         times = sampling.time_grid(settings.steps, start=strength, device=self.device)

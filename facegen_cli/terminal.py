@@ -41,7 +41,6 @@ _library_log = logging.getLogger("facegen_cli")
 if not any(isinstance(h, ConsoleHandler) for h in _library_log.handlers):
     _library_log.addHandler(ConsoleHandler())
     _library_log.setLevel(logging.INFO)
-    _library_log.propagate = True  # tests read the records too
 
 # The options every command spells the same way.
 MAX_SEED = 2**63 - 1  # torch generators take seeds below 2**64; seed + i stays there
