@@ -185,3 +185,12 @@ def load_cache(path):
         raise FacegenError(f"{path}: the latent cache is incomplete; run `facegen encode` again to finish it")
     latents, labels = load_latents(path, meta.num_shards)
     return latents, labels, meta
+
+
+def cache_image_paths(path):
+    """The image file of each latent of a complete cache, in the cache's order (its shards' "index" into the
+    data folder's listing of the split)."""
+    meta = read_meta(path)
+    listing = read_dataset(meta.data, meta.split).paths
+    index = torch.cat([load_file(_shard_path(path, k))["index"] for k in range(meta.num_shards)])
+    return [listing[i] for i in index.tolist()]

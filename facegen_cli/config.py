@@ -35,6 +35,9 @@ class TrainConfig:
     rare_rate: float = 0.0  # attributes rarer than this are oversampled up to it (0: plain epochs)
     t_mean: float = 0.0  # logit-normal timestep distribution
     t_std: float = 1.0
+    # An inpainting model: the share of examples with part of the latent known (a face region or a box;
+    # train.RegionMasks), the rest drawn whole
+    inpaint_rate: float = 0.0
     precision: str = "fp32"  # devices.PRECISIONS: the networks' autocast while training
     checkpoint_every: int = 1000
     keep_checkpoints: int = 2
@@ -47,6 +50,8 @@ class TrainConfig:
 
         if self.precision not in PRECISIONS:
             raise FacegenError(f"unknown precision {self.precision!r}; use {', '.join(PRECISIONS)}")
+        if not 0 <= self.inpaint_rate <= 1:
+            raise FacegenError(f"inpaint_rate must be between 0 and 1, not {self.inpaint_rate}")
 
 
 SAMPLERS = ("euler", "heun")
@@ -82,9 +87,15 @@ class ModelShape:
     depth: int
     num_heads: int
     mlp_size: int
+    # An inpainting model: it also takes the mask and the known latent (model.inpainting_context)
+    inpainting: bool = False
 
     def __post_init__(self):
+        if not isinstance(self.inpainting, bool):
+            raise FacegenError(f"inpainting must be true or false, not {self.inpainting!r}")
         for name, value in asdict(self).items():
+            if name == "inpainting":
+                continue
             if not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
                 raise FacegenError(f"{name} must be a whole number of at least 1, not {value!r}")
         if self.hidden_size % self.num_heads or self.hidden_size % 4:
@@ -94,7 +105,9 @@ class ModelShape:
 
     def config(self, attributes):
         """The LatentDiT configuration of this shape for a vocabulary."""
-        return {**asdict(self), "attributes": list(attributes)}
+        shape = {k: v for k, v in asdict(self).items() if k != "inpainting"}
+        return {**shape, "context_channels": self.latent_channels + 1 if self.inpainting else 0,
+                "attributes": list(attributes)}
 
     def build(self, attributes):
         from .model import LatentDiT

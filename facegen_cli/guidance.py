@@ -9,21 +9,24 @@ pushes along the change alone. w = 1 is the plain conditional prediction.
 import torch
 
 
-def conditional(model, y):
-    """v(x, t) = model(x, t, y): no guidance."""
+def conditional(model, y, context=None):
+    """v(x, t) = model(x, t, y): no guidance. `context`: an inpainting model's (model.inpainting_context)."""
     def velocity(x, t):
-        return model(x, t.expand(len(x)), y).float()
+        t = t.expand(len(x))
+        return (model(x, t, y) if context is None else model(x, t, y, context)).float()
     return velocity
 
 
-def classifier_free(model, y, reference, scale):
-    """v(x, t) = v_r + scale (v_c - v_r), both branches in one batched forward; `y`, `reference`: (B, A)."""
+def classifier_free(model, y, reference, scale, context=None):
+    """v(x, t) = v_r + scale (v_c - v_r), both branches in one batched forward; `y`, `reference`: (B, A);
+    both branches see the same inpainting `context`, if any."""
     if scale == 1.0:
-        return conditional(model, y)
+        return conditional(model, y, context)
+    both = conditional(model, torch.cat([y, reference]), None if context is None else torch.cat([context, context]))
 
     def velocity(x, t):
-        t = t.expand(len(x))
-        # float(): under bf16 autocast the guidance difference and the steps are still taken in float32
-        v_c, v_r = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, reference])).float().chunk(2)
+        # float() (in conditional): under bf16 autocast the guidance difference and the steps are still taken
+        # in float32
+        v_c, v_r = both(torch.cat([x, x]), t).chunk(2)
         return v_r + scale * (v_c - v_r)
     return velocity

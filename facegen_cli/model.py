@@ -8,6 +8,12 @@ adaLN-Zero modulation -> a modulated final layer -> unpatchify. The condition is
 
 where y holds one value per attribute: +1 (asked for), -1 (asked against) or 0 (left free).
 The all-zero y is the unconditional branch used by classifier-free guidance.
+
+An inpainting model (context_channels = latent_channels + 1, as SD-inpainting and FLUX-Fill do) also sees
+what is known of the latent: the mask of the region to generate and the clean latent outside it,
+patchified by their own embedding and added to the tokens. That embedding starts at zero, so a model
+fine-tuned from a plain one starts as exactly that model; with no context given it is told that nothing
+is known, and draws whole faces as before.
 """
 
 import math
@@ -131,17 +137,23 @@ class LatentDiT(ModelMixin, ConfigMixin):
         depth=15,
         num_heads=16,
         mlp_size=4096,
+        context_channels=0,
     ):
         super().__init__()
         if hidden_size % num_heads or hidden_size % 4:
             raise ValueError(f"hidden_size {hidden_size} must divide by num_heads {num_heads} and by 4")
         if latent_size % patch_size:
             raise ValueError(f"latent_size {latent_size} must divide by patch_size {patch_size}")
+        if context_channels not in (0, latent_channels + 1):
+            raise ValueError(f"context_channels {context_channels} must be 0 or latent_channels + 1 "
+                             f"(the mask and the known latent)")
         self.patch_size = patch_size
         self.latent_channels = latent_channels
         self.grid_size = latent_size // patch_size
 
         self.x_embedder = nn.Conv2d(latent_channels, hidden_size, kernel_size=patch_size, stride=patch_size)
+        self.context_embedder = nn.Conv2d(context_channels, hidden_size, kernel_size=patch_size,
+                                          stride=patch_size) if context_channels else None
         self.t_embedder = TimestepEmbedder(hidden_size)
         self.y_embedder = AttributeEmbedder(len(attributes), hidden_size)
         self.register_buffer("pos_embed", sincos_pos_embed_2d(hidden_size, self.grid_size)[None], persistent=False)
@@ -159,6 +171,9 @@ class LatentDiT(ModelMixin, ConfigMixin):
         w = self.x_embedder.weight.data
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
         nn.init.zeros_(self.x_embedder.bias)
+        if self.context_embedder is not None:
+            nn.init.zeros_(self.context_embedder.weight)
+            nn.init.zeros_(self.context_embedder.bias)
         nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
         nn.init.normal_(self.y_embedder.proj.weight, std=0.02)
@@ -175,19 +190,38 @@ class LatentDiT(ModelMixin, ConfigMixin):
     def attributes(self):
         return list(self.config.attributes)
 
+    @property
+    def inpainting(self):
+        return self.context_embedder is not None
+
     def unpatchify(self, x):
         """(B, N, p*p*C) tokens -> (B, C, H, W) latents."""
         p, c, g = self.patch_size, self.latent_channels, self.grid_size
         x = x.reshape(x.shape[0], g, g, p, p, c)
         return torch.einsum("bhwpqc->bchpwq", x).reshape(x.shape[0], c, g * p, g * p)
 
-    def forward(self, x, t, y):
-        """x: (B, C, H, W) noisy latents, t: (B,) times in [0, 1], y: (B, A) attributes -> velocity."""
+    def forward(self, x, t, y, context=None):
+        """x: (B, C, H, W) noisy latents, t: (B,) times in [0, 1], y: (B, A) attributes -> velocity.
+        context: (B, C + 1, H, W) from inpainting_context, for an inpainting model (None: nothing known)."""
         # (B, D, g, g) -> (B, N, D) tokens, made contiguous: otherwise the residual stream would keep the
         # transposed layout, and every LayerNorm would copy it. Its dtype is the embedding's (bf16 under autocast).
-        tokens = self.x_embedder(x).flatten(2).transpose(1, 2).contiguous()
+        embedded = self.x_embedder(x)
+        if self.context_embedder is not None:
+            if context is None:
+                context = inpainting_context(torch.zeros_like(x), torch.ones_like(x[:, :1]))
+            embedded = embedded + self.context_embedder(context.to(embedded.dtype))
+        elif context is not None:
+            raise ValueError("this model takes no inpainting context (context_channels is 0)")
+        tokens = embedded.flatten(2).transpose(1, 2).contiguous()
         tokens = tokens + self.pos_embed.to(tokens.dtype)
         c = self.t_embedder(t) + self.y_embedder(y)
         for block in self.blocks:
             tokens = block(tokens, c)
         return self.unpatchify(self.final_layer(tokens, c))
+
+
+def inpainting_context(known, mask):
+    """An inpainting model's context: the mask (B, 1, H, W), 1 where the latent is generated, and the known
+    clean latent (B, C, H, W) where it is kept (zero under the mask)."""
+    mask = mask.to(known.dtype).expand(known.shape[0], 1, *known.shape[2:])
+    return torch.cat([mask, known * (1 - mask)], dim=1)

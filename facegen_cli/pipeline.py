@@ -19,7 +19,7 @@ from .config import ModelInfo, Provenance, SampleConfig
 from .devices import autocast, resolve_precision
 from .errors import FacegenError, first_line
 from .files import atomic_dir, save_pretrained
-from .model import LatentDiT
+from .model import LatentDiT, inpainting_context
 
 MODEL_FILE = "facegen.json"
 # The models inside the package, by name: real faces (CelebA) and the built-in drawn faces (exact labels).
@@ -161,8 +161,8 @@ class FacegenPipeline:
         per_face = 6 * 4 * max(self.vae.config.block_out_channels) * self.info.image_size ** 2
         return int(max(16, min(1024, torch.cuda.mem_get_info(self.device)[0] // 4 // per_face)))
 
-    def _velocity(self, condition, reference, settings):
-        return guidance.classifier_free(self.dit, condition, reference, settings.guidance)
+    def _velocity(self, condition, reference, settings, context=None):
+        return guidance.classifier_free(self.dit, condition, reference, settings.guidance, context)
 
     @torch.inference_mode()
     def generate(self, condition, seeds, settings=None, *, reference=None, batch_size=None, on_batch=None):
@@ -210,10 +210,13 @@ class FacegenPipeline:
         mask = torch.cat([latent_mask(m, known.shape[-1]) for m in masks]).to(self.device)
         times = sampling.time_grid(settings.steps, start=strength, device=self.device)
         generators = [torch.Generator(self.device).manual_seed(seed) for seed in seeds]
-        velocity = self._velocity(condition.to(self.device), reference.to(self.device), settings)
+        # An inpainting model sees the mask and the known latent outside it as well
+        context = inpainting_context(known, mask) if self.dit.inpainting else None
+        velocity = self._velocity(condition.to(self.device), reference.to(self.device), settings, context)
         with self.autocast():
             if start == "inversion":
-                unguided = guidance.conditional(self.dit, (condition if source is None else source).to(self.device))
+                unguided = guidance.conditional(self.dit, (condition if source is None else source).to(self.device),
+                                                context)
                 path = sampling.invert(unguided, known, times, method=settings.method)
             else:
                 path = sampling.noised_path(known, self.noise(seeds).to(self.device), times)

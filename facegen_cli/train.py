@@ -28,7 +28,8 @@ from .config import ModelInfo, Preset, Provenance
 from .errors import FacegenError
 from .files import save_image
 from .images import image_grid, to_uint8
-from .model import LatentDiT
+from .inpainting import region_mask_bank, training_masks
+from .model import LatentDiT, inpainting_context
 from .pipeline import FacegenPipeline
 from .runs import ORDER_STREAM, STEP_STREAM, TrainingRun, batch_indices, scheduled_lr, seeded_generator
 from .vae import DEFAULT_VAE, load_vae, vae_fingerprint, weights_fingerprint
@@ -93,10 +94,12 @@ class TrainingData:
     labels: torch.Tensor  # (N, A) int8
     boosts: Optional[torch.Tensor] = None  # rare_boosts, with rare_rate
     weights: Optional[torch.Tensor] = None  # sampling_weights, with rare_rate (kept on the CPU)
+    inpainting: bool = False  # an inpainting model's batches carry a context (inpainting.py)
+    region_masks: Optional[torch.Tensor] = None  # (M, R, h, w) uint8 inpainting.region_mask_bank, or None
 
     @classmethod
-    def build(cls, latents, labels, attributes, cfg, device):
-        data = cls(latents, labels)
+    def build(cls, latents, labels, attributes, cfg, device, inpainting=False, region_masks=None):
+        data = cls(latents, labels, inpainting=inpainting, region_masks=region_masks)
         if cfg.rare_rate:
             data.boosts = rare_boosts(labels, cfg.rare_rate)
             data.weights = sampling_weights(labels, data.boosts)
@@ -108,12 +111,15 @@ class TrainingData:
         # on the CPU with the generator that draws batches from them.
         if latents.nbytes < device_memory(device) / 8:  # 26k faces' latents are ~100 MB
             data.latents, data.labels = latents.to(device), labels.to(device)
+        if region_masks is not None:
+            data.region_masks = region_masks.to(device)
         if data.boosts is not None:
             data.boosts = data.boosts.to(device)
         return data
 
     def batch(self, step, cfg, generator, rank, world_size, device):
-        """(x0, y with labels dropped, loss weights or None) of this process's share of step `step`."""
+        """(x0, y with labels dropped, loss weights or None, inpainting context or None) of this process's
+        share of step `step`."""
         if self.weights is None:
             index = batch_indices(len(self.labels), cfg.batch_size, step, cfg.seed, rank, world_size)
         else:
@@ -123,7 +129,11 @@ class TrainingData:
                         cfg.uniform_dropout)
         loss_weights = None if self.weights is None else \
             free_branch_weights(y, self.weights.to(self.latents.device)[index].to(device), self.boosts)
-        return self.latents[index].to(device), y, loss_weights
+        x0 = self.latents[index].to(device)
+        context = None
+        if self.inpainting:
+            context = inpainting_context(x0, training_masks(x0, self.region_masks, cfg.inpaint_rate, generator))
+        return x0, y, loss_weights, context
 
 
 # ---------------------------------------------------------------------------------------------
@@ -131,16 +141,17 @@ class TrainingData:
 # ---------------------------------------------------------------------------------------------
 
 def prepare_latents(data, out, vae_source, image_size, progress):
-    """Open a latent cache, or encode an image data set into RUN/latents first (resumably)."""
+    """Open a latent cache, or encode an image data set into RUN/latents first (resumably).
+    Returns (latents, labels, CacheMeta, the cache's folder)."""
     if is_cache(data):
         latents, labels, meta = load_cache(data)
         if vae_source and vae_fingerprint(load_vae(vae_source)) != meta.vae_fingerprint:
             raise FacegenError(f"{data} was encoded with the VAE {meta.vae_source}, not {vae_source}")
-        return latents, labels, meta
+        return latents, labels, meta, Path(data)
     source = vae_source or DEFAULT_VAE
     log.info(f"encoding {data} with the VAE {source} into {Path(out) / 'latents'}")
     encode_dataset(data, source, Path(out) / "latents", image_size=image_size, progress=progress)
-    return load_cache(Path(out) / "latents")
+    return *load_cache(Path(out) / "latents"), Path(out) / "latents"
 
 
 @dataclass
@@ -162,12 +173,13 @@ class Init:
 
 def load_init_model(path, model_config, cache_meta):
     """An existing model folder to fine-tune from: (its DiT's weights, its Init). It must match the preset,
-    vocabulary and VAE."""
+    vocabulary and VAE; an inpainting model may start from a plain one (its context embedding from zero)."""
     base = FacegenPipeline.load(path)
     base_config = {key: base.dit.config[key] for key in model_config}
     base_config["attributes"] = list(base_config["attributes"])
-    different = [f"{key} {base_config[key]} vs {model_config[key]}"
-                 for key in model_config if base_config[key] != model_config[key]]
+    widened = base_config["context_channels"] == 0 and model_config["context_channels"] > 0
+    different = [f"{key} {base_config[key]} vs {model_config[key]}" for key in model_config
+                 if base_config[key] != model_config[key] and not (key == "context_channels" and widened)]
     if different:
         raise FacegenError(f"--init-from {path} does not match this run's preset and data: {'; '.join(different)}")
     if vae_fingerprint(base.vae) != cache_meta.vae_fingerprint:
@@ -223,7 +235,7 @@ def train(preset: Preset, data, out, *, vae_source=None, resume=False, init_from
                       keep=cfg.keep_checkpoints)
     if not run.is_main:  # one process speaks for all
         progress = None
-    latents, labels, cache_meta = prepare_latents(data, out, vae_source, preset.image_size, progress)
+    latents, labels, cache_meta, cache_dir = prepare_latents(data, out, vae_source, preset.image_size, progress)
     model_config = preset.model.config(cache_meta.attributes)
     expected = [preset.model.latent_channels, preset.model.latent_size, preset.model.latent_size]
     if list(latents.shape[1:]) != expected:
@@ -246,7 +258,10 @@ def train(preset: Preset, data, out, *, vae_source=None, resume=False, init_from
     torch.manual_seed(cfg.seed)
     model = LatentDiT(**model_config)
     if init_weights is not None:
-        model.load_state_dict(init_weights)
+        missing, _ = model.load_state_dict(init_weights, strict=not model.inpainting)
+        lacking = [key for key in missing if not key.startswith("context_embedder.")]
+        if lacking:
+            raise FacegenError(f"--init-from {init_from}: its DiT has no {lacking[0]}")
         log.info(f"starting from {init_from} (trained {init.trained_steps} steps)")
     ema = EMAModel(model.parameters(), decay=cfg.ema_decay, foreach=True)
     # Fused AdamW (one pass over each tensor) on GPUs and CPUs alike: on 2 CPU cores it steps 287M
@@ -265,7 +280,10 @@ def train(preset: Preset, data, out, *, vae_source=None, resume=False, init_from
              + (f" (learning rate decaying to 0 over the last {cfg.cooldown_steps})" if cfg.cooldown_steps else "")
              + f", device {run.device}" + (f" x {run.world_size} processes" if run.world_size > 1 else "")
              + f", precision {run.precision}" + (", compiled" if compiled else ""))
-    batches = TrainingData.build(latents, labels, cache_meta.attributes, cfg, run.device)
+    region_masks = region_mask_bank(cache_dir, preset.image_size, preset.model.latent_size, out) \
+        if preset.model.inpainting else None
+    batches = TrainingData.build(latents, labels, cache_meta.attributes, cfg, run.device, preset.model.inpainting,
+                                 region_masks)
     loop(run, cfg, model=model, ema=ema, optimizer=optimizer, batches=batches, start_step=start_step,
          progress=progress, vae=vae, info=info, run_state=run_state, steps_before=init.trained_steps if init else 0)
     if start_step >= cfg.max_steps:
@@ -281,11 +299,12 @@ def loop(run, cfg, *, model, ema, optimizer, batches, start_step, progress, vae,
     tick, images_since_tick = time.perf_counter(), 0
     for step in range(start_step, cfg.max_steps):
         generator = seeded_generator(cfg.seed, STEP_STREAM, step, run.rank, device=run.device)
-        x0, y, loss_weights = batches.batch(step, cfg, generator, run.rank, run.world_size, run.device)
+        x0, y, loss_weights, context = batches.batch(step, cfg, generator, run.rank, run.world_size, run.device)
         for group in optimizer.param_groups:
             group["lr"] = scheduled_lr(step, cfg.learning_rate, cfg.warmup_steps, cfg.max_steps, cfg.cooldown_steps)
         with run.autocast():
-            loss, _ = flow.flow_loss(model, x0, y, generator, cfg.laplacian_weight, cfg.t_mean, cfg.t_std, loss_weights)
+            loss, _ = flow.flow_loss(model, x0, y, generator, cfg.laplacian_weight, cfg.t_mean, cfg.t_std, loss_weights,
+                                     context=context)
         run.step(loss, optimizer, model.parameters(), cfg.grad_clip)
         ema.step(model.parameters())
         images_since_tick += len(x0) * run.world_size
