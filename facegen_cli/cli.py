@@ -74,12 +74,16 @@ def edit(
     guidance: Optional[float] = typer.Option(None, callback=finite,
                                              help="Classifier-free guidance (default: the model's)."),
     trajectory: str = typer.Option(EDIT.trajectory, help="Where the repainting starts: inversion (the face's own "
-                                                          "trajectory: the person and what is not asked for stay) "
-                                                          "or noise (fresh noise, RePaint's resampling)."),
+                                                          "trajectory: the person and what is not asked for stay), "
+                                                          "noise (fresh noise, RePaint's resampling) or flowedit "
+                                                          "(no inversion: along the change's velocity difference)."),
     resample: int = typer.Option(EDIT.resample, min=1, help="RePaint resampling rounds per step, with --trajectory "
                                                             "noise (coherence at the mask edge)."),
     mask_grow: int = typer.Option(EDIT.mask_grow, min=0, help="Grow the region mask by this many pixels (of the "
                                                               "aligned crop)."),
+    upscale: bool = typer.Option(EDIT.upscale, "--upscale/--no-upscale",
+                                 help="Super-resolve the new content (Real-ESRGAN x4plus) of faces at least 1.5x the "
+                                      "model's 128-px framing in their photo."),
     save_mask: bool = typer.Option(False, "--save-mask", help="Also write NAME.mask.png beside each output."),
     face: Optional[int] = typer.Option(None, min=0, help="Edit only face K (0 = leftmost); default: every face."),
     free_others: bool = typer.Option(False, "--free-others",
@@ -104,8 +108,9 @@ def edit(
     if not in_place:
         check_output_folder(out)
     pipe = load_pipeline(model, device, precision)
-    request = EditRequest(tuple(add), tuple(remove), strength, pipe.settings(steps=steps, guidance=guidance),
-                          resample, trajectory, mask_grow, seed)
+    request = EditRequest(add=tuple(add), remove=tuple(remove), strength=strength,
+                          sample=pipe.settings(steps=steps, guidance=guidance), resample=resample,
+                          trajectory=trajectory, mask_grow=mask_grow, upscale=upscale, seed=seed)
     request.attributes(pipe.attributes)  # an unknown or contradictory change fails before any photo is read
     classifier = None if free_others else pipe.load_classifier()
     files, problems = collect_inputs(inputs, recursive)

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image, ImageDraw, ImageFilter
 
 from .attributes import check_names
@@ -190,21 +191,89 @@ def reconstruct_crops(pipe, crops, masks):
     return composite(crops, to_uint8(pipe.reconstruct(to_tensor(crops))), masks)
 
 
+# New content is super-resolved before it reaches the photo where the face there is at least this many times
+# the crop's size: below that, a 4x network adds little that the photo could show.
+UPSCALE_FROM = 1.5
+UPSCALE_MARGIN = 12  # crop pixels of context around the mask's box, for the network's receptive field
+
+
+def load_upscaler(request, device):
+    """The super-resolution network an edit uses (upscale.load_upscaler), or None when it asks for none."""
+    if not request.upscale:
+        return None
+    from . import upscale
+
+    return upscale.load_upscaler(device=device)
+
+
+def face_scale(matrix):
+    """Photo pixels per crop pixel of an alignment matrix (photo -> crop)."""
+    return float(1 / np.sqrt(abs(np.linalg.det(matrix[:, :2]))))
+
+
+def super_resolve(upscaler, edited, reconstructed, mask, precision="fp32"):
+    """The edited crop and its reconstruction (uint8 (S, S, 3)) at the upscaler's scale, through the network
+    over the box around where `mask` is above 0 (with UPSCALE_MARGIN pixels of context), both 0 elsewhere:
+    paste_back takes their difference, so the new content reaches the photo at 4x the crop's detail."""
+    from .upscale import upscale_tensor
+
+    rows, cols = np.nonzero(mask > 0)
+    scale, size = upscaler.scale, mask.shape[0]
+    out = np.zeros((2, size * scale, size * scale, 3), dtype=np.uint8)
+    if not len(rows):
+        return out[0], out[1]
+    top, left = max(rows.min() - UPSCALE_MARGIN, 0), max(cols.min() - UPSCALE_MARGIN, 0)
+    bottom, right = min(rows.max() + 1 + UPSCALE_MARGIN, size), min(cols.max() + 1 + UPSCALE_MARGIN, size)
+    pair = np.stack([edited, reconstructed])[:, top:bottom, left:right]
+    x = torch.from_numpy(pair).permute(0, 3, 1, 2).float() / 255
+    y = upscale_tensor(upscaler, x, tile=0, precision=precision)
+    out[:, top * scale:bottom * scale, left * scale:right * scale] = \
+        (y.permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
+    return out[0], out[1]
+
+
+def photo_window(mask, matrix, photo_size, pad=2):
+    """(left, top, right, bottom): the part of the photo that the crop's mask (above 0) maps back onto,
+    `pad` pixels more, within the photo; None when the mask is empty."""
+    rows, cols = np.nonzero(mask > 0)
+    if not len(rows):
+        return None
+    inverse = invert(matrix)
+    corners = np.array([[cols.min(), rows.min()], [cols.max() + 1, rows.min()], [cols.min(), rows.max() + 1],
+                        [cols.max() + 1, rows.max() + 1]], dtype=np.float64)
+    xy = corners @ inverse[:, :2].T + inverse[:, 2]
+    left, top = np.maximum(np.floor(xy.min(0)).astype(int) - pad, 0)
+    right, bottom = np.minimum(np.ceil(xy.max(0)).astype(int) + pad, photo_size)
+    return int(left), int(top), int(right), int(bottom)
+
+
 def paste_back(photo, edited, reconstructed, mask, matrix):
     """Put the change an edited crop makes into the photo (PIL RGB) at the photo's own resolution: the
     difference between the edited crop and the crop's own reconstruction (`reconstructed`), warped back and
     added to the photo's pixels inside the warped mask. Where the model changed nothing, the photo keeps its
     own detail; the VAE's error never reaches it. Pixels whose warped mask is 0 are the photo's own, exactly.
-    Returns (uint8 photo, uint8 mask in photo space)."""
-    inverse = invert(matrix)
-    size = photo.size
-    change = np.asarray(warp(Image.fromarray(edited), inverse, size), dtype=np.float32) - np.asarray(
-        warp(Image.fromarray(reconstructed), inverse, size), dtype=np.float32)
-    weight = np.asarray(warp(Image.fromarray(np.rint(mask * 255).astype(np.uint8)), inverse, size,
-                             Image.Resampling.BILINEAR), dtype=np.float32)[..., None] / 255
+    `edited` and `reconstructed` may be k times the mask's size (super_resolve); `matrix` maps the photo to
+    the mask's frame. Only the window of the photo the mask reaches is warped (photo_window): a 12-MP photo
+    costs what its face does. Returns (uint8 photo, uint8 mask in photo space)."""
     original = np.asarray(photo)
-    blended = np.clip(np.rint(original + change * weight), 0, 255).astype(np.uint8)
-    return np.where(weight > 0, blended, original), np.rint(weight[..., 0] * 255).astype(np.uint8)
+    result, photo_mask = original.copy(), np.zeros(original.shape[:2], dtype=np.uint8)
+    window = photo_window(mask, matrix, photo.size)
+    if window is None:
+        return result, photo_mask
+    left, top, right, bottom = window
+    size = (right - left, bottom - top)
+    to_crop = matrix @ np.array([[1, 0, left], [0, 1, top], [0, 0, 1]], dtype=np.float64)  # window -> crop
+    k = edited.shape[0] / mask.shape[0]
+    fine = invert(np.diag([k, k]) @ to_crop)  # the k-times-larger crop's frame -> the window
+    change = np.asarray(warp(Image.fromarray(edited), fine, size), dtype=np.float32) - np.asarray(
+        warp(Image.fromarray(reconstructed), fine, size), dtype=np.float32)
+    weight = np.asarray(warp(Image.fromarray(np.rint(mask * 255).astype(np.uint8)), invert(to_crop), size,
+                             Image.Resampling.BILINEAR), dtype=np.float32)[..., None] / 255
+    here = original[top:bottom, left:right]
+    blended = np.clip(np.rint(here + change * weight), 0, 255).astype(np.uint8)
+    result[top:bottom, left:right] = np.where(weight > 0, blended, here)
+    photo_mask[top:bottom, left:right] = np.rint(weight[..., 0] * 255).astype(np.uint8)
+    return result, photo_mask
 
 
 # ---------------------------------------------------------------------------------------------
@@ -265,8 +334,10 @@ def warn_unsupported(prepared, request, attributes, current):
                                 f"the {added} may not show")
 
 
-def edit_prepared(pipe, prepared, request, classifier=None):
-    """Edit every face of several prepared photos in one batch; returns [(uint8 photo, uint8 mask)]."""
+def edit_prepared(pipe, prepared, request, classifier=None, upscaler=None):
+    """Edit every face of several prepared photos in one batch; returns [(uint8 photo, uint8 mask)].
+    With an `upscaler` (upscale.load_upscaler), the new content of a face at least UPSCALE_FROM times the
+    crop's size in its photo is super-resolved first (super_resolve)."""
     crops = np.concatenate([p.crops for p in prepared])
     masks = np.concatenate([p.masks for p in prepared])
     current = classifier.predict(to_tensor(crops).to(classifier.device)) if classifier is not None else None
@@ -279,6 +350,8 @@ def edit_prepared(pipe, prepared, request, classifier=None):
         photo, total_mask = p.photo, np.zeros(p.photo.size[::-1], dtype=np.uint8)
         faces = slice(start, start + len(p.crops))
         for crop, own, mask, matrix in zip(edited[faces], reconstructed[faces], p.masks, p.matrices):
+            if upscaler is not None and face_scale(matrix) >= UPSCALE_FROM:
+                crop, own = super_resolve(upscaler, crop, own, mask, pipe.precision)
             pixels, photo_mask = paste_back(photo, crop, own, mask, matrix)
             photo, total_mask = Image.fromarray(pixels), np.maximum(total_mask, photo_mask)
         start += len(p.crops)
@@ -321,7 +394,7 @@ def edit_photos(pipe, files, request, out=None, *, classifier=None, face=None, s
     repainted in one sampling run on the model's device. With a classifier, the attributes not asked
     about are held at its readings of each face, so that only the asked ones change.
     """
-    finder = FaceFinder()
+    finder, upscaler = FaceFinder(), load_upscaler(request, pipe.device)
     try:
         for start in range(0, len(files), batch_size):
             prepared = []
@@ -333,7 +406,8 @@ def edit_photos(pipe, files, request, out=None, *, classifier=None, face=None, s
                 else:
                     prepared.append(photo)
             if prepared:
-                for photo, (pixels, mask) in zip(prepared, edit_prepared(pipe, prepared, request, classifier)):
+                for photo, (pixels, mask) in zip(prepared, edit_prepared(pipe, prepared, request, classifier,
+                                                                         upscaler)):
                     saved, problem = attempt(photo.path, lambda: save_edited(photo, pixels, mask, save_mask))
                     yield problem or FileResult(photo.path, saved)
     finally:

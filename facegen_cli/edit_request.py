@@ -15,7 +15,7 @@ from .errors import FacegenError
 # made pale or male keeps its pose and light from 0.7 (on 16 held-out faces each, from 1.0 / 0.8 to 0.7:
 # pale skin still read on all, the other readings changed 5.7 -> 2.3%; male: all, 23.9 -> 16.5%).
 DEFAULT_STRENGTH = 0.8
-TRAJECTORIES = ("inversion", "noise")
+TRAJECTORIES = ("inversion", "noise", "flowedit")
 STRENGTHS = {"black_hair": 1.0, "blond_hair": 1.0, "bald": 1.0, "pale_skin": 0.7, "male": 0.7}
 
 
@@ -40,9 +40,13 @@ class EditRequest:
     # where the sampler starts inside the mask: "inversion" (the crop's own ODE trajectory, Heun's steps both ways:
     # what the edit does not change comes back as it was: on 38 photos, --add mustache moved dlib's identity
     # 0.08 instead of 0.33, and repainting with nothing asked 0.04 instead of 0.31, though the change shows
-    # less often) or "noise" (the crop's latent noised with fresh noise, RePaint's resampling)
+    # less often), "noise" (the crop's latent noised with fresh noise, RePaint's resampling) or "flowedit"
+    # (no inversion: the edit steps along the difference of the asked and the as-read velocities)
     trajectory: str = "inversion"
     mask_grow: int = 4  # pixels (of the aligned crop) the region mask is grown by
+    # new content super-resolved (Real-ESRGAN x4plus) before it goes into a photo whose face is at least
+    # edit.UPSCALE_FROM times the crop's size
+    upscale: bool = True
     seed: int = 0
     repaint: tuple = ()  # the attributes whose regions are repainted (default: the changed ones'); with
     # nothing changed, the pipeline's floor: what repainting a region costs the photo by itself
@@ -53,7 +57,7 @@ class EditRequest:
 
     def __post_init__(self):
         if self.trajectory not in TRAJECTORIES:
-            raise FacegenError(f"unknown trajectory {self.trajectory!r}; use {' or '.join(TRAJECTORIES)}")
+            raise FacegenError(f"unknown trajectory {self.trajectory!r}; use {', '.join(TRAJECTORIES)}")
         self.add = tuple(n.replace("-", "_") for n in self.add)
         self.remove = tuple(n.replace("-", "_") for n in self.remove)
         self.repaint = tuple(n.replace("-", "_") for n in self.repaint)

@@ -26,7 +26,7 @@ import numpy as np
 from PIL import Image
 
 from .attributes import exclusive_pairs
-from .edit import NoFaceFound, edit_prepared, prepare_photo
+from .edit import NoFaceFound, edit_prepared, load_upscaler, prepare_photo
 from .edit_request import EditRequest
 from .errors import FacegenError
 from .evaluate import high_frequency_ratio
@@ -78,7 +78,7 @@ def texture_ratio(pixels, mask, face_width):
     return high_frequency_ratio(pixels[window][None], mask[window][None] / 255, ring=max(2, int(face_width / 16)))
 
 
-def measure_one(pipe, classifier, embedder, finder, path, kind, noop, request):
+def measure_one(pipe, classifier, embedder, finder, path, kind, noop, request, upscaler=None):
     """(a PhotoEdit, the photo as edited (RGB, EXIF orientation applied), the edited pixels, the face's
     landmarks), or None when no face is found."""
     asked = replace(request, add=() if noop else (kind,), repaint=(kind,))
@@ -90,7 +90,7 @@ def measure_one(pipe, classifier, embedder, finder, path, kind, noop, request):
         return None
     photo = np.asarray(prepared.photo)
     before, points = read_face(finder, classifier, photo, size)
-    [(pixels, mask)] = edit_prepared(pipe, [prepared], asked, classifier)
+    [(pixels, mask)] = edit_prepared(pipe, [prepared], asked, classifier, upscaler)
     seconds = time.perf_counter() - start
     after, _ = read_face(finder, classifier, pixels, size)
     index = pipe.attributes.index(kind)
@@ -127,7 +127,7 @@ def measure_photo_edits(pipe, classifier, photos, out, *, kinds=LOCAL_KINDS + WH
     if classifier is None:
         raise FacegenError("measuring edits needs the model's attribute classifier (MODEL/classifier)")
     request = request or EditRequest(sample=pipe.sample)
-    embedder, finder = FaceEmbedder(), FaceFinder()
+    embedder, finder, upscaler = FaceEmbedder(), FaceFinder(), load_upscaler(request, pipe.device)
     out = Path(out)
     results = []
     task = progress.add_task("measuring edits", total=len(photos) * len(kinds) * 2) if progress else None
@@ -135,7 +135,7 @@ def measure_photo_edits(pipe, classifier, photos, out, *, kinds=LOCAL_KINDS + WH
         for kind in kinds:
             for path in photos:
                 for noop in (False, True):
-                    measured = measure_one(pipe, classifier, embedder, finder, path, kind, noop, request)
+                    measured = measure_one(pipe, classifier, embedder, finder, path, kind, noop, request, upscaler)
                     if progress:
                         progress.advance(task)
                     if measured is None:

@@ -196,16 +196,17 @@ class FacegenPipeline:
 
         start: "noise": inside the mask the sampler starts from the image's latent noised to t = `strength`
                (1: pure noise) with the seed's noise, with RePaint's `resample` rounds per step;
-               (`resample` does not apply to "inversion")
                "inversion": from the image's own ODE trajectory up to t = `strength`, integrated without
                guidance for the condition `source` (B, A) (the face as it is read), so that what the edit
                does not change comes back as it was. Heun's steps both ways: on 8 faces a round trip of 20
-               steps to t = 0.8 and back lands within 61 dB of the start, where Euler's lands within 30 dB.
+               steps to t = 0.8 and back lands within 61 dB of the start, where Euler's lands within 30 dB;
+               "flowedit": sampling.flow_edit from t = `strength`, the source velocity unguided for `source`.
+               (`resample` applies to "noise" alone.)
         Item i's draws come from seeds[i] alone.
         """
         settings = settings or self.sample
         if start == "inversion":  # the face's own trajectory: no RePaint noise to settle the region with
-            settings, resample = dataclasses.replace(settings, method="heun"), 1
+            settings = dataclasses.replace(settings, method="heun")
         known = self.encode(images.to(self.device))
         mask = torch.cat([latent_mask(m, known.shape[-1]) for m in masks]).to(self.device)
         times = sampling.time_grid(settings.steps, start=strength, device=self.device)
@@ -213,16 +214,19 @@ class FacegenPipeline:
         # An inpainting model sees the mask and the known latent outside it as well
         context = inpainting_context(known, mask) if self.dit.inpainting else None
         velocity = self._velocity(condition.to(self.device), reference.to(self.device), settings, context)
+        as_read = guidance.conditional(self.dit, (condition if source is None else source).to(self.device), context)
         with self.autocast():
-            if start == "inversion":
-                unguided = guidance.conditional(self.dit, (condition if source is None else source).to(self.device),
-                                                context)
-                path = sampling.invert(unguided, known, times, method=settings.method)
+            if start == "flowedit":
+                latents = sampling.flow_edit(as_read, velocity, known, times, generators=generators, mask=mask)
             else:
-                path = sampling.noised_path(known, self.noise(seeds).to(self.device), times)
-            latents = sampling.sample_masked(velocity, path[0], times, known_path=path, mask=mask,
-                                             generators=generators, resample=resample, method=settings.method)
+                if start == "inversion":
+                    path, resample = sampling.invert(as_read, known, times, method=settings.method), 1
+                else:
+                    path = sampling.noised_path(known, self.noise(seeds).to(self.device), times)
+                latents = sampling.sample_masked(velocity, path[0], times, known_path=path, mask=mask,
+                                                 generators=generators, resample=resample, method=settings.method)
         return self.decode(latents).cpu()
+
 
 def latent_mask(mask, latent_size):
     """A pixel mask (H, W) in [0, 1] -> a soft latent mask (1, 1, h, w): any latent cell the pixel mask

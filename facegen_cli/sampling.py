@@ -86,3 +86,21 @@ def invert(velocity, x0, times, *, method="euler"):
     path = [x0]
     sample(velocity, x0, times.flip(0), method=method, callback=lambda i, x: path.append(x))
     return path[::-1]
+
+
+def flow_edit(source_velocity, target_velocity, x, times, *, generators, mask=None, callback=None):
+    """FlowEdit (Kulikov et al. 2024): an edit as the ODE between the source and the target condition,
+    without inversion. At each time the source is noised with fresh noise from each item's generator,
+    x_src_t = (1 - t) x + t eps, the edited latent is moved by as much as the source was, and the edit steps
+    along the difference of the two velocities, target_velocity(z + x_src_t - x) - source_velocity(x_src_t),
+    so that where the two conditions agree nothing moves. `x`: the source's clean latents; `mask`: where the
+    edit may change them (elsewhere they stay the source's)."""
+    source, z = x, x
+    for i, (t, t_next) in enumerate(zip(times[:-1], times[1:])):
+        noised = (1 - t) * source + t * per_item_noise(generators, source)
+        z = z + (t_next - t) * (target_velocity(z + noised - source, t) - source_velocity(noised, t))
+        if mask is not None:
+            z = mask * z + (1 - mask) * source
+        if callback:
+            callback(i, z)
+    return z

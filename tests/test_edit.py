@@ -538,3 +538,40 @@ def test_edits_are_measured_at_the_photos_own_resolution(tmp_path, tiny_model_di
     assert set(report["summary"]["mustache"]) == {"edited", "noop"}
     with Image.open(tmp_path / "report" / "crops" / "mustache" / "big.png") as crop:
         assert crop.height > 256  # the face at the photo's pixels: the face is about 2x the model's framing
+
+
+def test_super_resolved_content_reaches_the_photo_only_where_the_edit_changed_it(face):
+    """super_resolve runs the network over the mask's box alone; an edit equal to the reconstruction still
+    changes no pixel of the photo at 4x, and pixels outside the mask stay the photo's own."""
+    from facegen_cli.edit import UPSCALE_FROM, face_scale, super_resolve
+
+    class Bicubic(torch.nn.Module):  # a 4x upscaler with the network's interface, fast and predictable
+        scale = 4
+
+        def __init__(self):
+            super().__init__()
+            self.unused = torch.nn.Parameter(torch.zeros(1))
+
+        def forward(self, x):
+            return torch.nn.functional.interpolate(x, scale_factor=4, mode="bicubic")
+
+    net = Bicubic()
+    image, points = face
+    placed = {n: (x * 2.5 + 60, y * 2.5 + 30) for n, (x, y) in points.items()}
+    photo = Image.fromarray(np.random.default_rng(0).integers(0, 256, (420, 480, 3), dtype=np.uint8))
+    matrix = alignment(placed)
+    assert face_scale(matrix) == pytest.approx(2.5 * face_scale(alignment(points))) and face_scale(matrix) >= UPSCALE_FROM
+    mask = region_mask(["mustache"], transform_points(placed, matrix), 128)
+    darker = (image * 0.5).astype(np.uint8)
+    fine_edit, fine_own = super_resolve(net, darker, image, mask)
+    assert fine_edit.shape == (512, 512, 3)
+    rows, cols = np.nonzero(mask > 0)
+    away = np.ones((512, 512), dtype=bool)
+    away[4 * max(rows.min() - 12, 0):4 * (rows.max() + 13), 4 * max(cols.min() - 12, 0):4 * (cols.max() + 13)] = False
+    assert not fine_edit[away].any() and not fine_own[away].any()  # the network ran over the mask's box alone
+    result, photo_mask = paste_back(photo, fine_edit, fine_own, mask, matrix)
+    original = np.asarray(photo)
+    assert np.array_equal(result[photo_mask == 0], original[photo_mask == 0])
+    assert not np.array_equal(result[photo_mask > 0], original[photo_mask > 0])
+    same_edit, same_own = super_resolve(net, image, image, mask)
+    assert np.array_equal(paste_back(photo, same_edit, same_own, mask, matrix)[0], original)
