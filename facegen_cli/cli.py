@@ -208,11 +208,13 @@ def export(
                                                            "(default: the model folder's own, if any)."),
     vae: Optional[str] = typer.Option(None, help="Another autoencoder with the model's encoder (a fine-tuned "
                                                  "decoder: `facegen vae train --decoder-only`) to carry instead."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a model folder at OUT (never a folder of "
+                                                              "other files)."),
 ):
     """Copy a model folder, optionally in float16, with its classifier and another decoder; prints OUT."""
     from .export import export_model
 
-    print(export_model(model, out, half=half, classifier=classifier, vae=vae))
+    print(export_model(model, out, half=half, classifier=classifier, vae=vae, overwrite=overwrite))
 
 
 @app.command()

@@ -6,22 +6,44 @@ from pathlib import Path
 import torch
 
 from .classifier import load_classifier, save_classifier
-from .pipeline import FacegenPipeline
+from .errors import FacegenError
+from .files import atomic_dir
+from .pipeline import MODEL_FILE, FacegenPipeline, model_path
 from .vae import load_vae
 
 
-def export_model(model, out, *, half=False, classifier=None, vae=None):
-    """Write MODEL (a folder) to OUT: float16 weights with `half` (loading casts back to float32), the
-    classifier `classifier` (default: the model folder's own, if any) in OUT/classifier, and the autoencoder
-    `vae` instead of the model's (refused unless its encoder is the model's). Returns OUT."""
+def check_export_target(source, out, overwrite):
+    """Refuse an OUT that export would destroy: the model itself, a folder holding anything but a facegen
+    model, or a model folder without `overwrite`."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise FacegenError(f"{out}: is a file, not a folder; --out must name a new folder")
+    if out.resolve() == source.resolve():
+        raise FacegenError(f"{out} is the model being exported; export into another folder")
+    if any(out.iterdir()):
+        if not (out / MODEL_FILE).is_file():
+            raise FacegenError(f"{out} holds files that are not a facegen model; export into a new or empty folder")
+        if not overwrite:
+            raise FacegenError(f"{out} holds a model; --overwrite replaces it")
+
+
+def export_model(model, out, *, half=False, classifier=None, vae=None, overwrite=False):
+    """Write MODEL (a folder or a shipped model's name) to OUT, all at once or not at all: float16 weights
+    with `half` (loading casts back to float32), the classifier `classifier` (default: the model folder's
+    own, if any) in OUT/classifier, and the autoencoder `vae` instead of the model's (refused unless its
+    encoder is the model's). OUT must be new or empty, or a model folder with `overwrite`. Returns OUT."""
+    out = Path(out)
+    check_export_target(model_path(model), out, overwrite)
     dtype = torch.float16 if half else None
     pipe = FacegenPipeline.load(model)
     if vae is not None:
         pipe = pipe.with_vae(load_vae(vae), vae)
-    classifier = classifier or pipe.classifier_path
-    pipe.save(out, dtype)
-    if classifier is not None:
-        attribute_classifier, report = load_classifier(classifier)
-        save_classifier(attribute_classifier.to(dtype) if half else attribute_classifier, Path(out) / "classifier",
-                        report)
-    return Path(out)
+    classifier_path = classifier or pipe.classifier_path
+    attribute_classifier, report = load_classifier(classifier_path) if classifier_path else (None, None)
+    with atomic_dir(out) as tmp:
+        pipe.write(tmp, dtype)
+        if attribute_classifier is not None:
+            save_classifier(attribute_classifier.to(dtype) if half else attribute_classifier, tmp / "classifier",
+                            report)
+    return out

@@ -157,7 +157,11 @@ def save_image(image, path, metadata=None, save_options=None, mode_from=None):
         kwargs["pnginfo"] = info
     try:
         with atomic_path(path) as tmp:
-            image.save(tmp, format=fmt, **kwargs)
+            with open(tmp, "wb") as f:  # our own file: a full disk fails its writes, flush or fsync, not silently
+                image.save(f, format=fmt, **kwargs)
+                f.flush()
+                os.fsync(f.fileno())
+            verify_image(tmp, path)
             if mode_from is not None:
                 shutil.copymode(mode_from, tmp)
             else:
@@ -165,6 +169,16 @@ def save_image(image, path, metadata=None, save_options=None, mode_from=None):
     except OSError as e:  # a full disk or a read-only folder fails this output, not the program
         raise FacegenError(f"cannot write {path}: {e.strerror or e}") from None
     return path
+
+
+def verify_image(written, path):
+    """Decode the file just `written` in full before it takes `path`'s name: an encoder that stopped short
+    (a full disk under a format that does not say so) fails the output, and the old file stays."""
+    try:
+        with Image.open(written) as check:
+            check.load()
+    except UNREADABLE_IMAGE_ERRORS as e:
+        raise FacegenError(f"cannot write {path}: the file written does not read back whole ({e})") from None
 
 
 def save_figure(figure, path):

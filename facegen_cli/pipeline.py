@@ -122,12 +122,17 @@ class FacegenPipeline:
         return FacegenPipeline(self.dit, vae.to(self.device), info, self.path, self.precision)
 
     def save(self, path, dtype=None):
-        """Write the model folder; dtype=torch.float16 halves its size (loading casts back to float32)."""
+        """Write the model folder atomically; dtype=torch.float16 halves its size (loading casts back to
+        float32)."""
         with atomic_dir(path) as tmp:
-            for name, module in (("dit", self.dit), ("vae", self.vae)):
-                save_pretrained(module if dtype is None else copy.deepcopy(module).to(dtype), tmp / name)
-            (tmp / MODEL_FILE).write_text(json.dumps(self.info.to_dict(), indent=2) + "\n")
+            self.write(tmp, dtype)
         return Path(path)
+
+    def write(self, folder, dtype=None):
+        """Write the model's files into an empty `folder` (save: atomically)."""
+        for name, module in (("dit", self.dit), ("vae", self.vae)):
+            save_pretrained(module if dtype is None else copy.deepcopy(module).to(dtype), Path(folder) / name)
+        (Path(folder) / MODEL_FILE).write_text(json.dumps(self.info.to_dict(), indent=2) + "\n")
 
     def normalize(self, latents):
         return (latents - self.latent_mean.to(latents)) / self.latent_std.to(latents)

@@ -150,6 +150,25 @@ def test_export_half_halves_the_size_and_generates_the_same_faces(tiny_model_dir
     assert np.abs(difference).mean() < 2
 
 
+def test_export_never_deletes_what_it_did_not_make(tiny_model_dir, tmp_path):
+    """A folder of other files is refused whatever the flags; a model folder is replaced only with --overwrite;
+    the model itself is refused; a missing classifier fails before anything is written."""
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    assert_clean_error(run("export", tiny_model_dir, "--out", mine, "--overwrite"), "not a facegen model")
+    assert (mine / "notes.txt").read_text() == "keep me" and len(list(mine.iterdir())) == 1
+    assert_clean_error(run("export", tiny_model_dir, "--out", tiny_model_dir, "--overwrite"), "is the model being exported")
+    assert (tiny_model_dir / "facegen.json").is_file()
+    copy = tmp_path / "copy"
+    assert run("export", tiny_model_dir, "--out", copy).exit_code == 0
+    assert_clean_error(run("export", tiny_model_dir, "--out", copy), "holds a model; --overwrite replaces it")
+    assert run("export", tiny_model_dir, "--out", copy, "--overwrite").exit_code == 0
+    assert_clean_error(run("export", tiny_model_dir, "--out", tmp_path / "new", "--classifier", tmp_path / "none"),
+                       "not an attribute classifier folder")
+    assert not (tmp_path / "new").exists()
+
+
 def test_train_precision_is_chosen_per_run(tmp_path, tiny_run):
     # accelerate fixes the mixed precision once per process, so this runs the real entry point.
     result = subprocess.run([sys.executable, "-m", "facegen_cli.cli", "train", "--data", str(tiny_run / "latents"),
@@ -288,3 +307,31 @@ def test_new_outputs_get_the_usual_permissions_not_the_temporary_files_0600(tmp_
     umask = os.umask(0)
     os.umask(umask)
     assert mode == NEW_FILE_MODE == 0o666 & ~umask
+
+
+def test_an_image_that_does_not_read_back_whole_fails_and_the_old_file_stays(tmp_path, monkeypatch):
+    """A full disk can leave an encoder's output short without an error from it: the written file is decoded
+    before it takes the name, so the output fails in one line and the file that was there is kept."""
+    from PIL import Image
+
+    from facegen_cli.errors import FacegenError
+    from facegen_cli.files import save_image
+
+    target = tmp_path / "photo.jpg"
+    Image.new("RGB", (64, 48), (10, 200, 30)).save(target)
+    before = target.read_bytes()
+    real_save = Image.Image.save
+
+    def short_save(self, fp, *args, **kwargs):  # what a full disk leaves: the first bytes of the JPEG
+        real_save(self, fp, *args, **kwargs)
+        fp.seek(600)
+        fp.truncate()
+
+    monkeypatch.setattr(Image.Image, "save", short_save)
+    noisy = Image.fromarray(np.random.default_rng(0).integers(0, 256, (48, 64, 3), dtype=np.uint8))
+    with pytest.raises(FacegenError, match="cannot write .*photo.jpg: the file written does not read back whole"):
+        save_image(noisy, target)
+    assert target.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["photo.jpg"]
+    monkeypatch.setattr(Image.Image, "save", real_save)
+    save_image(noisy, target)
+    assert Image.open(target).size == (64, 48)
