@@ -22,13 +22,15 @@ def data_synth(
     labels: str = typer.Option("celeba", help="celeba: CelebA-like frequencies and dependencies (beards mostly "
                                               "on men); independent: every attribute half the time, whatever the "
                                               "others (for training the attribute classifier)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a data set at OUT (never a folder of "
+                                                              "other files)."),
 ):
     """Render built-in faces with exact labels and landmarks into a CelebA-layout folder (face i: seed + i)."""
     from .synthfaces import write_dataset
 
     with progress_bar() as progress:
         print(write_dataset(out, count, size=size, seed=seed, workers=workers, progress=progress,
-                            label_distribution=labels))
+                            label_distribution=labels, overwrite=overwrite))
 
 
 @data_app.command("align")

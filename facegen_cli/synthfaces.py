@@ -505,8 +505,22 @@ def _render_to_file(job):
     return labels, points
 
 
-def write_dataset(out, count, *, size=128, seed=0, workers=None, progress=None, label_distribution="celeba"):
-    """Render `count` faces into a CelebA-layout folder; returns the folder.
+def check_dataset_target(out, overwrite):
+    """Refuse an OUT holding anything: files of the user's whatever the flags, a data set without `overwrite`."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise FacegenError(f"{out}: is a file, not a folder")
+    if out.is_dir() and any(out.iterdir()):
+        if not (out / layout.ATTRIBUTE_FILE).is_file():
+            raise FacegenError(f"{out} holds files that are not a data set; write into a new or empty folder")
+        if not overwrite:
+            raise FacegenError(f"{out} holds a data set; --overwrite replaces it")
+
+
+def write_dataset(out, count, *, size=128, seed=0, workers=None, progress=None, label_distribution="celeba",
+                  overwrite=False):
+    """Render `count` faces into a CelebA-layout folder (new or empty, or a data set with `overwrite`);
+    returns the folder.
 
     img_align_celeba/NNNNNN.jpg, list_attr_celeba.txt (CelebA's columns), list_landmarks.txt
     (our landmark names, pixel coordinates) and list_eval_partition.txt (90% / 5% / 5%).
@@ -515,6 +529,7 @@ def write_dataset(out, count, *, size=128, seed=0, workers=None, progress=None, 
     if label_distribution not in LABEL_DISTRIBUTIONS:
         raise FacegenError(f"unknown label distribution {label_distribution!r}; use "
                            f"{' or '.join(LABEL_DISTRIBUTIONS)}")
+    check_dataset_target(out, overwrite)
     out = Path(out)
     (out / "img_align_celeba").mkdir(parents=True, exist_ok=True)
     jobs = [(seed + i, size, label_distribution, out / "img_align_celeba" / f"{i + 1:06d}.jpg")

@@ -121,3 +121,20 @@ def test_the_canonical_framing_is_the_built_in_faces_mean_geometry():
     for name, (x, y) in CANONICAL_POINTS.items():
         assert (x, y) == pytest.approx((mean_face[name][0] * CANONICAL_SIZE, mean_face[name][1] * CANONICAL_SIZE))
     assert list(MESH_POINTS) == LANDMARK_NAMES  # MediaPipe's points carry the same names, in the same order
+
+
+def test_synth_never_writes_over_what_it_did_not_make(tmp_path):
+    runner = CliRunner()
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "000001.jpg").write_bytes(b"my photo")
+    for flags in ([], ["--overwrite"]):
+        result = runner.invoke(app, ["data", "synth", str(mine), "-n", "2", "--size", "32", "--workers", "1", *flags])
+        assert result.exit_code != 0 and "holds files that are not a data set" in result.stderr
+    assert (mine / "000001.jpg").read_bytes() == b"my photo"
+    data = tmp_path / "data"
+    args = ["data", "synth", str(data), "-n", "2", "--size", "32", "--workers", "1"]
+    assert runner.invoke(app, args).exit_code == 0
+    again = runner.invoke(app, args + ["--seed", "5"])
+    assert again.exit_code != 0 and "holds a data set; --overwrite replaces it" in again.stderr
+    assert runner.invoke(app, args + ["--seed", "5", "--overwrite"]).exit_code == 0
