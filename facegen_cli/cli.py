@@ -201,7 +201,8 @@ def train(
 @app.command()
 @reports_errors
 def export(
-    model: Path = typer.Argument(..., help="Model folder (RUN/model from facegen train)."),
+    model: str = typer.Argument(..., help="Model folder (RUN/model from facegen train), or a shipped model by "
+                                          "name (faces, demo; a folder of that name: ./faces)."),
     out: Path = typer.Option(..., "--out", "-o", help="Folder to write."),
     half: bool = typer.Option(False, "--half", help="Store the weights in float16 (half the size)."),
     classifier: Optional[Path] = typer.Option(None, help="Attribute classifier to carry in OUT/classifier "

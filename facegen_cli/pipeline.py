@@ -29,19 +29,19 @@ SHIPPED_MODELS = {"faces": FACES_MODEL, "demo": DEMO_MODEL}
 
 
 def model_path(name_or_path=None):
-    """The folder of a model: a path, or the name of a shipped model (faces, demo), or None for the default
-    (the real-face model where this installation ships it). A folder of that name in the working directory
-    wins over the shipped model."""
+    """The folder of a model: a shipped model's name (faces, demo) given as a string, any other string or a
+    Path as a path, or None for the default (the real-face model where this installation ships it). A
+    folder named like a shipped model is given as a path (./faces): a bare name is never shadowed by the
+    folder `facegen generate` writes into."""
     if name_or_path is None:
         for path in SHIPPED_MODELS.values():
             if (path / MODEL_FILE).is_file():
                 return path
         raise FacegenError("no --model given and this installation ships no model; "
                            "train one with `facegen train` and pass --model RUN/model")
-    path = Path(name_or_path)
-    if not path.exists() and str(name_or_path) in SHIPPED_MODELS:
-        return SHIPPED_MODELS[str(name_or_path)]
-    return path
+    if isinstance(name_or_path, str) and name_or_path in SHIPPED_MODELS:
+        return SHIPPED_MODELS[name_or_path]
+    return Path(name_or_path)
 
 
 class FacegenPipeline:

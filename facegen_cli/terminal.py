@@ -10,7 +10,6 @@ import functools
 import inspect
 import logging
 import math
-from pathlib import Path
 from typing import Annotated, List, Optional
 
 import typer
@@ -45,8 +44,8 @@ if not any(isinstance(h, ConsoleHandler) for h in _library_log.handlers):
 # The options every command spells the same way.
 MAX_SEED = 2**63 - 1  # torch generators take seeds below 2**64; seed + i stays there
 MODEL_HELP = ("Model folder (a path), or a shipped model by name: faces (real faces; the default) or demo (built-in "
-              "faces). A folder of that name in the working directory wins over the shipped model.")
-Model = Annotated[Optional[Path], typer.Option("--model", help=MODEL_HELP)]
+              "faces). A folder named like a shipped model is given as a path: ./faces.")
+Model = Annotated[Optional[str], typer.Option("--model", help=MODEL_HELP)]
 Device = Annotated[str, typer.Option("--device", help=DEVICE_HELP)]
 Precision = Annotated[Optional[str], typer.Option("--precision", help=PRECISION_HELP)]
 Seed = Annotated[Optional[int], typer.Option("--seed", min=0, max=MAX_SEED,

@@ -1,6 +1,7 @@
 """The shipped demo model (built-in faces): it is in the package, small, and works with --model demo, no download."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -52,7 +53,27 @@ def test_shipped_models_are_found_by_name_and_the_real_face_model_is_the_default
     assert model_path("demo") == DEMO_MODEL and model_path("faces") == FACES_MODEL
     assert model_path(None) == (FACES_MODEL if (FACES_MODEL / "facegen.json").is_file() else DEMO_MODEL)
     monkeypatch.chdir(tmp_path)
-    (tmp_path / "demo").mkdir()  # a folder of that name in the working directory wins
-    assert model_path("demo").resolve() == tmp_path / "demo"
+    (tmp_path / "demo").mkdir()  # a folder of that name (say generate's output) does not shadow the name...
+    assert model_path("demo") == DEMO_MODEL and FacegenPipeline.load("demo").path == DEMO_MODEL
+    assert model_path("./demo").resolve() == tmp_path / "demo"  # ...and is reached as a path
+    assert model_path(Path("demo")).resolve() == tmp_path / "demo"
     with pytest.raises(FacegenError, match="not a facegen model"):
-        FacegenPipeline.load("demo")
+        FacegenPipeline.load("./demo")
+
+
+def test_generates_own_output_folder_does_not_shadow_the_model_of_that_name(tmp_path, monkeypatch):
+    """`facegen generate` writes into ./faces by default; the command run again with --model faces (as the
+    UI shows it) still finds the shipped model."""
+    from typer.testing import CliRunner
+
+    from facegen_cli.cli import app
+    from facegen_cli.pipeline import FACES_MODEL
+
+    if not (FACES_MODEL / "facegen.json").is_file():
+        pytest.skip("this installation ships no faces model")
+    monkeypatch.chdir(tmp_path)
+    runner = CliRunner()
+    for seed in ("1", "2"):
+        result = runner.invoke(app, ["generate", "--model", "faces", "-n", "1", "--steps", "1", "--seed", seed])
+        assert result.exit_code == 0, result.stderr
+    assert len(list((tmp_path / "faces").glob("*.png"))) == 2
