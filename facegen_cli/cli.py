@@ -244,7 +244,7 @@ def generate(
     """Generate faces with the asked-for attributes (face i from seed + i); the rest stay free."""
     from .attributes import AttributeRequest
     from .files import check_output_folder
-    from .gallery import face_paths, refuse_existing, save_faces
+    from .gallery import FaceWriter, face_paths, refuse_existing
 
     if not 1 <= n <= MAX_FACES:
         raise FacegenError(f"-n must be from 1 to {MAX_FACES:,}, not {n}")
@@ -258,13 +258,17 @@ def generate(
     refuse_existing(face_paths(out, seeds), overwrite)
     settings = pipe.settings(steps=steps, guidance=guidance, method=sampler)
     log(f"generating {n} faces: {request.describe()}; seeds {seed}..{seed + n - 1}; {settings}")
-    with progress_bar() as progress:
+    writer = FaceWriter(pipe, request, settings, out, upscale=upscale, grid=grid,
+                        model_name=str(model) if model else pipe.path.name)
+    with progress_bar() as progress:  # each batch written as it is made: Ctrl-C keeps what was done
         task = progress.add_task("generating", total=n)
-        images = pipe.generate(request.condition()[0], seeds, settings, reference=request.reference()[0],
-                               batch_size=batch_size, on_batch=lambda k: progress.advance(task, k))
-    for path in save_faces(pipe, images, request, seeds, settings, out, upscale=upscale, grid=grid,
-                           model_name=str(model) if model else pipe.path.name):
-        print(path, flush=True)
+        for batch_seeds, images in pipe.generate_batches(request.condition()[0], seeds, settings,
+                                                         reference=request.reference()[0], batch_size=batch_size,
+                                                         on_batch=lambda k: progress.advance(task, k)):
+            for path in writer.write(batch_seeds, images):
+                print(path, flush=True)
+    if (grid_file := writer.finish()) is not None:
+        print(grid_file, flush=True)
 
 
 @app.command()

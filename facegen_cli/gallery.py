@@ -1,6 +1,7 @@
 """Writing generated faces, the one place that `facegen generate` and the page's Generate tab share:
 their names (OUT/face-SEED.png, OUT/grid-SEED.png), the request and settings in each PNG's metadata, the
-optional super-resolution, and the refusal to replace faces already there."""
+optional super-resolution, and the refusal to replace faces already there. Faces are written a batch at a
+time, as they are made."""
 
 import dataclasses
 import logging
@@ -35,27 +36,48 @@ def refuse_existing(paths, overwrite=False):
                            + " exist; --overwrite replaces them, or choose another --out or --seed")
 
 
-def save_faces(pipe, images, request, seeds, settings, out, *, upscale=None, grid=False, model_name=None):
-    """Write generated faces (images in [-1, 1], one per seed, made for the attributes.AttributeRequest
-    `request`) as PNGs that carry the request: the attributes asked, the seed, the sampler settings, the
-    model (and the upscale factor). With `grid`, also all of them as one image. Yields each path as it is
-    written."""
-    faces = [Image.fromarray(image) for image in to_uint8(images)]
-    meta = {**dataclasses.asdict(settings), "precision": pipe.precision}
-    if upscale:
-        from .upscale import load_upscaler, upscale_image
+class FaceWriter:
+    """Writes generated faces as they are made (images in [-1, 1], one per seed, made for the
+    attributes.AttributeRequest `request`) as PNGs that carry the request: the attributes asked, the seed,
+    the sampler settings, the model (and the upscale factor). With `grid`, `finish` writes all of them as
+    one image (the only thing kept between batches: the faces' pixels, for the grid)."""
 
-        net = load_upscaler(device=pipe.device)
-        faces = [upscale_image(net, face, upscale) for face in faces]
-        meta["upscale"] = upscale
-    asked = dict(zip(pipe.attributes, request.condition()[0].tolist()))
+    def __init__(self, pipe, request, settings, out, *, upscale=None, grid=False, model_name=None):
+        self.out, self.upscale, self.grid = Path(out), upscale, grid
+        self.meta = {**dataclasses.asdict(settings), "precision": pipe.precision}
+        self.net = None
+        if upscale:
+            from .upscale import load_upscaler
 
-    def save(seed, face, path):
-        return save_image(face, path, {"facegen": {"attributes": asked, "seed": seed, **meta, "model": model_name}})
+            self.net = load_upscaler(device=pipe.device)
+            self.meta["upscale"] = upscale
+        self.asked = dict(zip(pipe.attributes, request.condition()[0].tolist()))
+        self.model_name = model_name
+        self.seeds, self.tiles = [], []
 
-    with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as writers:  # PNG encoding releases the GIL
-        yield from writers.map(save, seeds, faces, face_paths(out, seeds))
-    if grid:
-        tiles = image_grid(np.stack([np.asarray(face) for face in faces]), int(len(faces) ** 0.5 + 0.999), padding=0)
-        yield save_image(Image.fromarray(tiles), grid_path(out, seeds[0]),
-                         {"facegen": {"attributes": asked, "seeds": seeds, **meta}})
+    def write(self, seeds, images):
+        """Write one batch; returns the paths."""
+        faces = [Image.fromarray(image) for image in to_uint8(images)]
+        if self.net is not None:
+            from .upscale import upscale_image
+
+            faces = [upscale_image(self.net, face, self.upscale) for face in faces]
+
+        def save(seed, face, path):
+            return save_image(face, path, {"facegen": {"attributes": self.asked, "seed": seed, **self.meta,
+                                                       "model": self.model_name}})
+
+        with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as writers:  # PNG encoding releases the GIL
+            paths = list(writers.map(save, seeds, faces, face_paths(self.out, seeds)))
+        if self.grid:
+            self.seeds += list(seeds)
+            self.tiles += [np.asarray(face) for face in faces]
+        return paths
+
+    def finish(self):
+        """The grid's path once written, or None without `grid`."""
+        if not self.grid or not self.tiles:
+            return None
+        tiles = image_grid(np.stack(self.tiles), int(len(self.tiles) ** 0.5 + 0.999), padding=0)
+        return save_image(Image.fromarray(tiles), grid_path(self.out, self.seeds[0]),
+                          {"facegen": {"attributes": self.asked, "seeds": self.seeds, **self.meta}})

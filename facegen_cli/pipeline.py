@@ -169,28 +169,34 @@ class FacegenPipeline:
     def _velocity(self, condition, reference, settings, context=None):
         return guidance.classifier_free(self.dit, condition, reference, settings.guidance, context)
 
-    @torch.inference_mode()
     def generate(self, condition, seeds, settings=None, *, reference=None, batch_size=None, on_batch=None):
         """Images in [-1, 1], one per seed, for condition(s) of shape (A,) or (len(seeds), A), guided away
         from `reference` (same shapes; default: every attribute free), sampled with `settings` (a
         SampleConfig; default: the model's), `batch_size` at a time (default: default_batch_size()).
         A face depends on its seed and condition alone, not on the batch it was drawn in."""
+        return torch.cat([images for _, images in self.generate_batches(
+            condition, seeds, settings, reference=reference, batch_size=batch_size, on_batch=on_batch)])
+
+    def generate_batches(self, condition, seeds, settings=None, *, reference=None, batch_size=None, on_batch=None):
+        """generate(), a batch at a time: yields (the batch's seeds, its images), so that a caller can write
+        each batch as it is made and hold no more than one."""
         settings = settings or self.sample
         batch_size = batch_size or self.default_batch_size()
         condition = condition.expand(len(seeds), -1) if condition.ndim == 1 else condition
         reference = torch.zeros_like(condition) if reference is None else reference.expand_as(condition)
         times = sampling.time_grid(settings.steps, device=self.device)
-        images = []
         for start in range(0, len(seeds), batch_size):
             chunk = slice(start, start + batch_size)
-            noise = self.noise(seeds[chunk]).to(self.device)
-            velocity = self._velocity(condition[chunk].to(self.device), reference[chunk].to(self.device), settings)
-            with self.autocast():
-                latents = sampling.sample(velocity, noise, times, method=settings.method)
-            images.append(self.decode(latents).cpu())
+            with torch.inference_mode():
+                noise = self.noise(seeds[chunk]).to(self.device)
+                velocity = self._velocity(condition[chunk].to(self.device), reference[chunk].to(self.device),
+                                          settings)
+                with self.autocast():
+                    latents = sampling.sample(velocity, noise, times, method=settings.method)
+                images = self.decode(latents).cpu()
             if on_batch:
                 on_batch(len(noise))
-        return torch.cat(images)
+            yield seeds[chunk], images
 
     @torch.inference_mode()
     def inpaint(self, images, masks, condition, reference, *, seeds, strength=1.0, resample=1, settings=None,

@@ -79,7 +79,7 @@ def equivalent_command(request, model_name):
 def generate_faces(pipe, request, out, model_name, on_progress=None):
     """Make the faces of a GenerateRequest into a new folder below `out`, exactly as `facegen generate`
     with the same request and seed would (same settings, batches and metadata). Returns (paths, command)."""
-    from .gallery import save_faces
+    from .gallery import FaceWriter
 
     asked = AttributeRequest(pipe.attributes, request.wanted, request.unwanted)
     settings = pipe.settings(steps=request.steps, guidance=request.guidance, method=request.sampler)
@@ -92,9 +92,11 @@ def generate_faces(pipe, request, out, model_name, on_progress=None):
         if on_progress:
             on_progress(done[0] / request.count)
 
-    images = pipe.generate(asked.condition()[0], seeds, settings, reference=asked.reference()[0], on_batch=advance)
-    paths = list(save_faces(pipe, images, asked, seeds, settings, folder, upscale=4 if request.upscale else None,
-                            model_name=model_name))
+    writer = FaceWriter(pipe, asked, settings, folder, upscale=4 if request.upscale else None, model_name=model_name)
+    paths = []
+    for batch_seeds, images in pipe.generate_batches(asked.condition()[0], seeds, settings,
+                                                     reference=asked.reference()[0], on_batch=advance):
+        paths += writer.write(batch_seeds, images)
     return paths, equivalent_command(request, model_name)
 
 

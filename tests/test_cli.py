@@ -335,3 +335,22 @@ def test_an_image_that_does_not_read_back_whole_fails_and_the_old_file_stays(tmp
     monkeypatch.setattr(Image.Image, "save", real_save)
     save_image(noisy, target)
     assert Image.open(target).size == (64, 48)
+
+
+def test_generate_writes_each_batch_as_it_is_made_and_an_interrupt_keeps_them(tmp_path, tiny_model_dir, monkeypatch):
+    from facegen_cli import sampling
+
+    real_sample, calls = sampling.sample, []
+
+    def interrupted_second_batch(*args, **kwargs):
+        calls.append(len(list((tmp_path / "out").glob("face-*.png"))))  # what is on disk when a batch starts
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_sample(*args, **kwargs)
+
+    monkeypatch.setattr(sampling, "sample", interrupted_second_batch)
+    result = run("generate", "--model", tiny_model_dir, "-n", 6, "--batch-size", 2, "--steps", 1, "--seed", 0,
+                 "--out", tmp_path / "out")
+    assert result.exit_code != 0 and calls == [0, 2]
+    assert sorted(p.name for p in (tmp_path / "out").glob("*.png")) == ["face-0000000000.png", "face-0000000001.png"]
+    assert result.stdout.split() == [str(tmp_path / "out" / f"face-000000000{i}.png") for i in range(2)]
