@@ -84,7 +84,7 @@ def edit(
     upscale: bool = typer.Option(EDIT.upscale, "--upscale/--no-upscale",
                                  help="Super-resolve the new content (Real-ESRGAN x4plus) of faces at least 1.5x the "
                                       "model's 128-px framing in their photo."),
-    save_mask: bool = typer.Option(False, "--save-mask", help="Also write NAME.mask.png beside each output."),
+    save_mask: bool = typer.Option(False, "--save-mask", help="Also write NAME.EXT.mask.png beside each output."),
     face: Optional[int] = typer.Option(None, min=0, help="Edit only face K (0 = leftmost); default: every face."),
     free_others: bool = typer.Option(False, "--free-others",
                                      help="Leave the other attributes free instead of as the classifier reads them."),
@@ -103,7 +103,7 @@ def edit(
     if not add and not remove:
         raise FacegenError("nothing to change: give --add ATTRIBUTE and/or --remove ATTRIBUTE")
     if in_place and save_mask:
-        raise FacegenError("--save-mask with --in-place would write NAME.mask.png among the photos (and take "
+        raise FacegenError("--save-mask with --in-place would write NAME.EXT.mask.png among the photos (and take "
                            "them as photos next time); edit into --out to keep the masks")
     if not in_place:
         check_output_folder(out)
@@ -116,7 +116,7 @@ def edit(
     files, problems = collect_inputs(inputs, recursive)
     files, masks = without_masks(files)
     if masks:
-        log(f"skipping {masks} mask(s) that --save-mask wrote (NAME.mask.png): they are not photos")
+        log(f"skipping {masks} mask(s) that --save-mask wrote (NAME.EXT.mask.png): they are not photos")
     if not files and not problems:
         raise FacegenError("no photos in the inputs given")
     results = edit_photos(pipe, files, request, None if in_place else out, classifier=classifier, face=face,
@@ -259,7 +259,7 @@ def generate(
     settings = pipe.settings(steps=steps, guidance=guidance, method=sampler)
     log(f"generating {n} faces: {request.describe()}; seeds {seed}..{seed + n - 1}; {settings}")
     writer = FaceWriter(pipe, request, settings, out, upscale=upscale, grid=grid,
-                        model_name=str(model) if model else pipe.path.name)
+                        model_name=str(model) if model else pipe.path.name, overwrite=overwrite)
     with progress_bar() as progress:  # each batch written as it is made: Ctrl-C keeps what was done
         task = progress.add_task("generating", total=n)
         for batch_seeds, images in pipe.generate_batches(request.condition()[0], seeds, settings,

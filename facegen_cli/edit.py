@@ -359,10 +359,17 @@ def edit_prepared(pipe, prepared, request, classifier=None, upscaler=None):
     return results
 
 
-def save_edited(prepared, pixels, mask, save_mask=False):
+def mask_path(target):
+    """Where --save-mask writes the mask of the output `target`: NAME.EXT.mask.png, one per output name
+    (x.jpg and x.png do not share one)."""
+    return Path(target).with_name(Path(target).name + ".mask.png")
+
+
+def save_edited(prepared, pixels, mask, save_mask=False, exclusive=False):
     """Write the edited photo atomically, as its source was: same format and mode, the source's JPEG
     tables, EXIF, ICC profile and file permissions; pixels outside the mask are the source's own (for a
-    JPEG, re-encoded with its own tables). The mask goes beside it if asked."""
+    JPEG, re-encoded with its own tables). The mask goes beside it if asked (mask_path), first.
+    exclusive: never replace a file there, even one another run made meanwhile."""
     original = prepared.original
     if original.mode.startswith("I"):  # deep grey: the edit's 8 bits spread over the original's range
         deep = np.asarray(original)
@@ -373,9 +380,10 @@ def save_edited(prepared, pixels, mask, save_mask=False):
         result = Image.composite(Image.fromarray(pixels).convert(original.mode), original, changed)
     if original.mode in ("RGBA", "LA"):
         result.putalpha(original.getchannel("A"))
-    save_image(result, prepared.target, save_options=prepared.save_options, mode_from=prepared.path)
     if save_mask:
-        save_image(Image.fromarray(mask), prepared.target.with_name(prepared.target.stem + ".mask.png"))
+        save_image(Image.fromarray(mask), mask_path(prepared.target), exclusive=exclusive)
+    save_image(result, prepared.target, save_options=prepared.save_options, mode_from=prepared.path,
+               exclusive=exclusive)
     return prepared.target
 
 
@@ -408,7 +416,8 @@ def edit_photos(pipe, files, request, out=None, *, classifier=None, face=None, s
             if prepared:
                 for photo, (pixels, mask) in zip(prepared, edit_prepared(pipe, prepared, request, classifier,
                                                                          upscaler)):
-                    saved, problem = attempt(photo.path, lambda: save_edited(photo, pixels, mask, save_mask))
+                    saved, problem = attempt(photo.path, lambda: save_edited(
+                        photo, pixels, mask, save_mask, exclusive=out is not None and not overwrite))
                     yield problem or FileResult(photo.path, saved)
     finally:
         finder.close()

@@ -30,15 +30,29 @@ NEW_FILE_MODE, NEW_DIR_MODE = 0o666 & ~_UMASK, 0o777 & ~_UMASK
 
 
 @contextmanager
-def atomic_path(path):
-    """Yield a temporary path beside `path`; on success it is renamed to `path`, else removed."""
+def atomic_path(path, exclusive=False):
+    """Yield a temporary path beside `path`; on success it is renamed to `path`, else removed. With
+    `exclusive` the name is claimed in the same step (a hard link, which fails where a file of that name
+    appeared meanwhile: another run's): OutputExists, and that file is kept."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         yield tmp
-        os.replace(tmp, path)
+        if exclusive:
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                raise OutputExists(path) from None
+            except OSError:  # no hard links on this file system (FAT, some shares): claim the name, then fill it
+                try:
+                    os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, NEW_FILE_MODE))
+                except FileExistsError:
+                    raise OutputExists(path) from None
+                os.replace(tmp, path)
+        else:
+            os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -134,8 +148,9 @@ def write_json(path, data):
         Path(tmp).write_text(json.dumps(data, indent=2) + "\n")
 
 
-def save_image(image, path, metadata=None, save_options=None, mode_from=None):
+def save_image(image, path, metadata=None, save_options=None, mode_from=None, exclusive=False):
     """Save a PIL image atomically, in the format its suffix names; PNGs carry `metadata` as text.
+    exclusive: never replace a file of that name, even one another run made meanwhile (atomic_path).
 
     save_options: extra keywords for PIL's writer (EXIF, ICC profile, JPEG tables), those the format
     does not take left out. mode_from: a file whose permissions the output takes (otherwise 0666 less
@@ -156,7 +171,7 @@ def save_image(image, path, metadata=None, save_options=None, mode_from=None):
             info.add_text(key, value if isinstance(value, str) else json.dumps(value))
         kwargs["pnginfo"] = info
     try:
-        with atomic_path(path) as tmp:
+        with atomic_path(path, exclusive) as tmp:
             with open(tmp, "wb") as f:  # our own file: a full disk fails its writes, flush or fsync, not silently
                 image.save(f, format=fmt, **kwargs)
                 f.flush()
@@ -201,17 +216,19 @@ def collect_inputs(inputs, recursive=False, stdin=None):
     (a/face.jpg, b/face.jpg), so that no output overwrites another.
     """
     files, problems = _collect(inputs, recursive, stdin)
-    by_name = {}
-    for path, relative in files:
-        by_name.setdefault(relative, []).append(path)
-    clashes = {relative: paths for relative, paths in by_name.items() if len(set(p.resolve() for p in paths)) > 1}
-    if clashes:
+    while True:  # a renamed file may clash with another input's name in turn (c/a/face.jpg and c2/a/face.jpg)
+        by_name = {}
+        for path, relative in files:
+            by_name.setdefault(relative, []).append(path)
+        clashes = {relative: paths for relative, paths in by_name.items()
+                   if len(set(p.resolve() for p in paths)) > 1}
+        if not clashes:
+            return files, problems
         renamed = {}
         for paths in clashes.values():
             common = Path(os.path.commonpath([p.resolve().parent for p in paths]))
             renamed.update({path: path.resolve().relative_to(common) for path in paths})
         files = [(path, renamed.get(path, relative)) for path, relative in files]
-    return files, problems
 
 
 def _collect(inputs, recursive, stdin):

@@ -42,8 +42,9 @@ class FaceWriter:
     the sampler settings, the model (and the upscale factor). With `grid`, `finish` writes all of them as
     one image (the only thing kept between batches: the faces' pixels, for the grid)."""
 
-    def __init__(self, pipe, request, settings, out, *, upscale=None, grid=False, model_name=None):
-        self.out, self.upscale, self.grid = Path(out), upscale, grid
+    def __init__(self, pipe, request, settings, out, *, upscale=None, grid=False, model_name=None, overwrite=False):
+        """overwrite: replace face files of those names; otherwise never, even ones another run wrote since."""
+        self.out, self.upscale, self.grid, self.exclusive = Path(out), upscale, grid, not overwrite
         self.meta = {**dataclasses.asdict(settings), "precision": pipe.precision}
         self.net = None
         if upscale:
@@ -65,7 +66,7 @@ class FaceWriter:
 
         def save(seed, face, path):
             return save_image(face, path, {"facegen": {"attributes": self.asked, "seed": seed, **self.meta,
-                                                       "model": self.model_name}})
+                                                       "model": self.model_name}}, exclusive=self.exclusive)
 
         with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as writers:  # PNG encoding releases the GIL
             paths = list(writers.map(save, seeds, faces, face_paths(self.out, seeds)))
@@ -80,4 +81,5 @@ class FaceWriter:
             return None
         tiles = image_grid(np.stack(self.tiles), int(len(self.tiles) ** 0.5 + 0.999), padding=0)
         return save_image(Image.fromarray(tiles), grid_path(self.out, self.seeds[0]),
-                          {"facegen": {"attributes": self.asked, "seeds": self.seeds, **self.meta}})
+                          {"facegen": {"attributes": self.asked, "seeds": self.seeds, **self.meta}},
+                          exclusive=self.exclusive)

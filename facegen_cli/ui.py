@@ -111,7 +111,7 @@ def faces_in_photo(finder, path):
 def edit_photo(pipe, classifier, photo, add, remove, strength, seed, face, out):
     """Edit one uploaded photo into `out` (the same calls as `facegen edit`); returns (the edited photo's
     path, the mask's path). A photo that cannot be edited raises FacegenError with the reason."""
-    from .edit import edit_photos
+    from .edit import edit_photos, mask_path
 
     if not add and not remove:
         raise FacegenError("nothing to change: tick an attribute to add or to remove")
@@ -123,7 +123,7 @@ def edit_photo(pipe, classifier, photo, add, remove, strength, seed, face, out):
                            save_mask=True)
     if result.output is None:
         raise FacegenError(result.reason)
-    return result.output, result.output.with_name(result.output.stem + ".mask.png")
+    return result.output, mask_path(result.output)
 
 
 def build_app(pipe, classifier, out, model_name):

@@ -237,7 +237,8 @@ def upscale_files(net, files, out, *, outscale=4, tile=256, tile_pad=10, precisi
             target = output_path(path, relative, out, overwrite)
             with Image.open(path) as image:
                 image.load()
-            return save_image(upscale_image(net, image, outscale, tile, tile_pad, precision), target)
+            return save_image(upscale_image(net, image, outscale, tile, tile_pad, precision), target,
+                              exclusive=not overwrite)
 
         output, problem = attempt(path, upscale_one)
         yield problem or FileResult(path, output)

@@ -354,3 +354,30 @@ def test_generate_writes_each_batch_as_it_is_made_and_an_interrupt_keeps_them(tm
     assert result.exit_code != 0 and calls == [0, 2]
     assert sorted(p.name for p in (tmp_path / "out").glob("*.png")) == ["face-0000000000.png", "face-0000000001.png"]
     assert result.stdout.split() == [str(tmp_path / "out" / f"face-000000000{i}.png") for i in range(2)]
+
+
+def test_a_name_another_run_took_meanwhile_is_not_replaced(tmp_path):
+    """The existence check and the write are one step: a file that appears between them (another run's) is
+    kept and this output fails as existing; inputs that share a name at two depths keep distinct outputs."""
+    from PIL import Image
+
+    from facegen_cli.files import OutputExists, atomic_path, collect_inputs, save_image
+
+    target = tmp_path / "face.png"
+    with pytest.raises(OutputExists):
+        with atomic_path(target, exclusive=True) as tmp:
+            Image.new("RGB", (4, 4)).save(tmp, format="PNG")
+            target.write_bytes(b"the other run's face")  # appears while this one writes
+    assert target.read_bytes() == b"the other run's face" and [p.name for p in tmp_path.iterdir()] == ["face.png"]
+    with pytest.raises(OutputExists):
+        save_image(Image.new("RGB", (4, 4)), target, exclusive=True)
+    save_image(Image.new("RGB", (4, 4)), target)  # without exclusive (--overwrite): replaced
+    assert Image.open(target).size == (4, 4)
+
+    for folder in ("clash/a", "clash/b", "clash2/a"):
+        (tmp_path / folder).mkdir(parents=True)
+        (tmp_path / folder / "face.jpg").write_bytes(b"x")
+    files, _ = collect_inputs([tmp_path / "clash/a/face.jpg", tmp_path / "clash/b/face.jpg", tmp_path / "clash2"],
+                              recursive=True)
+    relatives = [str(relative) for _, relative in files]
+    assert len(set(relatives)) == 3, relatives

@@ -284,7 +284,7 @@ def test_edit_a_folder_reports_bad_files_and_loses_nothing(tmp_path, tiny_model_
     assert "1 done, 1 no face, 2 unreadable" in result.stderr
     assert {p.name: p.read_bytes() for p in photos.iterdir()} == before  # inputs untouched
     edited = np.asarray(Image.open(tmp_path / "out" / "good.png"))
-    mask = np.asarray(Image.open(tmp_path / "out" / "good.mask.png"))
+    mask = np.asarray(Image.open(tmp_path / "out" / "good.png.mask.png"))
     original = np.asarray(Image.open(photos / "good.png"))
     assert edited.shape == original.shape and mask.shape == original.shape[:2]
     assert np.array_equal(edited[mask == 0], original[mask == 0]) and (mask > 0).any()
@@ -493,7 +493,7 @@ def test_masks_written_by_save_mask_are_not_taken_as_photos(tmp_path, tiny_model
     # a light touch (strength 0.05): the tiny model's repaint must leave a face to find the second time
     first = runner.invoke(app, ["edit", str(tmp_path / "photos"), "--add", "beard", "--steps", "1", "--save-mask",
                                 "--strength", "0.05", "--model", str(tiny_model_dir), "--out", str(tmp_path / "once")])
-    assert first.exit_code == 0 and (tmp_path / "once" / "a.mask.png").is_file()
+    assert first.exit_code == 0 and (tmp_path / "once" / "a.png.mask.png").is_file()
     second = runner.invoke(app, ["edit", str(tmp_path / "once"), "--add", "smiling", "--steps", "1",
                                  "--model", str(tiny_model_dir), "--out", str(tmp_path / "twice")])
     assert second.exit_code == 0, second.stderr
@@ -509,7 +509,7 @@ def test_sixteen_bit_grey_photos_stay_sixteen_bit_and_exact_outside_the_mask(tmp
                                  "--model", str(tiny_model_dir), "--out", str(tmp_path / "out")])
     assert result.exit_code == 0, result.stderr
     edited = Image.open(tmp_path / "out" / "deep.png")
-    mask = np.asarray(Image.open(tmp_path / "out" / "deep.mask.png"))
+    mask = np.asarray(Image.open(tmp_path / "out" / "deep.png.mask.png"))
     assert edited.mode == "I;16" and (mask > 0).any()
     assert np.array_equal(np.asarray(edited)[mask == 0], deep[mask == 0])  # every 16-bit value kept
 
