@@ -16,6 +16,9 @@ from PIL import Image, ImageFilter
 
 CANONICAL_SIZE = 128
 # The detector works on a downscaled copy of the photo; faces in photos smaller than this are enlarged first.
+# A photo smaller than this on a side, or longer than MAX_ASPECT times its width, holds no face to find.
+MIN_FACE_SIDE = 16
+MAX_ASPECT = 8
 MIN_DETECTION_SIDE = 384
 # Where the built-in renderer puts the eyes and mouth corners (its geometry's means), in pixels of a
 # 128-pixel frame; the similarity transform to these four points defines the framing.
@@ -74,6 +77,8 @@ class FaceFinder:
         image is padded by its border and tried again (a face that fills the photo, chin or hair cut by its
         edges, is easier to find with room around it)."""
         height, width = image.shape[:2]
+        if min(height, width) < MIN_FACE_SIDE or max(height, width) > MAX_ASPECT * min(height, width):
+            return []  # no face fits, and MediaPipe's OpenCV aborts the process on some such shapes (3000x2)
         scale = max(1.0, MIN_DETECTION_SIDE / min(height, width))
         if scale > 1:
             image = np.asarray(Image.fromarray(image).resize((round(width * scale), round(height * scale)),

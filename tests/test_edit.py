@@ -575,3 +575,18 @@ def test_super_resolved_content_reaches_the_photo_only_where_the_edit_changed_it
     assert not np.array_equal(result[photo_mask > 0], original[photo_mask > 0])
     same_edit, same_own = super_resolve(net, image, image, mask)
     assert np.array_equal(paste_back(photo, same_edit, same_own, mask, matrix)[0], original)
+
+
+def test_a_photo_no_face_fits_in_is_reported_and_the_batch_goes_on(tmp_path, tiny_model_dir):
+    """A 3000x2 PNG once aborted the whole run inside MediaPipe (an OpenCV assertion, SIGABRT)."""
+    pytest.importorskip("mediapipe")
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    Image.new("RGB", (3000, 2), (120, 90, 60)).save(photos / "a-strip.png")
+    Image.new("RGB", (8, 8), (120, 90, 60)).save(photos / "b-tiny.png")
+    write_face_photo(photos / "c-good.png")
+    result = runner.invoke(app, ["edit", str(photos), "--add", "beard", "--steps", "1", "--no-upscale",
+                                 "--model", str(tiny_model_dir), "--out", str(tmp_path / "out")])
+    assert result.exit_code == 1
+    assert "a-strip.png: no face found" in result.stderr and "b-tiny.png: no face found" in result.stderr
+    assert "1 done, 2 no face" in result.stderr and (tmp_path / "out" / "c-good.png").is_file()
