@@ -161,6 +161,8 @@ def save_image(image, path, metadata=None, save_options=None, mode_from=None, ex
     kwargs = dict(save_options or {})
     if fmt != "JPEG":
         kwargs = {k: v for k, v in kwargs.items() if k not in ("qtables", "subsampling")}
+    if fmt != "WEBP":
+        kwargs = {k: v for k, v in kwargs.items() if k not in ("lossless", "exact")}
     if fmt not in ("JPEG", "PNG", "WEBP", "TIFF", "MPO"):
         kwargs.pop("exif", None)
     if fmt == "JPEG" and "qtables" not in kwargs:

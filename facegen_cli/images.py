@@ -69,6 +69,13 @@ def image_grid(images, columns, padding=2):
 KEPT_MODES = ("RGB", "RGBA", "L", "LA", "CMYK", "I;16", "I")
 
 
+def is_lossless_webp(path):
+    """Whether a WebP file holds a lossless (VP8L) bitstream; Pillow reads both kinds without saying which."""
+    with open(path, "rb") as f:
+        header = f.read(64 * 1024)
+    return header[12:16] == b"VP8L" or (header[12:16] == b"VP8X" and b"VP8L" in header[30:])
+
+
 def read_photo(path):
     """(the picture with EXIF orientation applied, in its own mode or the nearest kept one; the options
     that write it back the way it was encoded). Animated images are refused."""
@@ -79,6 +86,8 @@ def read_photo(path):
         options = {"icc_profile": image.info.get("icc_profile")}
         if image.format == "JPEG":  # the source's own compression, not Pillow's default quality 75
             options.update(qtables=image.quantization, subsampling=JpegImagePlugin.get_sampling(image))
+        if image.format == "WEBP" and is_lossless_webp(path):  # lossless stays lossless
+            options.update(lossless=True, quality=100, exact=True)
         upright = ImageOps.exif_transpose(image)  # also drops the orientation tag from its EXIF
     if "exif" in upright.info:
         options["exif"] = upright.info["exif"]

@@ -590,3 +590,18 @@ def test_a_photo_no_face_fits_in_is_reported_and_the_batch_goes_on(tmp_path, tin
     assert result.exit_code == 1
     assert "a-strip.png: no face found" in result.stderr and "b-tiny.png: no face found" in result.stderr
     assert "1 done, 2 no face" in result.stderr and (tmp_path / "out" / "c-good.png").is_file()
+
+
+def test_a_lossless_webp_stays_lossless_and_exact_outside_the_mask(tmp_path, tiny_model_dir):
+    pytest.importorskip("mediapipe")
+    from facegen_cli.images import is_lossless_webp
+
+    Image.open(write_face_photo(tmp_path / "face.png")).save(tmp_path / "face.webp", lossless=True)
+    result = runner.invoke(app, ["edit", str(tmp_path / "face.webp"), "--add", "beard", "--steps", "1", "--save-mask",
+                                 "--no-upscale", "--model", str(tiny_model_dir), "--out", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.stderr
+    assert is_lossless_webp(tmp_path / "out" / "face.webp")
+    edited, original = (np.asarray(Image.open(p).convert("RGB")) for p in (tmp_path / "out" / "face.webp",
+                                                                          tmp_path / "face.webp"))
+    mask = np.asarray(Image.open(tmp_path / "out" / "face.webp.mask.png"))
+    assert (mask > 0).any() and np.array_equal(edited[mask == 0], original[mask == 0])
