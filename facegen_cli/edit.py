@@ -8,6 +8,7 @@ redraws the face with the requested attributes, the rest of the face held fixed 
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
@@ -15,8 +16,8 @@ from PIL import Image, ImageDraw, ImageFilter
 
 from .attributes import check_names
 from .errors import FacegenError
-from .files import FileResult, Outcome, attempt, output_path, save_image
-from .images import deep_grey_scale, read_photo, to_rgb, to_tensor, to_uint8
+from .files import FileResult, Outcome, attempt, output_path, save_deep_rgb, save_image
+from .images import deep_grey_scale, read_deep_rgb, read_photo, to_rgb, to_tensor, to_uint8
 from .landmarks import FaceFinder, align_face, invert, warp
 
 log = logging.getLogger(__name__)
@@ -291,6 +292,7 @@ class PreparedPhoto:
     photo: Image.Image  # RGB, EXIF orientation applied: what the model sees
     original: Image.Image  # the same picture in its own mode (CMYK, L, RGBA, ...), what is written back
     save_options: dict  # how the source was encoded: JPEG tables, EXIF, ICC profile
+    deep: Optional[np.ndarray]  # a 16-bit RGB(A) PNG's own values (images.read_deep_rgb), else None
     crops: np.ndarray  # (F, S, S, 3) one aligned crop per face to edit
     matrices: list
     masks: np.ndarray  # (F, S, S) in [0, 1]
@@ -313,8 +315,8 @@ def prepare_photo(path, target, finder, request, size, face=None):
         matrices.append(matrix)
         person = finder.person(crop) if ON_THE_PERSON & set(request.regions) else None
         masks.append(region_mask(request.regions, aligned_points, size, grow=request.mask_grow, person=person))
-    return PreparedPhoto(Path(path), Path(target), photo, original, save_options, np.stack(crops), matrices,
-                         np.stack(masks))
+    return PreparedPhoto(Path(path), Path(target), photo, original, save_options, read_deep_rgb(path),
+                         np.stack(crops), matrices, np.stack(masks))
 
 
 # Changes the training data can hardly support: (added attribute, attribute read, its reading) -> why.
@@ -382,6 +384,13 @@ def save_edited(prepared, pixels, mask, save_mask=False, exclusive=False):
         result.putalpha(original.getchannel("A"))
     if save_mask:
         save_image(Image.fromarray(mask), mask_path(prepared.target), exclusive=exclusive)
+    if prepared.deep is not None:  # 16-bit RGB: the change added at 16 bits, every value outside kept
+        deep = prepared.deep
+        change = (pixels.astype(np.int32) - np.asarray(prepared.photo, dtype=np.int32)) * 257
+        edited = np.clip(deep[..., :3].astype(np.int32) + change, 0, 65535).astype(np.uint16)
+        out = deep.copy()
+        out[..., :3] = np.where(mask[..., None] > 0, edited, deep[..., :3])
+        return save_deep_rgb(out, prepared.target, mode_from=prepared.path, exclusive=exclusive)
     save_image(result, prepared.target, save_options=prepared.save_options, mode_from=prepared.path,
                exclusive=exclusive)
     return prepared.target

@@ -12,6 +12,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
 from PIL import Image, PngImagePlugin
 
 from .errors import FacegenError
@@ -186,6 +187,31 @@ def save_image(image, path, metadata=None, save_options=None, mode_from=None, ex
     except OSError as e:  # a full disk or a read-only folder fails this output, not the program
         raise FacegenError(f"cannot write {path}: {e.strerror or e}") from None
     return path
+
+
+def save_deep_rgb(deep, path, mode_from=None, exclusive=False):
+    """save_image for a 16-bit RGB(A) array (images.read_deep_rgb), as a PNG: atomically, checked back."""
+    from .images import read_deep_rgb, write_deep_rgb
+
+    try:
+        with atomic_path(path, exclusive) as tmp:
+            png = f"{tmp}.png"  # OpenCV picks the format by the name
+            try:
+                write_deep_rgb(png, deep)
+                written = read_deep_rgb(png)
+                if written is None or not np.array_equal(written, deep):
+                    raise FacegenError(f"cannot write {path}: the file written does not read back whole")
+                os.replace(png, tmp)
+            finally:
+                if os.path.exists(png):
+                    os.remove(png)
+            if mode_from is not None:
+                shutil.copymode(mode_from, tmp)
+            else:
+                os.chmod(tmp, NEW_FILE_MODE)
+    except OSError as e:
+        raise FacegenError(f"cannot write {path}: {e.strerror or e}") from None
+    return Path(path)
 
 
 def verify_image(written, path):

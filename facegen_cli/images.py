@@ -69,6 +69,34 @@ def image_grid(images, columns, padding=2):
 KEPT_MODES = ("RGB", "RGBA", "L", "LA", "CMYK", "I;16", "I")
 
 
+def read_deep_rgb(path):
+    """A 16-bit RGB or RGBA PNG as uint16 (H, W, 3 or 4) in RGB order, or None for any other file: Pillow
+    reads those at 8 bits, so an edit written back from them would lose the low byte everywhere. Read
+    with OpenCV (MediaPipe's own dependency)."""
+    with open(path, "rb") as f:
+        header = f.read(26)
+    if header[:8] != b"\x89PNG\r\n\x1a\n" or header[24] != 16 or header[25] not in (2, 6):
+        return None
+    with Image.open(path) as image:
+        if image.getexif().get(0x0112, 1) != 1:  # turned by its EXIF: edited at 8 bits, as read upright
+            return None
+    import cv2
+
+    deep = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    if deep is None or deep.dtype != np.uint16:
+        return None
+    return cv2.cvtColor(deep, cv2.COLOR_BGR2RGB if deep.shape[2] == 3 else cv2.COLOR_BGRA2RGBA)
+
+
+def write_deep_rgb(path, deep):
+    """Write a uint16 RGB(A) array as a 16-bit PNG at `path` (a plain file path)."""
+    import cv2
+
+    bgr = cv2.cvtColor(deep, cv2.COLOR_RGB2BGR if deep.shape[2] == 3 else cv2.COLOR_RGBA2BGRA)
+    if not cv2.imwrite(str(path), bgr):
+        raise OSError(f"OpenCV could not write {path}")
+
+
 def is_lossless_webp(path):
     """Whether a WebP file holds a lossless (VP8L) bitstream; Pillow reads both kinds without saying which."""
     with open(path, "rb") as f:

@@ -605,3 +605,23 @@ def test_a_lossless_webp_stays_lossless_and_exact_outside_the_mask(tmp_path, tin
                                                                           tmp_path / "face.webp"))
     mask = np.asarray(Image.open(tmp_path / "out" / "face.webp.mask.png"))
     assert (mask > 0).any() and np.array_equal(edited[mask == 0], original[mask == 0])
+
+
+def test_sixteen_bit_rgb_photos_stay_sixteen_bit_and_exact_outside_the_mask(tmp_path, tiny_model_dir):
+    pytest.importorskip("mediapipe")
+    import cv2
+
+    from facegen_cli.images import read_deep_rgb
+
+    rgb = np.asarray(Image.open(write_face_photo(tmp_path / "face.png")).convert("RGB")).astype(np.uint16)
+    deep = rgb * 257 + np.random.default_rng(0).integers(0, 200, rgb.shape).astype(np.uint16)
+    cv2.imwrite(str(tmp_path / "deep.png"), cv2.cvtColor(deep, cv2.COLOR_RGB2BGR))
+    assert np.array_equal(read_deep_rgb(tmp_path / "deep.png"), deep)
+    result = runner.invoke(app, ["edit", str(tmp_path / "deep.png"), "--add", "beard", "--steps", "1", "--save-mask",
+                                 "--no-upscale", "--model", str(tiny_model_dir), "--out", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.stderr
+    edited = read_deep_rgb(tmp_path / "out" / "deep.png")
+    mask = np.asarray(Image.open(tmp_path / "out" / "deep.png.mask.png"))
+    assert edited is not None and (mask > 0).any()
+    assert np.array_equal(edited[mask == 0], deep[mask == 0])  # every 16-bit value kept
+    assert not np.array_equal(edited[mask > 0], deep[mask > 0])
