@@ -288,12 +288,26 @@ def ui(
 
     import_gradio()  # a missing extra fails before the model loads
     check_output_folder(out)
+    check_port_free(host, port)
     if host not in ("127.0.0.1", "localhost", "::1"):
         log(f"warning: serving on {host}: anyone who can reach this machine can use the page (it has no login)")
     pipe = load_pipeline(model, device, precision)
     app = build_app(pipe, pipe.load_classifier(), out, str(model) if model else pipe.path.name)
     print(f"http://{host}:{port}", flush=True)
     app.launch(server_name=host, server_port=port, allowed_paths=[str(out.resolve())], share=False, quiet=True)
+
+
+def check_port_free(host, port):
+    """Fail in one line, before the model loads, when another program serves on host:port (the page's URL
+    would lead to that program's page)."""
+    import socket
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        try:
+            probe.bind((host, port))
+        except OSError as e:
+            raise FacegenError(f"cannot serve on {host}:{port}: {e.strerror or e}; choose another --port") from None
 
 
 def main():

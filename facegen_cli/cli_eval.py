@@ -31,7 +31,7 @@ def eval_report(
                                                      "free-flip ceiling."),
     steps: Optional[int] = typer.Option(None, min=1, help="Sampling steps (default: the model's)."),
     inception_fid: bool = typer.Option(True, help="With --data, also the standard Inception FID (needs "
-                                                  "`pip install -e '.[fid]'` and the Inception weights)."),
+                                                  "`pip install -e '.\\[fid]'` and the Inception weights)."),
     inception_weights: Optional[Path] = typer.Option(None, help="Local copy of torch-fidelity's Inception weights "
                                                                 "(offline machines; default: download)."),
     device: Device = "auto",

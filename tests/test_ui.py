@@ -133,3 +133,19 @@ def test_the_page_generates_and_edits_in_a_real_browser(tmp_path, tiny_model_dir
         page_app.close()
     edited = list((tmp_path / "out").glob(f"edited-*/{photo.name}"))
     assert len(edited) == 1 and Image.open(edited[0]).size == Image.open(photo).size
+
+
+def test_a_port_in_use_fails_in_one_line_before_the_model_loads(tmp_path):
+    pytest.importorskip("gradio")
+    from typer.testing import CliRunner
+
+    from facegen_cli.cli import app
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = CliRunner().invoke(app, ["ui", "--port", str(port), "--out", str(tmp_path / "ui"),
+                                          "--model", str(tmp_path / "no-such-model")])
+    assert result.exit_code != 0 and result.stdout == ""
+    assert f"cannot serve on 127.0.0.1:{port}" in result.stderr and "Traceback" not in result.stderr
