@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from . import devices
@@ -152,6 +153,21 @@ def cache_dir():
     return Path(base)
 
 
+def read_cached_weights(path):
+    """The cached x4plus state dict, or None when there is none or it is damaged (a truncated write, another
+    network's): then it is removed and made again."""
+    if not path.is_file():
+        return None
+    try:
+        state = load_file(path)
+        build_x4plus().load_state_dict(state, strict=True)
+        return state
+    except (OSError, SafetensorError, RuntimeError) as e:
+        log.warning(f"{path} is damaged ({str(e).splitlines()[0]}); making it again")
+        path.unlink()
+        return None
+
+
 def load_upscaler(weights=None, device="cpu"):
     """The x4plus RRDBNet (or the network in `weights`), in eval mode on `device`."""
     if weights:
@@ -159,8 +175,9 @@ def load_upscaler(weights=None, device="cpu"):
     else:
         cached = cache_dir() / X4PLUS_CACHE_NAME
         net = build_x4plus()
-        if cached.is_file():
-            net.load_state_dict(load_file(cached), strict=True)
+        state = read_cached_weights(cached)
+        if state is not None:
+            net.load_state_dict(state, strict=True)
         elif files := ncnn_model_files():
             log.info(f"converting the Real-ESRGAN x4plus weights from {files[0].parent} (once) into {cached}")
             state = convert_ncnn(*files, net)

@@ -102,6 +102,11 @@ def test_x4plus_is_cached_as_safetensors_and_reloads(tmp_path, monkeypatch):
     assert (tmp_path / "realesrgan-x4plus.safetensors").is_file()
     second = load_upscaler()
     assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), second.state_dict().values()))
+    cached = tmp_path / "realesrgan-x4plus.safetensors"
+    cached.write_bytes(cached.read_bytes()[:1000])  # a write cut short
+    third = load_upscaler()  # made again, not broken for good
+    assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), third.state_dict().values()))
+    assert cached.stat().st_size > 60e6
 
 
 def psnr(a, b):
