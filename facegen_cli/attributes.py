@@ -30,7 +30,9 @@ _OPPOSITES = {"male": "female", "young": "old"}
 
 
 def celeba_column(name):
-    """The CelebA column for an attribute, and whether its sign is inverted."""
+    """The CelebA column for an attribute, and whether its sign is inverted. Spaces and dashes become
+    underscores ("Gray Hair" -> Gray_Hair): CelebA's files separate columns by spaces."""
+    name = "_".join(name.replace("-", " ").split())
     if name in _INVERTED_CELEBA_COLUMNS:
         return _INVERTED_CELEBA_COLUMNS[name], True
     return "_".join(word.capitalize() for word in name.split("_")), False

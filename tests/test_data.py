@@ -34,6 +34,7 @@ def write_celeba(root, rows, partition=None):
 def test_celeba_columns_and_flags():
     assert celeba_column("beard") == ("No_Beard", True)
     assert celeba_column("black_hair") == ("Black_Hair", False)
+    assert celeba_column("Gray Hair") == ("Gray_Hair", False) and celeba_column("rosy-cheeks") == ("Rosy_Cheeks", False)
     assert flag_names("male") == ("--male", "--female")
     assert flag_names("wearing_hat") == ("--wearing-hat", "--no-wearing-hat")
 
@@ -168,3 +169,16 @@ def test_image_grid_lays_faces_out_as_torchvisions_make_grid_does(count, columns
         expected = make_grid(torch.from_numpy(images).permute(0, 3, 1, 2), nrow=columns, padding=padding)
         assert np.array_equal(grid, expected.permute(1, 2, 0).numpy())
     assert np.array_equal(grid[padding:padding + 6, padding:padding + 5], images[0])
+
+
+def test_a_csv_column_with_a_space_makes_a_label_file_that_reads_back(tmp_path):
+    """`data align` writes CelebA's layout, whose columns are separated by spaces."""
+    from facegen_cli.align import read_labels
+    from facegen_cli.layout import ATTRIBUTE_FILE, read_attribute_file, write_layout
+
+    (tmp_path / "labels.csv").write_text("filename,Gray Hair,male\na.jpg,1,-1\nb.jpg,-1,1\n")
+    columns, labels = read_labels(tmp_path / "labels.csv")
+    assert columns == ["Gray_Hair", "Male"]
+    write_layout(tmp_path, columns, [(name, values, 0, None) for name, values in labels.items()])
+    table = read_attribute_file(tmp_path / ATTRIBUTE_FILE)
+    assert table.columns == columns and table.values.tolist() == [[1, -1], [-1, 1]]
