@@ -72,11 +72,12 @@ def edit(
     strength: Optional[float] = typer.Option(None, min=0.05, max=1.0, help=strength_help()),
     steps: Optional[int] = typer.Option(None, min=1, help="Sampling steps (default: the model's)."),
     guidance: Optional[float] = typer.Option(None, callback=finite,
-                                             help="Classifier-free guidance (default: the model's)."),
-    trajectory: str = typer.Option(EDIT.trajectory, help="Where the repainting starts: inversion (the face's own "
-                                                          "trajectory: the person and what is not asked for stay), "
-                                                          "noise (fresh noise, RePaint's resampling) or flowedit "
-                                                          "(no inversion: along the change's velocity difference)."),
+                                             help="Classifier-free guidance (default: 7 for a mustache, 5 for a "
+                                                  "beard or a smile, else the model's)."),
+    trajectory: str = typer.Option(EDIT.trajectory, help="How the region is repainted: flowedit (along the "
+                                                          "change's velocity difference, no inversion), inversion "
+                                                          "(from the face's own trajectory) or noise (fresh noise, "
+                                                          "RePaint's resampling)."),
     resample: int = typer.Option(EDIT.resample, min=1, help="RePaint resampling rounds per step, with --trajectory "
                                                             "noise (coherence at the mask edge)."),
     mask_grow: int = typer.Option(EDIT.mask_grow, min=0, help="Grow the region mask by this many pixels (of the "
@@ -109,7 +110,7 @@ def edit(
         check_output_folder(out)
     pipe = load_pipeline(model, device, precision)
     request = EditRequest(add=tuple(add), remove=tuple(remove), strength=strength,
-                          sample=pipe.settings(steps=steps, guidance=guidance), resample=resample,
+                          sample=pipe.settings(steps=steps), guidance=guidance, resample=resample,
                           trajectory=trajectory, mask_grow=mask_grow, upscale=upscale, seed=seed)
     request.attributes(pipe.attributes)  # an unknown or contradictory change fails before any photo is read
     classifier = None if free_others else pipe.load_classifier()

@@ -104,10 +104,11 @@ def eval_edits(
     kind: List[str] = typer.Option([], "--kind", help="Edit kinds to measure (repeatable; default: the local "
                                                       "and whole-face kinds)."),
     limit: Optional[int] = typer.Option(None, min=1, help="At most this many photos."),
-    trajectory: str = typer.Option(EditRequest.trajectory, help="inversion, noise or flowedit, as facegen edit takes."),
+    trajectory: str = typer.Option(EditRequest.trajectory, help="flowedit, inversion or noise, as facegen edit takes."),
     upscale: bool = typer.Option(EditRequest.upscale, "--upscale/--no-upscale",
                                  help="Super-resolve new content, as facegen edit does."),
     strength: Optional[float] = typer.Option(None, min=0.05, max=1.0, help="Strength (default: edit's)."),
+    guidance: Optional[float] = typer.Option(None, callback=finite, help="Guidance (default: edit's)."),
     model: Model = None,
     device: Device = "auto",
     precision: Precision = "fp32",
@@ -125,7 +126,8 @@ def eval_edits(
     if not paths:
         raise FacegenError("no photos in the inputs given")
     pipe = load_pipeline(model, device, precision)
-    request = EditRequest(sample=pipe.sample, strength=strength, trajectory=trajectory, upscale=upscale)
+    request = EditRequest(sample=pipe.sample, guidance=guidance, strength=strength, trajectory=trajectory,
+                          upscale=upscale)
     with progress_bar() as progress:
         measure_photo_edits(pipe, pipe.load_classifier(), paths, out, kinds=tuple(kind) or LOCAL_KINDS + WHOLE_FACE_KINDS,
                             request=request, progress=progress)

@@ -174,7 +174,7 @@ def edit_crops(pipe, crops, masks, request, current=None):
     reference = asked.reference(current).expand(len(crops), -1)
     source = None if current is None else current.float().expand(len(crops), -1)
     decoded = pipe.inpaint(to_tensor(crops), masks, y, reference, seeds=[request.seed] * len(crops),
-                           strength=request.start, resample=request.resample, settings=request.sample,
+                           strength=request.start, resample=request.resample, settings=request.settings,
                            start=request.trajectory, source=source)
     return composite(crops, to_uint8(decoded), masks)
 

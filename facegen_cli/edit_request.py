@@ -2,7 +2,7 @@
 remove and how to sample them. Its defaults live here alone; the CLI's options show them. Light to import:
 the CLI builds its options from it before torch is loaded."""
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Optional
 
 from .attributes import AttributeRequest
@@ -15,8 +15,13 @@ from .errors import FacegenError
 # made pale or male keeps its pose and light from 0.7 (on 16 held-out faces each, from 1.0 / 0.8 to 0.7:
 # pale skin still read on all, the other readings changed 5.7 -> 2.3%; male: all, 23.9 -> 16.5%).
 DEFAULT_STRENGTH = 0.8
-TRAJECTORIES = ("inversion", "noise", "flowedit")
+TRAJECTORIES = ("flowedit", "inversion", "noise")
 STRENGTHS = {"black_hair": 1.0, "blond_hair": 1.0, "bald": 1.0, "pale_skin": 0.7, "male": 0.7}
+# The guidance when none is given, where the model's own (3) is too weak for the change: on 16 photos with
+# FlowEdit, a mustache showed on 12 / 25 / 44% at guidance 3 / 5 / 7 (dlib identity 0.07 / 0.13 / 0.17), a
+# beard on 60 / 73 / 80% (0.13 / 0.22 / 0.29), a smile on 60 / 100% at 3 / 5 (0.15 / 0.20); eyeglasses
+# showed on 93% at 3 already, and 5 moved the identity 0.30 -> 0.38.
+GUIDANCES = {"mustache": 7.0, "beard": 5.0, "smiling": 5.0}
 
 
 def strength_help():
@@ -35,18 +40,20 @@ class EditRequest:
     add: tuple = ()
     remove: tuple = ()
     strength: Optional[float] = None  # sampler start time, 1 = pure noise inside the mask; None: see `start`
-    sample: SampleConfig = field(default_factory=SampleConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)  # its guidance used as given: see `settings`
     resample: int = 2  # RePaint rounds per step, with trajectory "noise": the second one blends the mask's edge
-    # where the sampler starts inside the mask: "inversion" (the crop's own ODE trajectory, Heun's steps both ways:
-    # what the edit does not change comes back as it was: on 38 photos, --add mustache moved dlib's identity
-    # 0.08 instead of 0.33, and repainting with nothing asked 0.04 instead of 0.31, though the change shows
-    # less often), "noise" (the crop's latent noised with fresh noise, RePaint's resampling) or "flowedit"
-    # (no inversion: the edit steps along the difference of the asked and the as-read velocities)
-    trajectory: str = "inversion"
+    # how the region is repainted: "flowedit" (no inversion: the edit steps along the difference of the asked
+    # and the as-read velocities, so that what the two agree on does not move: repainting with nothing asked
+    # gives the crop back exactly), "inversion" (the crop's own ODE trajectory, Heun's steps both ways: on
+    # 38 photos, --add mustache moved dlib's identity 0.08 instead of 0.33, and repainting with nothing asked
+    # 0.04 instead of 0.31) or "noise" (the crop's latent noised with fresh noise, RePaint's resampling)
+    trajectory: str = "flowedit"
+    guidance: Optional[float] = None  # None: the change's GUIDANCES, else the sample's
     mask_grow: int = 4  # pixels (of the aligned crop) the region mask is grown by
     # new content super-resolved (Real-ESRGAN x4plus) before it goes into a photo whose face is at least
-    # edit.UPSCALE_FROM times the crop's size
-    upscale: bool = True
+    # edit.UPSCALE_FROM times the crop's size: off by default, since it costs 2-6 s a face on 2 cores and does
+    # not make the model's flat new content (a mustache drawn as a dark band) look like hair
+    upscale: bool = False
     seed: int = 0
     repaint: tuple = ()  # the attributes whose regions are repainted (default: the changed ones'); with
     # nothing changed, the pipeline's floor: what repainting a region costs the photo by itself
@@ -65,6 +72,14 @@ class EditRequest:
     @property
     def changed(self):
         return list(self.add) + list(self.remove)
+
+    @property
+    def settings(self):
+        """The sampler settings of this edit: the sample's, with the guidance given or the largest of the
+        changes' GUIDANCES (the sample's for the rest)."""
+        guidance = self.guidance if self.guidance is not None else max(
+            (GUIDANCES.get(name, self.sample.guidance) for name in self.changed), default=self.sample.guidance)
+        return replace(self.sample, guidance=guidance)
 
     @property
     def start(self):
