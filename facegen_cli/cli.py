@@ -73,7 +73,8 @@ def edit(
     steps: Optional[int] = typer.Option(None, min=1, help="Sampling steps (default: the model's)."),
     guidance: Optional[float] = typer.Option(None, callback=finite,
                                              help="Classifier-free guidance (default: 7 for a mustache, 5 for a "
-                                                  "beard or a smile, else the model's)."),
+                                                  "beard, a smile, a hat or pale skin, 4 for male, else the "
+                                                  "model's)."),
     trajectory: str = typer.Option(EDIT.trajectory, help="How the region is repainted: flowedit (along the "
                                                           "change's velocity difference, no inversion), inversion "
                                                           "(from the face's own trajectory) or noise (fresh noise, "

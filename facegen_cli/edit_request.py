@@ -20,8 +20,9 @@ STRENGTHS = {"black_hair": 1.0, "blond_hair": 1.0, "bald": 1.0, "pale_skin": 0.7
 # The guidance when none is given, where the model's own (3) is too weak for the change: on 16 photos with
 # FlowEdit, a mustache showed on 12 / 25 / 44% at guidance 3 / 5 / 7 (dlib identity 0.07 / 0.13 / 0.17), a
 # beard on 60 / 73 / 80% (0.13 / 0.22 / 0.29), a smile on 60 / 100% at 3 / 5 (0.15 / 0.20); eyeglasses
-# showed on 93% at 3 already, and 5 moved the identity 0.30 -> 0.38.
-GUIDANCES = {"mustache": 7.0, "beard": 5.0, "smiling": 5.0}
+# showed on 93% at 3 already, and 5 moved the identity 0.30 -> 0.38. A hat showed on 73 / 100% at 3 / 5
+# (0.23 / 0.29), pale skin on 47 / 87% (0.16 / 0.23), male on 75 / 100% (0.28 / 0.41: 4 is taken for it).
+GUIDANCES = {"mustache": 7.0, "beard": 5.0, "smiling": 5.0, "wearing_hat": 5.0, "pale_skin": 5.0, "male": 4.0}
 
 
 def strength_help():
