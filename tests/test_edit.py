@@ -626,3 +626,17 @@ def test_sixteen_bit_rgb_photos_stay_sixteen_bit_and_exact_outside_the_mask(tmp_
     assert edited is not None and (mask > 0).any()
     assert np.array_equal(edited[mask == 0], deep[mask == 0])  # every 16-bit value kept
     assert not np.array_equal(edited[mask > 0], deep[mask > 0])
+
+
+def test_the_default_guidance_follows_the_change_unless_one_is_given():
+    from facegen_cli.edit_request import GUIDANCES
+
+    sample = SampleConfig(steps=4, guidance=3.0)
+    assert EditRequest(add=("mustache",), sample=sample).settings.guidance == GUIDANCES["mustache"] == 7.0
+    assert EditRequest(add=("eyeglasses",), sample=sample).settings.guidance == 3.0  # the model's
+    assert EditRequest(add=("beard", "male"), sample=sample).settings.guidance == 5.0  # the largest of the changes'
+    assert EditRequest(add=("mustache",), sample=sample, guidance=2.0).settings.guidance == 2.0
+    assert EditRequest(repaint=("mustache",), sample=sample).settings.guidance == 3.0  # nothing asked: the no-op
+    assert EditRequest(add=("mustache",), sample=sample).settings.steps == 4
+    with pytest.raises(FacegenError, match="out of range"):
+        EditRequest(add=("mustache",), sample=sample, guidance=1e30).settings
