@@ -212,19 +212,28 @@ def face_scale(matrix):
     return float(1 / np.sqrt(abs(np.linalg.det(matrix[:, :2]))))
 
 
+def mask_box(mask):
+    """(left, top, right, bottom), right and bottom exclusive: the box of the pixels where `mask` is above 0,
+    or None when there are none."""
+    rows, cols = np.nonzero(mask > 0)
+    if not len(rows):
+        return None
+    return int(cols.min()), int(rows.min()), int(cols.max()) + 1, int(rows.max()) + 1
+
+
 def super_resolve(upscaler, edited, reconstructed, mask, precision="fp32"):
     """The edited crop and its reconstruction (uint8 (S, S, 3)) at the upscaler's scale, through the network
     over the box around where `mask` is above 0 (with UPSCALE_MARGIN pixels of context), both 0 elsewhere:
     paste_back takes their difference, so the new content reaches the photo at 4x the crop's detail."""
     from .upscale import upscale_tensor
 
-    rows, cols = np.nonzero(mask > 0)
     scale, size = upscaler.scale, mask.shape[0]
     out = np.zeros((2, size * scale, size * scale, 3), dtype=np.uint8)
-    if not len(rows):
+    box = mask_box(mask)
+    if box is None:
         return out[0], out[1]
-    top, left = max(rows.min() - UPSCALE_MARGIN, 0), max(cols.min() - UPSCALE_MARGIN, 0)
-    bottom, right = min(rows.max() + 1 + UPSCALE_MARGIN, size), min(cols.max() + 1 + UPSCALE_MARGIN, size)
+    left, top = (max(v - UPSCALE_MARGIN, 0) for v in box[:2])
+    right, bottom = (min(v + UPSCALE_MARGIN, size) for v in box[2:])
     pair = np.stack([edited, reconstructed])[:, top:bottom, left:right]
     x = torch.from_numpy(pair).permute(0, 3, 1, 2).float() / 255
     y = upscale_tensor(upscaler, x, tile=0, precision=precision)
@@ -236,12 +245,12 @@ def super_resolve(upscaler, edited, reconstructed, mask, precision="fp32"):
 def photo_window(mask, matrix, photo_size, pad=2):
     """(left, top, right, bottom): the part of the photo that the crop's mask (above 0) maps back onto,
     `pad` pixels more, within the photo; None when the mask is empty."""
-    rows, cols = np.nonzero(mask > 0)
-    if not len(rows):
+    box = mask_box(mask)
+    if box is None:
         return None
     inverse = invert(matrix)
-    corners = np.array([[cols.min(), rows.min()], [cols.max() + 1, rows.min()], [cols.min(), rows.max() + 1],
-                        [cols.max() + 1, rows.max() + 1]], dtype=np.float64)
+    left, top, right, bottom = box
+    corners = np.array([[left, top], [right, top], [left, bottom], [right, bottom]], dtype=np.float64)
     xy = corners @ inverse[:, :2].T + inverse[:, 2]
     left, top = np.maximum(np.floor(xy.min(0)).astype(int) - pad, 0)
     right, bottom = np.minimum(np.ceil(xy.max(0)).astype(int) + pad, photo_size)
@@ -372,6 +381,15 @@ def save_edited(prepared, pixels, mask, save_mask=False, exclusive=False):
     tables, EXIF, ICC profile and file permissions; pixels outside the mask are the source's own (for a
     JPEG, re-encoded with its own tables). The mask goes beside it if asked (mask_path), first.
     exclusive: never replace a file there, even one another run made meanwhile."""
+    if save_mask:
+        save_image(Image.fromarray(mask), mask_path(prepared.target), exclusive=exclusive)
+    if prepared.deep is not None:  # 16-bit RGB: the change added at 16 bits, every value outside kept
+        deep = prepared.deep
+        change = (pixels.astype(np.int32) - np.asarray(prepared.photo, dtype=np.int32)) * 257
+        edited = np.clip(deep[..., :3].astype(np.int32) + change, 0, 65535).astype(np.uint16)
+        out = deep.copy()
+        out[..., :3] = np.where(mask[..., None] > 0, edited, deep[..., :3])
+        return save_deep_rgb(out, prepared.target, mode_from=prepared.path, exclusive=exclusive)
     original = prepared.original
     if original.mode.startswith("I"):  # deep grey: the edit's 8 bits spread over the original's range
         deep = np.asarray(original)
@@ -382,15 +400,6 @@ def save_edited(prepared, pixels, mask, save_mask=False, exclusive=False):
         result = Image.composite(Image.fromarray(pixels).convert(original.mode), original, changed)
     if original.mode in ("RGBA", "LA"):
         result.putalpha(original.getchannel("A"))
-    if save_mask:
-        save_image(Image.fromarray(mask), mask_path(prepared.target), exclusive=exclusive)
-    if prepared.deep is not None:  # 16-bit RGB: the change added at 16 bits, every value outside kept
-        deep = prepared.deep
-        change = (pixels.astype(np.int32) - np.asarray(prepared.photo, dtype=np.int32)) * 257
-        edited = np.clip(deep[..., :3].astype(np.int32) + change, 0, 65535).astype(np.uint16)
-        out = deep.copy()
-        out[..., :3] = np.where(mask[..., None] > 0, edited, deep[..., :3])
-        return save_deep_rgb(out, prepared.target, mode_from=prepared.path, exclusive=exclusive)
     save_image(result, prepared.target, save_options=prepared.save_options, mode_from=prepared.path,
                exclusive=exclusive)
     return prepared.target

@@ -97,7 +97,7 @@ def flow_edit(source_velocity, target_velocity, x, times, *, generators, mask=No
     edit may change them (elsewhere they stay the source's)."""
     source, z = x, x
     for i, (t, t_next) in enumerate(zip(times[:-1], times[1:])):
-        noised = (1 - t) * source + t * per_item_noise(generators, source)
+        noised = interpolate(source, per_item_noise(generators, source), t.expand(len(source)))
         z = z + (t_next - t) * (target_velocity(z + noised - source, t) - source_velocity(noised, t))
         if mask is not None:
             z = mask * z + (1 - mask) * source
