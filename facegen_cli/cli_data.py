@@ -75,6 +75,8 @@ def vae_train(
                                                                "(default: never)."),
     disc_weight: float = typer.Option(0.5, min=0.0, help="Weight of the adversarial loss (times the adaptive "
                                                          "balance)."),
+    feature_weight: float = typer.Option(0.0, min=0.0, help="Weight of the discriminator feature-matching loss, "
+                                                            "beside the adversarial one (pix2pixHD)."),
     disc_warmup: int = typer.Option(0, min=0, help="Steps the discriminator learns alone, from --disc-start, "
                                                    "before its loss reaches the autoencoder."),
     precision: Precision = "fp32",
@@ -90,6 +92,7 @@ def vae_train(
 
     config = VaeTrainConfig(steps=steps, batch_size=batch_size, learning_rate=learning_rate, crop_size=crop_size,
                             size=size, disc_start=disc_start, disc_weight=disc_weight, disc_warmup=disc_warmup,
+                            feature_weight=feature_weight,
                             precision=precision, checkpoint_every=checkpoint_every, init=init,
                             decoder_only=decoder_only)
     with progress_bar(loss=".4f") as progress:
@@ -105,12 +108,25 @@ def vae_eval(
     split: str = typer.Option("test", help="train, valid, test or all."),
     grid: Optional[Path] = typer.Option(None, help="Also write faces (top) above their reconstructions (bottom)."),
     columns: int = typer.Option(8, min=1, help="Faces in the grid."),
+    identity: bool = typer.Option(False, "--identity", help="Also measure dlib's identity distance and Fréchet "
+                                                            "distance of the reconstructions (the identity extra)."),
+    identity_faces: int = typer.Option(200, min=2, help="Faces measured for --identity; the rest of the split is "
+                                                        "the real reference."),
+    report: Optional[Path] = typer.Option(None, help="Also write the figures to this JSON file."),
 ):
-    """Measure an autoencoder's PSNR on held-out faces; prints the PSNR (and the grid's path)."""
+    """Measure an autoencoder on held-out faces; prints the PSNR (and the grid's and report's paths)."""
+    from .files import write_json
     from .vae_train import evaluate_vae
 
-    value, count = evaluate_vae(vae, data, split, grid, columns)
-    log(f"{vae}: PSNR {value:.2f} dB on the {count} faces of {data} ({split})")
-    print(f"{value:.4f}")
+    figures = evaluate_vae(vae, data, split, grid, columns, identity=identity, identity_faces=identity_faces)
+    log(f"{vae}: PSNR {figures.psnr:.2f} dB on the {figures.faces} faces of {data} ({split})")
+    if identity:
+        log(f"identity distance median {figures.identity_median:.3f} ({figures.identity_crossed:.0%} at 0.6 or "
+            f"more), Fréchet distance {figures.frechet:.4f} (real faces: {figures.frechet_floor:.4f}), "
+            f"on {figures.identity_faces} faces")
+    print(f"{figures.psnr:.4f}")
     if grid is not None:
         print(grid)
+    if report is not None:
+        write_json(report, figures.to_dict())
+        print(report)

@@ -39,12 +39,17 @@ class FaceEmbedder:
         trained on: a box drawn from other landmarks makes the embedding move 0.1-0.3 for 2 grey levels of
         noise, dlib's 0.02-0.04), or one drawn from the landmarks when dlib finds none there."""
         eyes = np.mean([points["left_eye"], points["right_eye"]], axis=0)
-        inside = [d for d in self.detector(np.ascontiguousarray(photo, dtype=np.uint8), 1)
-                  if d.left() <= eyes[0] <= d.right() and d.top() <= eyes[1] <= d.bottom()]
-        if not inside:
-            return face_box(points)
-        d = max(inside, key=lambda d: d.width())
-        return d.left(), d.top(), d.right(), d.bottom()
+        found = self.detect(photo, around=eyes)
+        return face_box(points) if found is None else found
+
+    def detect(self, photo, around=None):
+        """dlib's largest face detection (left, top, right, bottom) in an RGB uint8 photo (the one holding
+        the point `around`, if given), or None."""
+        found = [(d.left(), d.top(), d.right(), d.bottom())
+                 for d in self.detector(np.ascontiguousarray(photo, dtype=np.uint8), 1)]
+        if around is not None:
+            found = [b for b in found if b[0] <= around[0] <= b[2] and b[1] <= around[1] <= b[3]]
+        return max(found, key=lambda b: b[2] - b[0], default=None)
 
     def embed(self, photo, box):
         photo = np.ascontiguousarray(photo, dtype=np.uint8)
@@ -66,3 +71,17 @@ def face_box(points):
     cy = (points["left_eye"][1] + points["right_eye"][1] + 2 * points["jaw_4"][1]) / 4
     half = 0.5 * width
     return cx - half, cy - half, cx + half, cy + half
+
+
+def aligned_embeddings(embedder, faces, boxes=None):
+    """(embeddings (N, 128), boxes) of aligned faces (N, H, W, 3 uint8): each face embedded in boxes[i] when
+    given, else in dlib's own detection on it, else (dlib found none: a blurred or distorted face) in the
+    median of the other faces' boxes, which share the framing. Give a set of faces and their versions
+    (reconstructions, edits) the originals' boxes, so that only the faces differ, never the boxes."""
+    if boxes is None:
+        found = [embedder.detect(face) for face in faces]
+        if all(box is None for box in found):
+            raise FacegenError("dlib found no face in any of the images: not faces in the model's framing?")
+        typical = tuple(np.median([box for box in found if box is not None], axis=0))
+        boxes = [typical if box is None else box for box in found]
+    return np.stack([embedder.embed(face, box) for face, box in zip(faces, boxes)]), boxes

@@ -3,7 +3,8 @@ is reachable offline, so the project trains its autoencoder itself.
 
 Loss, as in the Stable Diffusion autoencoder's recipe without its LPIPS half:
     L1 + Laplacian-pyramid L1 (edges at every scale) + kl_weight * KL
-    + (after --disc-start steps) lambda * hinge loss of a PatchGAN discriminator,
+    + (after --disc-start steps) lambda * (hinge loss of a PatchGAN discriminator
+                                            + feature_weight * its feature-matching loss),
 where lambda = disc_weight * |grad rec| / |grad GAN| at the decoder's last layer (taming-transformers'
 adaptive weight), so the adversarial term sharpens hair, eyes and teeth without outweighing the
 reconstruction. The network is convolutional: training on random crops costs less per step and still
@@ -21,10 +22,11 @@ its latent space, as it was: a DiT trained on that encoder's latents keeps worki
 
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
@@ -35,7 +37,7 @@ from .devices import PRECISIONS
 from .errors import FacegenError
 from .files import atomic_dir, save_image, save_pretrained
 from .flow import laplacian_loss
-from .images import image_grid, to_tensor
+from .images import image_grid, to_tensor, to_uint8
 from .runs import AUGMENT_STREAM, TrainingRun, batch_indices, scheduled_lr, seeded_generator
 from .vae import build_vae, load_vae, psnr
 
@@ -63,8 +65,27 @@ class PatchDiscriminator(nn.Module):
         modules.append(nn.Conv2d(width, 1, 4, stride=1, padding=1))
         self.layers = nn.Sequential(*modules)
 
+    def features(self, images):
+        """The activations after each LeakyReLU, then the logits."""
+        found = []
+        for layer in self.layers:
+            images = layer(images)
+            if isinstance(layer, nn.LeakyReLU):
+                found.append(images)
+        return [*found, images]
+
     def forward(self, images):
         return self.layers(images)
+
+
+def feature_matching_loss(discriminator, reconstruction, x):
+    """pix2pixHD's feature matching: L1 between the discriminator's activations on the reconstruction and on
+    the real image, every layer weighted alike. Unlike the adversarial term it asks for this face's texture
+    (these hair strands, this eye), not just any texture a face could have."""
+    with torch.no_grad():
+        real = discriminator.features(x)[:-1]
+    fake = discriminator.features(reconstruction)[:-1]
+    return sum(F.l1_loss(f, r) for f, r in zip(fake, real)) / len(real)
 
 
 def random_crops(images, size, generator):
@@ -107,6 +128,7 @@ class VaeTrainConfig:
     # discriminator's gradient, scaled up by the adaptive weight, is noise that blurs a trained decoder
     disc_warmup: int = 0
     disc_weight: float = 0.5
+    feature_weight: float = 0.0  # feature_matching_loss beside the adversarial term (both adaptive-weighted)
     precision: str = "fp32"  # devices.PRECISIONS
     seed: int = 0
     checkpoint_every: int = 250
@@ -147,6 +169,8 @@ def autoencoder_losses(vae, discriminator, x, generator, config, step, decoder_o
     loss = rec_loss + config.kl_weight * posterior.kl().mean()
     if config.disc_start is not None and step >= config.disc_start + config.disc_warmup:
         gen_loss = -discriminator(reconstruction).float().mean()
+        if config.feature_weight:
+            gen_loss = gen_loss + config.feature_weight * feature_matching_loss(discriminator, reconstruction, x)
         loss = loss + config.disc_weight * adaptive_weight(rec_loss, gen_loss, vae.decoder.conv_out.weight) * gen_loss
     return loss, rec_loss, reconstruction
 
@@ -215,13 +239,55 @@ def train_vae(data_dir, out, config=VaeTrainConfig(), *, resume=False, progress=
     return value
 
 
-def evaluate_vae(vae_source, data_dir, split="test", grid=None, columns=8, batch_size=32):
-    """Held-out PSNR (dB, mean over faces) of an autoencoder on a split of a labelled folder; with `grid`,
-    also writes its first `columns` faces (top) above their reconstructions (bottom). Returns (psnr, faces)."""
+@dataclass(frozen=True)
+class VaeReport:
+    """An autoencoder measured on held-out faces (`facegen vae eval`). The identity figures, in dlib's
+    face-recognition embedding (identity.py), are measured on the first `identity_faces` faces; the other
+    faces of the split are the real reference of both Fréchet distances."""
+    faces: int
+    psnr: float  # dB, mean over the faces
+    identity_faces: Optional[int] = None
+    identity_median: Optional[float] = None  # dlib distance, face vs its reconstruction (0.6: another person)
+    identity_crossed: Optional[float] = None  # the share of reconstructions 0.6 or more from their face
+    frechet: Optional[float] = None  # the reconstructions vs the reference
+    frechet_floor: Optional[float] = None  # the faces themselves vs the reference: what real faces score
+
+    def to_dict(self):
+        return asdict(self)
+
+
+def identity_figures(faces, reconstructions, measured=200):
+    """VaeReport's identity fields for uint8 faces (N, H, W, 3) and their reconstructions: the first
+    `measured` faces (at most half of them) against the rest."""
+    from .evaluate import frechet_distance
+    from .identity import FaceEmbedder, aligned_embeddings
+
+    measured = min(measured, len(faces) // 2)
+    if measured < 2:
+        raise FacegenError(f"identity figures need at least 4 faces, not {len(faces)}")
+    embedder = FaceEmbedder()
+    real, boxes = aligned_embeddings(embedder, faces[:measured])
+    rebuilt, _ = aligned_embeddings(embedder, reconstructions[:measured], boxes)
+    reference = torch.from_numpy(aligned_embeddings(embedder, faces[measured:])[0])
+    distances = np.linalg.norm(real - rebuilt, axis=1)
+    return dict(identity_faces=measured, identity_median=float(np.median(distances)),
+                identity_crossed=float((distances >= 0.6).mean()),
+                frechet=frechet_distance(torch.from_numpy(rebuilt), reference),
+                frechet_floor=frechet_distance(torch.from_numpy(real), reference))
+
+
+def evaluate_vae(vae_source, data_dir, split="test", grid=None, columns=8, batch_size=32, identity=False,
+                 identity_faces=200):
+    """An autoencoder's VaeReport on a split of a labelled folder: PSNR on whole faces, and with `identity`
+    (the identity extra) dlib's identity distance and Fréchet distance of the reconstructions. With `grid`,
+    also writes its first `columns` faces (top) above their reconstructions (bottom)."""
     vae = load_vae(vae_source)
     images = to_tensor(load_images_and_labels(data_dir, split, 128)[0])
     with torch.inference_mode():
         reconstructions = torch.cat([vae(chunk).sample.float().clamp(-1, 1) for chunk in images.split(batch_size)])
     if grid is not None:
         save_image(comparison_grid(images[:columns], reconstructions[:columns]), grid)
-    return psnr(reconstructions, images), len(images)
+    report = VaeReport(faces=len(images), psnr=psnr(reconstructions, images))
+    if identity:
+        report = replace(report, **identity_figures(to_uint8(images), to_uint8(reconstructions), identity_faces))
+    return report

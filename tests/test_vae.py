@@ -1,5 +1,6 @@
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -45,12 +46,42 @@ def test_vae_eval_measures_psnr_and_writes_the_comparison_grid(tmp_path, tiny_da
     from facegen_cli.cli import app
     from facegen_cli.vae_train import evaluate_vae
 
-    value, count = evaluate_vae(tiny_vae_dir, tiny_data, "all", tmp_path / "grid.png", columns=4)
-    assert count == 24 and 0 < value < 60
+    report = evaluate_vae(tiny_vae_dir, tiny_data, "all", tmp_path / "grid.png", columns=4)
+    assert report.faces == 24 and 0 < report.psnr < 60 and report.identity_median is None
     with Image.open(tmp_path / "grid.png") as grid:  # 4 faces above 4 reconstructions, 2-px borders
         assert grid.size == (4 * 130 + 2, 2 * 130 + 2)
     result = CliRunner().invoke(app, ["vae", "eval", str(tiny_data), "--vae", str(tiny_vae_dir), "--split", "all"])
-    assert result.exit_code == 0 and float(result.stdout.split()[0]) == pytest.approx(value, abs=1e-3)
+    assert result.exit_code == 0 and float(result.stdout.split()[0]) == pytest.approx(report.psnr, abs=1e-3)
+
+
+def test_identity_figures_are_zero_for_a_perfect_reconstruction_and_grow_with_damage(tmp_path, tiny_data,
+                                                                                     tiny_vae_dir):
+    from typer.testing import CliRunner
+
+    from facegen_cli.cli import app
+
+    from facegen_cli.synthfaces import render_face, write_dataset
+    from facegen_cli.vae_train import identity_figures
+
+    pytest.importorskip("dlib")
+    faces = np.stack([render_face(seed)[0] for seed in range(12)])
+    perfect = identity_figures(faces, faces.copy(), measured=6)
+    assert perfect["identity_faces"] == 6 and perfect["identity_median"] == 0 and perfect["identity_crossed"] == 0
+    assert perfect["frechet"] == pytest.approx(perfect["frechet_floor"])
+    noise = np.random.default_rng(0).normal(0, 40, faces.shape)
+    damaged = identity_figures(faces, np.clip(faces + noise, 0, 255).astype(np.uint8), measured=6)
+    assert damaged["identity_median"] > 0.05 and damaged["frechet"] > perfect["frechet"]
+    with pytest.raises(FacegenError, match="at least 4"):
+        identity_figures(faces[:3], faces[:3])
+    vae_eval = ["vae", "eval", "--vae", str(tiny_vae_dir), "--split", "all", "--identity", "--identity-faces", "6"]
+    result = CliRunner().invoke(app, [*vae_eval, str(tiny_data)])  # colour blocks, not faces
+    assert result.exit_code == 1 and "dlib found no face" in result.stderr
+    write_dataset(tmp_path / "synth", 12, workers=1)
+    result = CliRunner().invoke(app, [*vae_eval, str(tmp_path / "synth"), "--report", str(tmp_path / "r.json")])
+    assert result.exit_code == 0, result.stderr
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["faces"] == 12 and report["identity_faces"] == 6 and report["identity_median"] > 0.05
+    assert report["frechet"] > report["frechet_floor"] and "identity distance median" in result.stderr
 
 
 def test_decoder_only_fine_tuning_keeps_the_latent_space(tmp_path, tiny_data, tiny_vae_dir):
@@ -109,3 +140,22 @@ def test_the_discriminator_warms_up_without_touching_the_autoencoder(tmp_path, t
                                    for name in ("plain", "warming", "adversarial"))
     assert all(torch.equal(plain[k], warming[k]) for k in plain)
     assert not all(torch.equal(plain[k], adversarial[k]) for k in plain)
+
+
+def test_feature_matching_is_zero_on_the_real_image_and_pulls_the_reconstruction_towards_it(tmp_path, tiny_data,
+                                                                                           tiny_vae_dir):
+    from facegen_cli.vae_train import PatchDiscriminator, feature_matching_loss
+
+    torch.manual_seed(0)
+    discriminator = PatchDiscriminator(channels=8)
+    x = torch.rand(2, 3, 64, 64) * 2 - 1
+    assert feature_matching_loss(discriminator, x, x).item() == 0
+    reconstruction = (x + 0.3 * torch.randn_like(x)).requires_grad_(True)
+    feature_matching_loss(discriminator, reconstruction, x).backward()
+    assert reconstruction.grad.abs().sum() > 0
+    common = dict(steps=2, batch_size=4, crop_size=64, learning_rate=1e-2, init=str(tiny_vae_dir), decoder_only=True,
+                  disc_start=0)
+    train_vae(tiny_data, tmp_path / "adversarial", VaeTrainConfig(**common))
+    train_vae(tiny_data, tmp_path / "matching", VaeTrainConfig(feature_weight=1.0, **common))
+    adversarial, matching = (load_vae(tmp_path / name / "vae").state_dict() for name in ("adversarial", "matching"))
+    assert not all(torch.equal(adversarial[k], matching[k]) for k in adversarial)
