@@ -211,13 +211,17 @@ def export(
                                                            "(default: the model folder's own, if any)."),
     vae: Optional[str] = typer.Option(None, help="Another autoencoder with the model's encoder (a fine-tuned "
                                                  "decoder: `facegen vae train --decoder-only`) to carry instead."),
+    labels: Optional[Path] = typer.Option(None, help="Labelled folder whose train split's label combinations "
+                                                     "become the model's label prior (MODEL/labels.json), which "
+                                                     "`generate` draws the attributes not asked for from."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a model folder at OUT (never a folder of "
                                                               "other files)."),
 ):
-    """Copy a model folder, optionally in float16, with its classifier and another decoder; prints OUT."""
+    """Copy a model folder, optionally in float16, with its classifier, another decoder and a label prior;
+    prints OUT."""
     from .export import export_model
 
-    print(export_model(model, out, half=half, classifier=classifier, vae=vae, overwrite=overwrite))
+    print(export_model(model, out, half=half, classifier=classifier, vae=vae, labels=labels, overwrite=overwrite))
 
 
 @app.command()
@@ -238,6 +242,11 @@ def generate(
     batch_size: Optional[int] = typer.Option(None, min=1, help="Faces per batch (default: 16 on a CPU; on a GPU "
                                                                 "what its free memory holds)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace face files that exist (default: refuse)."),
+    prior: bool = typer.Option(True, "--prior/--no-prior", help="Draw the attributes not asked for from the "
+                                                                "training faces' label combinations and guide "
+                                                                "each face to them (where the model carries "
+                                                                "them), or leave them free: unguided with "
+                                                                "nothing asked."),
     device: Device = "auto",
     precision: Precision = "auto",
     wanted: List[str] = (),
@@ -246,7 +255,7 @@ def generate(
     """Generate faces with the asked-for attributes (face i from seed + i); the rest stay free."""
     from .attributes import AttributeRequest
     from .files import check_output_folder
-    from .gallery import FaceWriter, face_paths, refuse_existing
+    from .gallery import FaceWriter, face_paths, make_faces, refuse_existing
 
     if not 1 <= n <= MAX_FACES:
         raise FacegenError(f"-n must be from 1 to {MAX_FACES:,}, not {n}")
@@ -264,10 +273,9 @@ def generate(
                         model_name=str(model) if model else pipe.path.name, overwrite=overwrite)
     with progress_bar() as progress:  # each batch written as it is made: Ctrl-C keeps what was done
         task = progress.add_task("generating", total=n)
-        for batch_seeds, images in pipe.generate_batches(request.condition()[0], seeds, settings,
-                                                         reference=request.reference()[0], batch_size=batch_size,
-                                                         on_batch=lambda k: progress.advance(task, k)):
-            for path in writer.write(batch_seeds, images):
+        for paths in make_faces(pipe, request, seeds, settings, writer, prior=prior, batch_size=batch_size,
+                                    on_batch=lambda k: progress.advance(task, k)):
+            for path in paths:
                 print(path, flush=True)
     if (grid_file := writer.finish()) is not None:
         print(grid_file, flush=True)

@@ -8,6 +8,7 @@ import torch
 from .classifier import load_classifier, save_classifier
 from .errors import FacegenError
 from .files import atomic_dir
+from .label_prior import prior_of_data
 from .pipeline import MODEL_FILE, FacegenPipeline, model_path
 from .vae import load_vae
 
@@ -28,17 +29,20 @@ def check_export_target(source, out, overwrite):
             raise FacegenError(f"{out} holds a model; --overwrite replaces it")
 
 
-def export_model(model, out, *, half=False, classifier=None, vae=None, overwrite=False):
+def export_model(model, out, *, half=False, classifier=None, vae=None, labels=None, overwrite=False):
     """Write MODEL (a folder or a shipped model's name) to OUT, all at once or not at all: float16 weights
     with `half` (loading casts back to float32), the classifier `classifier` (default: the model folder's
-    own, if any) in OUT/classifier, and the autoencoder `vae` instead of the model's (refused unless its
-    encoder is the model's). OUT must be new or empty, or a model folder with `overwrite`. Returns OUT."""
+    own, if any) in OUT/classifier, the autoencoder `vae` instead of the model's (refused unless its
+    encoder is the model's), and the label prior of the labelled folder `labels` (its train split) instead
+    of the model's. OUT must be new or empty, or a model folder with `overwrite`. Returns OUT."""
     out = Path(out)
     check_export_target(model_path(model), out, overwrite)
     dtype = torch.float16 if half else None
     pipe = FacegenPipeline.load(model)
     if vae is not None:
         pipe = pipe.with_vae(load_vae(vae), vae)
+    if labels is not None:
+        pipe = pipe.with_prior(prior_of_data(labels, pipe.attributes))
     classifier_path = classifier or pipe.classifier_path
     attribute_classifier, report = load_classifier(classifier_path) if classifier_path else (None, None)
     with atomic_dir(out) as tmp:

@@ -1,7 +1,7 @@
-"""Writing generated faces, the one place that `facegen generate` and the page's Generate tab share:
-their names (OUT/face-SEED.png, OUT/grid-SEED.png), the request and settings in each PNG's metadata, the
-optional super-resolution, and the refusal to replace faces already there. Faces are written a batch at a
-time, as they are made."""
+"""Making and writing generated faces, the one place that `facegen generate` and the page's Generate tab
+share: the attributes not asked for drawn from the model's label prior, their names (OUT/face-SEED.png,
+OUT/grid-SEED.png), the request and settings in each PNG's metadata, the optional super-resolution, and the
+refusal to replace faces already there. Faces are written a batch at a time, as they are made."""
 
 import dataclasses
 import logging
@@ -56,20 +56,24 @@ class FaceWriter:
         self.model_name = model_name
         self.seeds, self.tiles = [], []
 
-    def write(self, seeds, images):
-        """Write one batch; returns the paths."""
+    def write(self, seeds, images, conditions=None):
+        """Write one batch (`conditions`: what each face was guided to, where the free attributes were drawn
+        (LabelPrior), or None); returns the paths."""
         faces = [Image.fromarray(image) for image in to_uint8(images)]
         if self.net is not None:
             from .upscale import upscale_image
 
             faces = [upscale_image(self.net, face, self.upscale) for face in faces]
 
-        def save(seed, face, path):
-            return save_image(face, path, {"facegen": {"attributes": self.asked, "seed": seed, **self.meta,
+        drawn = [None] * len(seeds) if conditions is None else [dict(zip(self.asked, c)) for c in conditions.tolist()]
+
+        def save(seed, face, path, guided_to):
+            extra = {} if guided_to is None else {"drawn": guided_to}  # "attributes" stays what was asked
+            return save_image(face, path, {"facegen": {"attributes": self.asked, **extra, "seed": seed, **self.meta,
                                                        "model": self.model_name}}, exclusive=self.exclusive)
 
         with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as writers:  # PNG encoding releases the GIL
-            paths = list(writers.map(save, seeds, faces, face_paths(self.out, seeds)))
+            paths = list(writers.map(save, seeds, faces, face_paths(self.out, seeds), drawn))
         if self.grid:
             self.seeds += list(seeds)
             self.tiles += [np.asarray(face) for face in faces]
@@ -83,3 +87,26 @@ class FaceWriter:
         return save_image(Image.fromarray(tiles), grid_path(self.out, self.seeds[0]),
                           {"facegen": {"attributes": self.asked, "seeds": self.seeds, **self.meta}},
                           exclusive=self.exclusive)
+
+
+def make_faces(pipe, request, seeds, settings, writer, *, prior=True, batch_size=None, on_batch=None):
+    """Make the faces of an attributes.AttributeRequest, one per seed, and write each batch with `writer` (a
+    FaceWriter) as it is made; yields each batch's paths. With `prior` and a model that carries a label
+    prior, the attributes not asked for are drawn per face from the training faces' combinations
+    (pipeline.draw_free) and the faces guided to them; otherwise, or where no training face had the asked
+    attributes together (said once), they stay free."""
+    condition = request.condition()[0]
+    if prior and pipe.prior is not None:
+        conditions, drawn = pipe.draw_free(condition, seeds)
+        if not drawn.all():
+            log.warning(f"no training face had {request.describe()} together: the other attributes stay free")
+            conditions = None
+    else:
+        conditions = None
+    done = 0
+    for batch_seeds, images in pipe.generate_batches(condition if conditions is None else conditions, seeds, settings,
+                                                     reference=request.reference()[0], batch_size=batch_size,
+                                                     on_batch=on_batch):
+        batch = None if conditions is None else conditions[done:done + len(batch_seeds)]
+        done += len(batch_seeds)
+        yield writer.write(batch_seeds, images, batch)

@@ -4,6 +4,7 @@
     MODEL/dit/           LatentDiT.save_pretrained (config.json with the attribute vocabulary
                          + diffusion_pytorch_model.safetensors, EMA weights)
     MODEL/vae/           AutoencoderKL.save_pretrained
+    MODEL/labels.json    label_prior.LabelPrior: the training faces' label combinations (optional)
 """
 
 import copy
@@ -19,6 +20,7 @@ from .config import ModelInfo, Provenance, SampleConfig
 from .devices import autocast, resolve_precision
 from .errors import FacegenError, first_line
 from .files import atomic_dir, save_pretrained
+from .label_prior import PRIOR_FILE, LabelPrior
 from .model import LatentDiT, inpainting_context
 
 MODEL_FILE = "facegen.json"
@@ -48,10 +50,12 @@ class FacegenPipeline:
     """A loaded model folder (the front door, as a diffusers pipeline is): its DiT, its VAE and its
     `ModelInfo`, whose `sample` settings every command starts from."""
 
-    def __init__(self, dit, vae, info: ModelInfo, path=None, precision="fp32"):
-        """precision: devices.PRECISIONS (auto: bf16 where the DiT's device does it natively, else fp32)."""
+    def __init__(self, dit, vae, info: ModelInfo, path=None, precision="fp32", prior: LabelPrior = None):
+        """precision: devices.PRECISIONS (auto: bf16 where the DiT's device does it natively, else fp32);
+        prior: the training faces' label combinations, which free attributes are drawn from (draw_free)."""
         precision = resolve_precision(precision, dit.device)
         self.dit, self.vae, self.info, self.path, self.precision = dit, vae, info, path, precision
+        self.prior = prior
         shape = (1, -1, 1, 1)
         self.latent_mean = torch.tensor(info.latent_mean).view(shape)
         self.latent_std = torch.tensor(info.latent_std).view(shape)
@@ -110,7 +114,8 @@ class FacegenPipeline:
             raise FacegenError(f"{path / MODEL_FILE}: latent_mean has {len(info.latent_mean)} values, but the DiT "
                                f"has {dit.config.latent_channels} latent channels")
         vae = vae_lib.load_vae(path / "vae", device)
-        return cls(dit.to(device).eval().requires_grad_(False), vae, info, path, precision)
+        prior = LabelPrior.load(path / PRIOR_FILE, dit.attributes) if (path / PRIOR_FILE).is_file() else None
+        return cls(dit.to(device).eval().requires_grad_(False), vae, info, path, precision, prior)
 
     def with_vae(self, vae, source):
         """This model with another autoencoder that has the same encoder, and so the same latents (a decoder
@@ -119,7 +124,14 @@ class FacegenPipeline:
             raise FacegenError(f"{source}: its encoder is not the model's, so its decoder would read other latents; "
                                "make one with `facegen vae train --init MODEL/vae --decoder-only`")
         info = dataclasses.replace(self.info, decoder=Provenance.of(source, vae_lib.vae_fingerprint(vae)))
-        return FacegenPipeline(self.dit, vae.to(self.device), info, self.path, self.precision)
+        return FacegenPipeline(self.dit, vae.to(self.device), info, self.path, self.precision, self.prior)
+
+    def with_prior(self, prior: LabelPrior):
+        """This model with another label prior (one of its attributes' training set)."""
+        if prior.attributes != tuple(self.attributes):
+            raise FacegenError(f"the label prior's attributes ({', '.join(prior.attributes)}) are not the model's "
+                               f"({', '.join(self.attributes)})")
+        return FacegenPipeline(self.dit, self.vae, self.info, self.path, self.precision, prior)
 
     def save(self, path, dtype=None):
         """Write the model folder atomically; dtype=torch.float16 halves its size (loading casts back to
@@ -133,6 +145,8 @@ class FacegenPipeline:
         for name, module in (("dit", self.dit), ("vae", self.vae)):
             save_pretrained(module if dtype is None else copy.deepcopy(module).to(dtype), Path(folder) / name)
         (Path(folder) / MODEL_FILE).write_text(json.dumps(self.info.to_dict(), indent=2) + "\n")
+        if self.prior is not None:
+            self.prior.save(Path(folder) / PRIOR_FILE)
 
     def normalize(self, latents):
         return (latents - self.latent_mean.to(latents)) / self.latent_std.to(latents)
@@ -165,6 +179,17 @@ class FacegenPipeline:
             return 16
         per_face = 6 * 4 * max(self.vae.config.block_out_channels) * self.info.image_size ** 2
         return int(max(16, min(1024, torch.cuda.mem_get_info(self.device)[0] // 4 // per_face)))
+
+    def draw_free(self, condition, seeds):
+        """(conditions (len(seeds), A), drawn (len(seeds),) bool): `condition` ((A,) or one per seed) with
+        its free attributes drawn, by seed, from the label combinations of the training faces that agree
+        with its asked ones (LabelPrior.draw). Where the model carries no prior, or no training face had
+        the asked attributes together, they stay free (drawn False): guided from the all-free reference,
+        a face with nothing asked would otherwise not be guided at all."""
+        condition = condition.expand(len(seeds), -1) if condition.ndim == 1 else condition
+        if self.prior is None:
+            return condition.clone(), torch.zeros(len(seeds), dtype=torch.bool)
+        return self.prior.draw(condition, seeds)
 
     def _velocity(self, condition, reference, settings, context=None):
         return guidance.classifier_free(self.dit, condition, reference, settings.guidance, context)

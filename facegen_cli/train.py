@@ -29,6 +29,7 @@ from .errors import FacegenError
 from .files import save_image
 from .images import image_grid, to_uint8
 from .inpainting import region_mask_bank, training_masks
+from .label_prior import LabelPrior
 from .model import LatentDiT, inpainting_context
 from .pipeline import FacegenPipeline
 from .runs import ORDER_STREAM, STEP_STREAM, TrainingRun, batch_indices, scheduled_lr, seeded_generator
@@ -202,11 +203,11 @@ def model_info(preset, cache_meta, init, vae):
                                vae=init.vae or info.vae, decoder=init.decoder)
 
 
-def ema_pipeline(model, ema, vae, info):
-    """A pipeline of the EMA weights (what the run exports and samples)."""
+def ema_pipeline(model, ema, vae, info, prior=None):
+    """A pipeline of the EMA weights (what the run exports and samples), with the training set's label prior."""
     ema_model = LatentDiT.from_config(model.config)
     ema.copy_to(ema_model.parameters())
-    return FacegenPipeline(ema_model.to(model.device).eval(), vae, info)
+    return FacegenPipeline(ema_model.to(model.device).eval(), vae, info, prior=prior)
 
 
 def sample_grid(pipe, path, step):
@@ -285,15 +286,18 @@ def train(preset: Preset, data, out, *, vae_source=None, resume=False, init_from
     batches = TrainingData.build(latents, labels, cache_meta.attributes, cfg, run.device, preset.model.inpainting,
                                  region_masks)
     loop(run, cfg, model=model, ema=ema, optimizer=optimizer, batches=batches, start_step=start_step,
-         progress=progress, vae=vae, info=info, run_state=run_state, steps_before=init.trained_steps if init else 0)
+         progress=progress, vae=vae, info=info, prior=LabelPrior.from_labels(cache_meta.attributes, labels),
+         run_state=run_state, steps_before=init.trained_steps if init else 0)
     if start_step >= cfg.max_steps:
         log.info(f"{out} is already trained to step {start_step}")
     return out / "model" if run.is_main else None
 
 
-def loop(run, cfg, *, model, ema, optimizer, batches, start_step, progress, vae, info, run_state, steps_before):
+def loop(run, cfg, *, model, ema, optimizer, batches, start_step, progress, vae, info, prior, run_state,
+         steps_before):
     """The training steps from `start_step` to cfg.max_steps: the loss logged every cfg.log_every steps,
-    sample grids, checkpoints and the exported model (RUN/model) at their intervals."""
+    sample grids, checkpoints and the exported model (RUN/model, with the label prior `prior`) at their
+    intervals."""
     task = progress.add_task("training", total=cfg.max_steps, completed=start_step, loss=float("nan"), speed=0.0) \
         if progress else None
     tick, images_since_tick = time.perf_counter(), 0
@@ -326,5 +330,5 @@ def loop(run, cfg, *, model, ema, optimizer, batches, start_step, progress, vae,
             run.save(done, {"model": model, "ema": ema, "optimizer": optimizer}, run_state)
             if run.is_main:
                 pipe = ema_pipeline(run.accelerator.unwrap_model(model, keep_torch_compile=False), ema, vae,
-                                    dataclasses.replace(info, trained_steps=steps_before + done))
+                                    dataclasses.replace(info, trained_steps=steps_before + done), prior)
                 pipe.save(run.out / "model")

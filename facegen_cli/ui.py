@@ -79,7 +79,7 @@ def equivalent_command(request, model_name):
 def generate_faces(pipe, request, out, model_name, on_progress=None):
     """Make the faces of a GenerateRequest into a new folder below `out`, exactly as `facegen generate`
     with the same request and seed would (same settings, batches and metadata). Returns (paths, command)."""
-    from .gallery import FaceWriter
+    from .gallery import FaceWriter, make_faces
 
     asked = AttributeRequest(pipe.attributes, request.wanted, request.unwanted)
     settings = pipe.settings(steps=request.steps, guidance=request.guidance, method=request.sampler)
@@ -93,10 +93,7 @@ def generate_faces(pipe, request, out, model_name, on_progress=None):
             on_progress(done[0] / request.count)
 
     writer = FaceWriter(pipe, asked, settings, folder, upscale=4 if request.upscale else None, model_name=model_name)
-    paths = []
-    for batch_seeds, images in pipe.generate_batches(asked.condition()[0], seeds, settings,
-                                                     reference=asked.reference()[0], on_batch=advance):
-        paths += writer.write(batch_seeds, images)
+    paths = [path for batch in make_faces(pipe, asked, seeds, settings, writer, on_batch=advance) for path in batch]
     return paths, equivalent_command(request, model_name)
 
 

@@ -5,6 +5,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -56,6 +57,42 @@ def test_train_then_generate_through_the_cli(tmp_path, tiny_data, tiny_vae_dir):
                  for n in (1, 3)]
         assert np.abs(faces[0] - faces[1]).max() <= largest and np.abs(faces[0] - faces[1]).mean() < 1
     assert json.loads(Image.open(tmp_path / "bf16-1" / "face-0000000005.png").text["facegen"])["precision"] == "bf16"
+
+
+def test_generate_draws_the_free_attributes_from_the_models_label_prior(tmp_path, tiny_model_dir, tiny_data):
+    """Training keeps the data's label combinations beside the model; generate guides each face to its request
+    with the rest drawn from them (the PNG says which were asked and what was drawn), --no-prior leaves them
+    free, a combination no training face had stays free with a warning, export --labels replaces them."""
+    from facegen_cli.attributes import DEFAULT_ATTRIBUTES, flag_names
+    from facegen_cli.data import read_dataset
+    from facegen_cli.label_prior import LabelPrior, prior_of_data
+
+    prior = LabelPrior.load(tiny_model_dir / "labels.json", DEFAULT_ATTRIBUTES)
+    assert prior.counts.sum() == len(read_dataset(tiny_data, "train").labels)
+    common = ("--model", tiny_model_dir, "--male", "-n", 3, "--seed", 5, "--steps", 2)
+    drawn, free = (run("generate", *common, *flags, "--out", tmp_path / name)
+                   for flags, name in (((), "drawn"), (("--no-prior",), "free")))
+    assert drawn.exit_code == 0 and free.exit_code == 0, drawn.stderr + free.stderr
+    metas = [[json.loads(Image.open(path).text["facegen"]) for path in result.stdout.split()] for result in (drawn, free)]
+    for meta in metas[0]:
+        assert meta["attributes"]["male"] == 1 and meta["attributes"]["bald"] == 0  # asked, and left free
+        assert meta["drawn"]["male"] == 1 and all(v != 0 for v in meta["drawn"].values())
+        assert [meta["drawn"][a] for a in DEFAULT_ATTRIBUTES] in prior.combinations.tolist()
+    assert len({json.dumps(meta["drawn"]) for meta in metas[0]}) > 1 and "drawn" not in metas[1][0]
+    first = [np.asarray(Image.open(result.stdout.split()[0])).astype(int) for result in (drawn, free)]
+    assert np.abs(first[0] - first[1]).max() > 0
+
+    against_all = [flag_names(a)[1] for a in DEFAULT_ATTRIBUTES]  # a combination the 24 faces never had
+    assert [-1] * len(DEFAULT_ATTRIBUTES) not in prior.combinations.tolist()
+    result = run("generate", "--model", tiny_model_dir, *against_all, "-n", 1, "--seed", 5, "--steps", 2,
+                 "--out", tmp_path / "unseen")
+    assert result.exit_code == 0 and "no training face had" in result.stderr
+    assert "drawn" not in json.loads(Image.open(result.stdout.strip()).text["facegen"])
+
+    half = tmp_path / "relabelled"
+    assert run("export", tiny_model_dir, "--out", half, "--labels", tiny_data).exit_code == 0
+    exported = LabelPrior.load(half / "labels.json", DEFAULT_ATTRIBUTES)
+    assert torch.equal(exported.counts, prior_of_data(tiny_data, DEFAULT_ATTRIBUTES).counts)
 
 
 def test_generate_names_unknown_attributes(tiny_model_dir, tmp_path):
