@@ -17,11 +17,11 @@ from typing import Optional
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from .data import ImageDataset, collate_readable, read_dataset
 from .errors import FacegenError, first_line
-from .files import atomic_path, write_json
+from .files import atomic_path, save_tensors, write_json
 from .images import to_tensor
 from .vae import encode, load_vae, vae_fingerprint
 
@@ -102,7 +102,7 @@ def encode_dataset(data_dir, vae_source, out, *, image_size=128, split="all", ba
         if shard is None:
             shard = _encode_shard(vae, data, k, image_size, batch_size, workers, advance)
             with atomic_path(_shard_path(out, k)) as tmp:
-                save_file(shard, tmp)
+                save_tensors(shard, tmp)
         else:
             advance(min((k + 1) * SHARD_SIZE, len(data.paths)) - k * SHARD_SIZE)
         unreadable += len(shard.get("unreadable", torch.zeros(0)))

@@ -34,10 +34,12 @@ NEW_FILE_MODE, NEW_DIR_MODE = 0o666 & ~_UMASK, 0o777 & ~_UMASK
 def atomic_path(path, exclusive=False):
     """Yield a temporary path beside `path`; on success it is renamed to `path`, else removed. With
     `exclusive` the name is claimed in the same step (a hard link, which fails where a file of that name
-    appeared meanwhile: another run's): OutputExists, and that file is kept."""
+    appeared meanwhile: another run's): OutputExists, and that file is kept. The file has the permissions
+    a newly created one would (0666 less the umask; mkstemp's own are 0600)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.fchmod(fd, NEW_FILE_MODE)
     os.close(fd)
     try:
         yield tmp
@@ -61,10 +63,12 @@ def atomic_path(path, exclusive=False):
 
 @contextmanager
 def atomic_dir(path):
-    """Like atomic_path for a folder: fill the yielded folder; it replaces `path` on success."""
+    """Like atomic_path for a folder: fill the yielded folder; it replaces `path` on success (with a new
+    folder's permissions, 0777 less the umask; mkdtemp's own are 0700)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    tmp.chmod(NEW_DIR_MODE)
     try:
         yield tmp
         if path.exists():
@@ -142,6 +146,16 @@ def save_pretrained(module, folder):
     data = json.loads(config.read_text())
     data.pop("_name_or_path", None)
     config.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    for written in Path(folder).glob("*.safetensors"):  # as save_tensors
+        written.chmod(NEW_FILE_MODE)
+
+
+def save_tensors(tensors, path):
+    """safetensors' save_file, with a new file's permissions: safetensors makes its files 0600."""
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(path))
+    os.chmod(path, NEW_FILE_MODE)
 
 
 def write_json(path, data):
@@ -154,8 +168,8 @@ def save_image(image, path, metadata=None, save_options=None, mode_from=None, ex
     exclusive: never replace a file of that name, even one another run made meanwhile (atomic_path).
 
     save_options: extra keywords for PIL's writer (EXIF, ICC profile, JPEG tables), those the format
-    does not take left out. mode_from: a file whose permissions the output takes (otherwise 0666 less
-    the umask, as a newly created file would have).
+    does not take left out. mode_from: a file whose permissions the output takes (otherwise a new file's,
+    atomic_path).
     """
     path = Path(path)
     fmt = Image.registered_extensions().get(path.suffix.lower(), "PNG")
@@ -182,8 +196,6 @@ def save_image(image, path, metadata=None, save_options=None, mode_from=None, ex
             verify_image(tmp, path)
             if mode_from is not None:
                 shutil.copymode(mode_from, tmp)
-            else:
-                os.chmod(tmp, NEW_FILE_MODE)
     except OSError as e:  # a full disk or a read-only folder fails this output, not the program
         raise FacegenError(f"cannot write {path}: {e.strerror or e}") from None
     return path
@@ -207,8 +219,6 @@ def save_deep_rgb(deep, path, mode_from=None, exclusive=False):
                     os.remove(png)
             if mode_from is not None:
                 shutil.copymode(mode_from, tmp)
-            else:
-                os.chmod(tmp, NEW_FILE_MODE)
     except OSError as e:
         raise FacegenError(f"cannot write {path}: {e.strerror or e}") from None
     return Path(path)

@@ -10,12 +10,12 @@ import logging
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from .cache import cache_image_paths, read_meta
 from .edit import region_mask
 from .edit_request import EditRequest
-from .files import atomic_path
+from .files import atomic_path, save_tensors
 from .layout import read_landmarks
 from .pipeline import latent_mask
 
@@ -54,7 +54,7 @@ def region_mask_bank(cache_dir, image_size, latent_size, run_dir, count=BANK_SIZ
     log.info(f"drawing {len(TRAINING_REGIONS)} region masks for each of {len(chosen)} faces")
     masks = torch.stack([face_region_masks(points, image_size, latent_size) for points in chosen])
     with atomic_path(path) as tmp:
-        save_file({"masks": masks}, str(tmp))
+        save_tensors({"masks": masks}, tmp)
     return masks
 
 

@@ -21,11 +21,11 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from .devices import accelerate_precision
 from .errors import FacegenError, first_line
-from .files import atomic_dir
+from .files import atomic_dir, save_tensors
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +63,7 @@ def save_checkpoint(out, step, networks, states, run_state, keep):
     atomically; only the newest `keep` checkpoints stay."""
     with atomic_dir(Path(out) / "checkpoints" / f"step-{step:06d}") as tmp:
         for name, weights in networks.items():
-            save_file({k: v.contiguous() for k, v in weights.items()}, tmp / f"{name}.safetensors")
+            save_tensors({k: v.contiguous() for k, v in weights.items()}, tmp / f"{name}.safetensors")
         for name, state in states.items():
             torch.save(state, tmp / f"{name}.pt")
         (tmp / "state.json").write_text(json.dumps({**run_state, "step": step}, indent=2))

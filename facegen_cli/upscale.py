@@ -20,11 +20,11 @@ import numpy as np
 import torch
 from PIL import Image
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from . import devices
 from .errors import FacegenError
-from .files import FileResult, atomic_path, attempt, output_path, save_image
+from .files import FileResult, atomic_path, attempt, output_path, save_image, save_tensors
 from .images import to_rgb
 
 log = logging.getLogger(__name__)
@@ -182,7 +182,7 @@ def load_upscaler(weights=None, device="cpu"):
             log.info(f"converting the Real-ESRGAN x4plus weights from {files[0].parent} (once) into {cached}")
             state = convert_ncnn(*files, net)
             with atomic_path(cached) as tmp:
-                save_file(state, tmp)
+                save_tensors(state, tmp)
         else:
             log.info(f"downloading {X4PLUS_URL} into {cache_dir()}")
             download = cache_dir() / "RealESRGAN_x4plus.pth"
@@ -194,7 +194,7 @@ def load_upscaler(weights=None, device="cpu"):
                                    f"failed ({e}); pass --weights PATH") from None
             net.load_state_dict(read_state_dict(download), strict=True)
             with atomic_path(cached) as tmp:
-                save_file(net.state_dict(), tmp)
+                save_tensors(net.state_dict(), tmp)
     return net.to(device).eval().requires_grad_(False)
 
 

@@ -335,7 +335,7 @@ def test_a_bug_shows_its_traceback_and_says_it_is_a_bug(tmp_path, monkeypatch):
 def test_new_outputs_get_the_usual_permissions_not_the_temporary_files_0600(tmp_path, tiny_model_dir):
     import os
 
-    from facegen_cli.files import NEW_FILE_MODE
+    from facegen_cli.files import NEW_DIR_MODE, NEW_FILE_MODE, save_tensors, write_json
 
     result = runner.invoke(app, ["generate", "--model", str(tiny_model_dir), "-n", "1", "--steps", "1",
                                  "--out", str(tmp_path)])
@@ -344,6 +344,14 @@ def test_new_outputs_get_the_usual_permissions_not_the_temporary_files_0600(tmp_
     umask = os.umask(0)
     os.umask(umask)
     assert mode == NEW_FILE_MODE == 0o666 & ~umask
+    # every atomic write, not only images: reports, exported models and their files
+    write_json(tmp_path / "report.json", {})
+    assert os.stat(tmp_path / "report.json").st_mode & 0o777 == NEW_FILE_MODE
+    assert run("export", tiny_model_dir, "--out", tmp_path / "exported").exit_code == 0
+    assert (tmp_path / "exported").stat().st_mode & 0o777 == NEW_DIR_MODE
+    assert all(f.stat().st_mode & 0o777 == NEW_FILE_MODE for f in (tmp_path / "exported").rglob("*") if f.is_file())
+    save_tensors({"x": torch.zeros(1)}, tmp_path / "x.safetensors")
+    assert os.stat(tmp_path / "x.safetensors").st_mode & 0o777 == NEW_FILE_MODE
 
 
 def test_an_image_that_does_not_read_back_whole_fails_and_the_old_file_stays(tmp_path, monkeypatch):
