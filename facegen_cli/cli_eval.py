@@ -34,6 +34,10 @@ def eval_report(
                                                   "`pip install -e '.\\[fid]'` and the Inception weights)."),
     inception_weights: Optional[Path] = typer.Option(None, help="Local copy of torch-fidelity's Inception weights "
                                                                 "(offline machines; default: download)."),
+    free_faces: int = typer.Option(200, min=0, help="With --data, also this many faces with nothing asked, drawn "
+                                                     "from the label prior and left free (0: none)."),
+    identity: bool = typer.Option(False, "--identity", help="Also measure the faces with nothing asked in dlib's "
+                                                            "face-recognition embedding (the identity extra)."),
     device: Device = "auto",
     precision: Precision = "auto",
 ):
@@ -56,7 +60,7 @@ def eval_report(
     with progress_bar() as progress:
         evaluate_model(pipe, attribute_classifier, classifier_report, out, num_seeds=faces, guidances=guidance,
                        settings=pipe.settings(steps=steps), held_out=held_out, combinations=combinations,
-                       fid_to=fid_to, progress=progress)
+                       fid_to=fid_to, free_faces=free_faces, identity=identity, progress=progress)
     print(out / "report.md")
 
 

@@ -65,8 +65,17 @@ class SampleConfig:
     steps: int = 30
     method: str = "euler"
     guidance: float = 3.0
+    # (lo, hi): guidance only for lo <= t <= hi, the plain conditional prediction elsewhere (guidance.py)
+    guidance_interval: Optional[tuple] = None
 
     def __post_init__(self):
+        if self.guidance_interval is not None:
+            interval = self.guidance_interval
+            if not (isinstance(interval, (list, tuple)) and len(interval) == 2
+                    and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in interval)
+                    and 0 <= interval[0] < interval[1] <= 1):
+                raise FacegenError(f"guidance_interval must be two times lo < hi from 0 to 1, not {interval!r}")
+            object.__setattr__(self, "guidance_interval", (float(interval[0]), float(interval[1])))
         if self.method not in SAMPLERS:
             raise FacegenError(f"unknown sampler {self.method!r}; use {' or '.join(SAMPLERS)}")
         if not (isinstance(self.steps, int) and self.steps >= 1):

@@ -273,6 +273,7 @@ class EvalReport:
     classifier_test_accuracy: dict
     guidance: dict = field(default_factory=dict)  # {str(guidance): GuidanceResult}
     free_flip_ceiling: Optional[dict] = None
+    free_faces: Optional[dict] = None  # free_face_figures at the model's own guidance
     edit_locality: Optional[dict] = None
 
     def to_dict(self):
@@ -316,6 +317,36 @@ def measure_guidance(pipe, classifier, settings, *, seeds, combos, real_features
     return result, images, flipped_images
 
 
+def free_face_figures(pipe, classifier, real, *, seeds, settings, identity=False):
+    """Faces with nothing asked, two ways: their attributes drawn from the model's label prior and guided to
+    ("prior"; what `facegen generate` does), and left free ("free": unguided). Fréchet distances to the real
+    faces `real` (uint8 (N, S, S, 3)) past the first len(seeds), in the classifier's features and, with
+    `identity` (the identity extra), in dlib's face-recognition embedding; "real" is the first len(seeds)
+    real faces' own distance, the floor. Returns {"faces": n, "real": {...}, "prior": {...}, "free": {...}}."""
+    n = len(seeds)
+    if len(real) < 2 * n:
+        raise FacegenError(f"free-face figures on {n} faces need {2 * n} held-out faces, not {len(real)}")
+    nothing = torch.zeros(len(pipe.attributes))
+    faces = {"real": real[:n], "free": to_uint8(pipe.generate(nothing, seeds, settings))}
+    if pipe.prior is not None:
+        faces["prior"] = to_uint8(pipe.generate(pipe.draw_free(nothing, seeds)[0], seeds, settings))
+    embeddings = {"classifier": lambda images: classifier.embed(to_tensor(images)).cpu()}
+    references = {"classifier": embeddings["classifier"](real[n:])}
+    if identity:
+        from .identity import FaceEmbedder, aligned_embeddings
+
+        embedder = FaceEmbedder()
+        reference, boxes = aligned_embeddings(embedder, real[n:])
+        typical = tuple(np.median(boxes, axis=0))  # where a generated face dlib does not find is embedded
+        references["dlib"] = torch.from_numpy(reference)
+        embeddings["dlib"] = lambda images: torch.from_numpy(aligned_embeddings(embedder, images, fallback=typical)[0])
+    figures = {"faces": n}
+    for name, images in faces.items():
+        figures[name] = {f"frechet_{space}": float(f"{frechet_distance(embed(images), references[space]):.4g}")
+                         for space, embed in embeddings.items()}
+    return figures
+
+
 def save_grids(folder, attributes, guidance, images, flipped_images):
     """OUT/grids/<attribute>-g<guidance>.png (for, against) and <attribute>-held-g<guidance>.png."""
     for i, name in enumerate(attributes):
@@ -328,14 +359,17 @@ def save_grids(folder, attributes, guidance, images, flipped_images):
 
 
 def evaluate_model(pipe, classifier, classifier_report, out, *, num_seeds=32, guidances=(3.0,), settings=None,
-                   held_out=None, combinations=8, first_seed=0, fid_to=None, progress=None):
+                   held_out=None, combinations=8, first_seed=0, fid_to=None, free_faces=200, identity=False,
+                   progress=None):
     """Measure `pipe` with `classifier` at each guidance and write OUT/report.json, OUT/report.md,
     OUT/grids/<attribute>-g<guidance>.png and OUT/plots/*.png. Returns the EvalReport.
 
     settings: the SampleConfig to sample with (default: the model's), its guidance replaced by each of
               `guidances`.
     held_out: optional HeldOutFaces: the real side of the Fréchet distances, the free-flip ceiling from
-              its train labels and, with landmarks, edit locality on its faces.
+              its train labels and, with landmarks, edit locality on its faces; with `free_faces` (a count,
+              0: none) the figures of that many faces with nothing asked (free_face_figures, in dlib's
+              embedding too with `identity`), where it holds twice as many faces.
     fid_to: optional fid_to(real_uint8) -> fid(generated_uint8) -> float, the standard FID
             (inception_fid_to); when it raises FacegenError the report says why it was not measured.
     """
@@ -371,6 +405,9 @@ def evaluate_model(pipe, classifier, classifier_report, out, *, num_seeds=32, gu
             fid_unavailable=fid_unavailable, advance=advance)
         report.guidance[str(guidance)] = result
         save_grids(out / "grids", attributes, guidance, images, flipped_images)
+    if held_out is not None and free_faces and len(held_out.images) >= 2 * free_faces:
+        report.free_faces = free_face_figures(pipe, classifier, held_out.images, settings=settings,
+                                              seeds=list(range(first_seed, first_seed + free_faces)), identity=identity)
     if held_out is not None and held_out.points is not None:
         report.edit_locality = edit_locality(pipe, classifier, held_out, EditRequest(sample=settings))
     written = report.to_dict()  # the plots and the markdown read what report.json holds
@@ -461,6 +498,19 @@ def report_markdown(report, attributes):
             lines += [f"Inception FID (torchmetrics) to held-out real faces: {result['inception_fid']:.3f}", ""]
         elif "inception_fid_unavailable" in result:
             lines += [f"Inception FID: not measured ({result['inception_fid_unavailable']}).", ""]
+    if "free_faces" in report:
+        free = report["free_faces"]
+        spaces = [key for key in free["real"]]
+        lines += ["## Faces with nothing asked", "",
+                  f"{free['faces']} faces, Fréchet distance to held-out real faces (real: {free['faces']} other real "
+                  "faces, the floor; prior: the attributes drawn from the model's label prior and guided to, as "
+                  "`facegen generate` does; free: all left free, unguided).", "",
+                  "| faces | " + " | ".join(key.replace("frechet_", "") for key in spaces) + " |",
+                  "|---|" + "---|" * len(spaces)]
+        for name in ("real", "prior", "free"):
+            if name in free:
+                lines.append(f"| {name} | " + " | ".join(f"{free[name][key]:.4g}" for key in spaces) + " |")
+        lines.append("")
     if "edit_locality" in report:
         lines += ["## Edit locality (`--add` on held-out faces without the attribute)", "",
                   "| attribute | faces | success | PSNR outside mask | SSIM outside mask | pixels changed outside | "

@@ -73,15 +73,17 @@ def face_box(points):
     return cx - half, cy - half, cx + half, cy + half
 
 
-def aligned_embeddings(embedder, faces, boxes=None):
+def aligned_embeddings(embedder, faces, boxes=None, fallback=None):
     """(embeddings (N, 128), boxes) of aligned faces (N, H, W, 3 uint8): each face embedded in boxes[i] when
-    given, else in dlib's own detection on it, else (dlib found none: a blurred or distorted face) in the
-    median of the other faces' boxes, which share the framing. Give a set of faces and their versions
-    (reconstructions, edits) the originals' boxes, so that only the faces differ, never the boxes."""
+    given, else in dlib's own detection on it, else (dlib found none: a blurred or distorted face) in
+    `fallback` or the median of the other faces' boxes, which share the framing. Give a set of faces and
+    their versions (reconstructions, edits) the originals' boxes, so that only the faces differ, never the
+    boxes."""
     if boxes is None:
         found = [embedder.detect(face) for face in faces]
-        if all(box is None for box in found):
-            raise FacegenError("dlib found no face in any of the images: not faces in the model's framing?")
-        typical = tuple(np.median([box for box in found if box is not None], axis=0))
-        boxes = [typical if box is None else box for box in found]
+        if fallback is None:
+            if all(box is None for box in found):
+                raise FacegenError("dlib found no face in any of the images: not faces in the model's framing?")
+            fallback = tuple(np.median([box for box in found if box is not None], axis=0))
+        boxes = [fallback if box is None else box for box in found]
     return np.stack([embedder.embed(face, box) for face, box in zip(faces, boxes)]), boxes

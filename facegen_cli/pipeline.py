@@ -192,7 +192,8 @@ class FacegenPipeline:
         return self.prior.draw(condition, seeds)
 
     def _velocity(self, condition, reference, settings, context=None):
-        return guidance.classifier_free(self.dit, condition, reference, settings.guidance, context)
+        return guidance.classifier_free(self.dit, condition, reference, settings.guidance, context,
+                                        settings.guidance_interval)
 
     def generate(self, condition, seeds, settings=None, *, reference=None, batch_size=None, on_batch=None):
         """Images in [-1, 1], one per seed, for condition(s) of shape (A,) or (len(seeds), A), guided away

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from facegen_cli.classifier import ClassifierTrainConfig, fit_classifier, save_classifier
+from facegen_cli.errors import FacegenError
 from facegen_cli.evaluate import (control_rates, free_flip_ceiling, held_flip_agreement, held_flip_requests,
                                   leakage_matrix, off_diagonal_mean, read_held_flips, read_single_attribute_faces,
                                   single_attribute_requests)
@@ -128,7 +129,7 @@ def test_eval_report_through_the_cli(tmp_path, tiny_model_dir, tiny_data):
                     {"test_accuracy": dict.fromkeys(DEFAULT_ATTRIBUTES, 0.5)})
     result = CliRunner().invoke(app, ["eval", "--model", str(tiny_model_dir), "--classifier", str(tmp_path / "clf"),
                                       "-k", "2", "--guidance", "1", "--guidance", "3", "--steps", "2",
-                                      "--combinations", "2", "--data", str(tiny_data),
+                                      "--combinations", "2", "--data", str(tiny_data), "--free-faces", "4",
                                       "--inception-weights", str(tmp_path / "no-such-weights.pth"),
                                       "--out", str(tmp_path / "report")])
     assert result.exit_code == 0, result.stderr
@@ -148,6 +149,33 @@ def test_eval_report_through_the_cli(tmp_path, tiny_model_dir, tiny_data):
     # The standard FID could not be measured (no weights there): the report says so instead of a number.
     assert "Inception FID unavailable" in result_g3["inception_fid_unavailable"] and "inception_fid" not in result_g3
     assert "Inception FID: not measured" in (tmp_path / "report" / "report.md").read_text()
+    free = report["free_faces"]  # the tiny model carries its training labels: drawn from them, and left free
+    assert free["faces"] == 4 and set(free) == {"faces", "real", "prior", "free"}
+    assert all(set(free[k]) == {"frechet_classifier"} for k in ("real", "prior", "free"))
+    assert "## Faces with nothing asked" in (tmp_path / "report" / "report.md").read_text()
+
+
+def test_free_face_figures_put_real_faces_at_the_floor_in_both_embeddings(tiny_model_dir):
+    """Real faces against other real faces score below a model that draws no faces, in the classifier's
+    features and in dlib's embedding (where the model's blobs, in which dlib finds no face, are embedded in
+    the real faces' typical box)."""
+    pytest.importorskip("dlib")
+    from facegen_cli.attributes import DEFAULT_ATTRIBUTES
+    from facegen_cli.evaluate import free_face_figures
+    from facegen_cli.pipeline import FacegenPipeline
+    from facegen_cli.synthfaces import render_face
+
+    pipe = FacegenPipeline.load(tiny_model_dir)
+    drawn = [render_face(seed) for seed in range(16)]
+    real = np.stack([image for image, _, _ in drawn])
+    labels = torch.tensor([[1 if face[a] else -1 for a in DEFAULT_ATTRIBUTES] for _, face, _ in drawn])
+    classifier = fit_classifier(real, labels, DEFAULT_ATTRIBUTES, ClassifierTrainConfig(epochs=2))
+    figures = free_face_figures(pipe, classifier, real,
+                                seeds=list(range(8)), settings=pipe.settings(steps=2), identity=True)
+    for space in ("frechet_classifier", "frechet_dlib"):
+        assert 0 <= figures["real"][space] < min(figures["free"][space], figures["prior"][space])
+    with pytest.raises(FacegenError, match="need 16 held-out faces"):
+        free_face_figures(pipe, None, real[:10], seeds=list(range(8)), settings=pipe.sample)
 
 
 def test_eval_without_a_classifier_is_a_clear_error(tiny_model_dir):

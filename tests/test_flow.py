@@ -66,6 +66,16 @@ def test_guidance_steers_away_from_a_given_reference_condition(model):
     assert not torch.allclose(guided, free, atol=1e-3)
 
 
+def test_guidance_interval_guides_inside_it_and_predicts_plainly_outside(model):
+    x, y = torch.randn(3, 4, 16, 16), torch.randn(3, 5).sign()
+    with torch.no_grad():
+        for t, inside in ((0.5, True), (0.2, True), (0.9, False), (0.1, False)):
+            t = torch.tensor(t)
+            banded = guidance.classifier_free(model, y, torch.zeros_like(y), 4.0, interval=(0.2, 0.8))(x, t)
+            expected = guidance.classifier_free(model, y, torch.zeros_like(y), 4.0 if inside else 1.0)(x, t)
+            assert torch.allclose(banded, expected, atol=1e-6)
+
+
 def velocity(model, y, scale=2.0):
     return guidance.classifier_free(model, y, torch.zeros_like(y), scale)
 
