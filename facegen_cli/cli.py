@@ -235,6 +235,9 @@ def generate(
     steps: Optional[int] = typer.Option(None, min=1, help="Sampling steps (default: the model's)."),
     guidance: Optional[float] = typer.Option(None, callback=finite,
                                              help="Classifier-free guidance scale (default: the model's)."),
+    drawn_guidance: Optional[float] = typer.Option(None, callback=finite,
+                                                   help="Guidance of the attributes drawn from the label prior "
+                                                        "(default: the model's; the asked ones get --guidance)."),
     sampler: Optional[str] = typer.Option(None, help="euler or heun (default: the model's)."),
     grid: bool = typer.Option(False, "--grid", help="Also write all faces as one grid image."),
     upscale: Optional[float] = typer.Option(None, "--upscale", min=1.0, max=8.0,
@@ -267,7 +270,7 @@ def generate(
         raise FacegenError(f"--seed {seed} with -n {n} runs past the largest seed, {MAX_SEED}")
     seeds = list(range(seed, seed + n))
     refuse_existing(face_paths(out, seeds), overwrite)
-    settings = pipe.settings(steps=steps, guidance=guidance, method=sampler)
+    settings = pipe.settings(steps=steps, guidance=guidance, method=sampler, drawn_guidance=drawn_guidance)
     log(f"generating {n} faces: {request.describe()}; seeds {seed}..{seed + n - 1}; {settings}")
     writer = FaceWriter(pipe, request, settings, out, upscale=upscale, grid=grid,
                         model_name=str(model) if model else pipe.path.name, overwrite=overwrite)

@@ -65,6 +65,9 @@ class SampleConfig:
     steps: int = 30
     method: str = "euler"
     guidance: float = 3.0
+    # the attributes drawn from the label prior for a generated face, guided from the all-free reference
+    # (guidance.composed); the asked ones at `guidance` from there
+    drawn_guidance: float = 1.5
     # (lo, hi): guidance only for lo <= t <= hi, the plain conditional prediction elsewhere (guidance.py)
     guidance_interval: Optional[tuple] = None
 
@@ -80,10 +83,11 @@ class SampleConfig:
             raise FacegenError(f"unknown sampler {self.method!r}; use {' or '.join(SAMPLERS)}")
         if not (isinstance(self.steps, int) and self.steps >= 1):
             raise FacegenError(f"sampling steps must be a whole number of at least 1, not {self.steps!r}")
-        if not math.isfinite(self.guidance):
-            raise FacegenError(f"guidance must be a finite number, not {self.guidance}")
-        if not -MAX_GUIDANCE <= self.guidance <= MAX_GUIDANCE:  # far past it a face is black or noise
-            raise FacegenError(f"guidance {self.guidance:g} is out of range; use -{MAX_GUIDANCE} to {MAX_GUIDANCE}")
+        for value in (self.guidance, self.drawn_guidance):
+            if not math.isfinite(value):
+                raise FacegenError(f"guidance must be a finite number, not {value}")
+            if not -MAX_GUIDANCE <= value <= MAX_GUIDANCE:  # far past it a face is black or noise
+                raise FacegenError(f"guidance {value:g} is out of range; use -{MAX_GUIDANCE} to {MAX_GUIDANCE}")
 
 
 @dataclass(frozen=True)

@@ -319,7 +319,7 @@ def measure_guidance(pipe, classifier, settings, *, seeds, combos, real_features
 
 def free_face_figures(pipe, classifier, real, *, seeds, settings, identity=False):
     """Faces with nothing asked, two ways: their attributes drawn from the model's label prior and guided to
-    ("prior"; what `facegen generate` does), and left free ("free": unguided). Fréchet distances to the real
+    at settings.drawn_guidance ("prior"; what `facegen generate` does), and left free ("free": unguided). Fréchet distances to the real
     faces `real` (uint8 (N, S, S, 3)) past the first len(seeds), in the classifier's features and, with
     `identity` (the identity extra), in dlib's face-recognition embedding; "real" is the first len(seeds)
     real faces' own distance, the floor. Returns {"faces": n, "real": {...}, "prior": {...}, "free": {...}}."""
@@ -328,8 +328,9 @@ def free_face_figures(pipe, classifier, real, *, seeds, settings, identity=False
         raise FacegenError(f"free-face figures on {n} faces need {2 * n} held-out faces, not {len(real)}")
     nothing = torch.zeros(len(pipe.attributes))
     faces = {"real": real[:n], "free": to_uint8(pipe.generate(nothing, seeds, settings))}
-    if pipe.prior is not None:
-        faces["prior"] = to_uint8(pipe.generate(pipe.draw_free(nothing, seeds)[0], seeds, settings))
+    conditions, drawn = pipe.draw_free(nothing, seeds)
+    if drawn is not None:
+        faces["prior"] = to_uint8(pipe.generate(conditions, seeds, settings, drawn=drawn))
     embeddings = {"classifier": lambda images: classifier.embed(to_tensor(images)).cpu()}
     references = {"classifier": embeddings["classifier"](real[n:])}
     if identity:

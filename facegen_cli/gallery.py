@@ -93,20 +93,15 @@ def make_faces(pipe, request, seeds, settings, writer, *, prior=True, batch_size
     """Make the faces of an attributes.AttributeRequest, one per seed, and write each batch with `writer` (a
     FaceWriter) as it is made; yields each batch's paths. With `prior` and a model that carries a label
     prior, the attributes not asked for are drawn per face from the training faces' combinations
-    (pipeline.draw_free) and the faces guided to them; otherwise, or where no training face had the asked
-    attributes together (said once), they stay free."""
+    (pipeline.draw_free) and the faces guided to them (guidance.composed); otherwise, or where no training
+    face had the asked attributes together (said once), they stay free."""
     condition = request.condition()[0]
-    if prior and pipe.prior is not None:
-        conditions, drawn = pipe.draw_free(condition, seeds)
-        if not drawn.all():
-            log.warning(f"no training face had {request.describe()} together: the other attributes stay free")
-            conditions = None
-    else:
-        conditions = None
+    conditions, drawn = pipe.draw_free(condition, seeds) if prior else (condition, None)
+    if prior and pipe.prior is not None and drawn is None:
+        log.warning(f"no training face had {request.describe()} together: the other attributes stay free")
     done = 0
-    for batch_seeds, images in pipe.generate_batches(condition if conditions is None else conditions, seeds, settings,
-                                                     reference=request.reference()[0], batch_size=batch_size,
-                                                     on_batch=on_batch):
-        batch = None if conditions is None else conditions[done:done + len(batch_seeds)]
+    for batch_seeds, images in pipe.generate_batches(conditions, seeds, settings, reference=request.reference()[0],
+                                                     drawn=drawn, batch_size=batch_size, on_batch=on_batch):
+        batch = None if drawn is None else conditions[done:done + len(batch_seeds)]
         done += len(batch_seeds)
         yield writer.write(batch_seeds, images, batch)

@@ -4,6 +4,12 @@ Classifier-free guidance v = v_r + w (v_c - v_r) mixes the prediction for the co
 reference condition r. The reference is the request's (attributes.AttributeRequest.reference): every
 attribute free for a generated face; for an edit, the same face with the change reversed, so that guidance
 pushes along the change alone. w = 1 is the plain conditional prediction.
+
+A generated face whose free attributes were drawn from the label prior (label_prior.py) is guided in two
+parts (composed): towards the drawn attributes gently, from the all-free reference, and towards the asked
+ones at the full scale, from the drawn ones alone. Guiding the drawn ones at the full scale too makes every
+face a caricature of its labels (on 200 faces, the classifier-feature Fréchet distance 2.8 at w = 1, 4.9
+at 1.5, 10.0 at 3); not guiding them leaves more faces smeared.
 """
 
 import torch
@@ -34,4 +40,24 @@ def classifier_free(model, y, reference, scale, context=None, interval=None):
         # in float32
         v_c, v_r = both(torch.cat([x, x]), t).chunk(2)
         return v_r + scale * (v_c - v_r)
+    return velocity
+
+
+def composed(model, y, partial, reference, scale, partial_scale, interval=None):
+    """v = v_r + partial_scale (v_p - v_r) + scale (v_c - v_p): guided at `scale` from `partial` (the
+    condition without the asked attributes: what was drawn for the face) to `y`, and at `partial_scale` from
+    `reference` to `partial`; all (B, A), one batched forward. Where nothing is asked (partial == y) it is
+    classifier_free at partial_scale, two branches; with partial_scale 1, classifier_free from `partial`."""
+    if torch.equal(partial, y):
+        return classifier_free(model, y, reference, partial_scale, interval=interval)
+    if partial_scale == 1.0:
+        return classifier_free(model, y, partial, scale, interval=interval)
+    plain = conditional(model, y)
+    three = conditional(model, torch.cat([y, partial, reference]))
+
+    def velocity(x, t):
+        if interval is not None and not interval[0] <= float(t) <= interval[1]:
+            return plain(x, t)
+        v_c, v_p, v_r = three(torch.cat([x, x, x]), t).chunk(3)
+        return v_r + partial_scale * (v_p - v_r) + scale * (v_c - v_p)
     return velocity

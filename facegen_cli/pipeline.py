@@ -181,29 +181,41 @@ class FacegenPipeline:
         return int(max(16, min(1024, torch.cuda.mem_get_info(self.device)[0] // 4 // per_face)))
 
     def draw_free(self, condition, seeds):
-        """(conditions (len(seeds), A), drawn (len(seeds),) bool): `condition` ((A,) or one per seed) with
-        its free attributes drawn, by seed, from the label combinations of the training faces that agree
-        with its asked ones (LabelPrior.draw). Where the model carries no prior, or no training face had
-        the asked attributes together, they stay free (drawn False): guided from the all-free reference,
-        a face with nothing asked would otherwise not be guided at all."""
+        """(conditions (len(seeds), A), drawn (len(seeds), A) or None): `condition` ((A,) or one per seed)
+        with its free attributes drawn, by seed, from the label combinations of the training faces that
+        agree with its asked ones (LabelPrior.draw), and those drawn attributes alone (the asked ones free),
+        generate's `drawn`. Where the model carries no prior, or no training face had the asked attributes
+        together, they stay free (None): guided from the all-free reference, a face with nothing asked is
+        then not guided at all."""
         condition = condition.expand(len(seeds), -1) if condition.ndim == 1 else condition
         if self.prior is None:
-            return condition.clone(), torch.zeros(len(seeds), dtype=torch.bool)
-        return self.prior.draw(condition, seeds)
+            return condition.clone(), None
+        conditions, supported = self.prior.draw(condition, seeds)
+        if not supported.all():
+            return condition.clone(), None
+        return conditions, torch.where(condition != 0, 0.0, conditions)
 
-    def _velocity(self, condition, reference, settings, context=None):
+    def _velocity(self, condition, reference, settings, context=None, drawn=None):
+        if drawn is not None:
+            return guidance.composed(self.dit, condition, drawn, reference, settings.guidance, settings.drawn_guidance,
+                                     settings.guidance_interval)
         return guidance.classifier_free(self.dit, condition, reference, settings.guidance, context,
                                         settings.guidance_interval)
 
-    def generate(self, condition, seeds, settings=None, *, reference=None, batch_size=None, on_batch=None):
+    def generate(self, condition, seeds, settings=None, *, reference=None, drawn=None, batch_size=None,
+                 on_batch=None):
         """Images in [-1, 1], one per seed, for condition(s) of shape (A,) or (len(seeds), A), guided away
         from `reference` (same shapes; default: every attribute free), sampled with `settings` (a
         SampleConfig; default: the model's), `batch_size` at a time (default: default_batch_size()).
-        A face depends on its seed and condition alone, not on the batch it was drawn in."""
+        `drawn`: the condition's free attributes drawn from the label prior, the asked ones free (draw_free):
+        guided to at settings.drawn_guidance, the asked ones from there at settings.guidance
+        (guidance.composed). A face depends on its seed and condition alone, not on the batch it was drawn in."""
         return torch.cat([images for _, images in self.generate_batches(
-            condition, seeds, settings, reference=reference, batch_size=batch_size, on_batch=on_batch)])
+            condition, seeds, settings, reference=reference, drawn=drawn, batch_size=batch_size,
+            on_batch=on_batch)])
 
-    def generate_batches(self, condition, seeds, settings=None, *, reference=None, batch_size=None, on_batch=None):
+    def generate_batches(self, condition, seeds, settings=None, *, reference=None, drawn=None, batch_size=None,
+                         on_batch=None):
         """generate(), a batch at a time: yields (the batch's seeds, its images), so that a caller can write
         each batch as it is made and hold no more than one."""
         settings = settings or self.sample
@@ -216,7 +228,7 @@ class FacegenPipeline:
             with torch.inference_mode():
                 noise = self.noise(seeds[chunk]).to(self.device)
                 velocity = self._velocity(condition[chunk].to(self.device), reference[chunk].to(self.device),
-                                          settings)
+                                          settings, drawn=None if drawn is None else drawn[chunk].to(self.device))
                 with self.autocast():
                     latents = sampling.sample(velocity, noise, times, method=settings.method)
                 images = self.decode(latents).cpu()

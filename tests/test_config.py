@@ -106,3 +106,14 @@ def test_a_model_folder_whose_latent_statistics_do_not_fit_its_dit_is_refused(tm
     (tmp_path / "m/facegen.json").write_text(json.dumps(data))
     with pytest.raises(FacegenError, match="latent_mean has 3 values, but the DiT has 4"):
         FacegenPipeline.load(tmp_path / "m")
+
+
+def test_the_guidance_interval_and_the_drawn_guidance_are_checked():
+    from facegen_cli.config import SampleConfig
+
+    assert SampleConfig(guidance_interval=[0.2, 0.8]).guidance_interval == (0.2, 0.8)
+    for bad in ([0.8, 0.2], [0, 1.5], [0.5], "0.2,0.8"):
+        with pytest.raises(FacegenError, match="guidance_interval"):
+            SampleConfig(guidance_interval=bad)
+    with pytest.raises(FacegenError, match="out of range"):
+        SampleConfig(drawn_guidance=100)

@@ -76,6 +76,22 @@ def test_guidance_interval_guides_inside_it_and_predicts_plainly_outside(model):
             assert torch.allclose(banded, expected, atol=1e-6)
 
 
+def test_composed_guidance_guides_the_drawn_attributes_and_the_asked_ones_apart(model):
+    x, t, y = torch.randn(3, 4, 16, 16), torch.tensor(0.5), torch.randn(3, 5).sign()
+    drawn = y.clone()
+    drawn[:, 0] = 0  # attribute 0 asked, the rest drawn
+    free = torch.zeros_like(y)
+    with torch.no_grad():
+        v_c, v_p, v_r = (model(x, t.expand(3), c) for c in (y, drawn, free))
+        composed = guidance.composed(model, y, drawn, free, 3.0, 1.5)(x, t)
+        assert torch.allclose(composed, v_r + 1.5 * (v_p - v_r) + 3.0 * (v_c - v_p), atol=1e-5)
+        # nothing asked: plain guidance towards the drawn attributes at their scale
+        assert torch.allclose(guidance.composed(model, y, y, free, 3.0, 1.5)(x, t),
+                              guidance.classifier_free(model, y, free, 1.5)(x, t), atol=1e-6)
+        assert torch.allclose(guidance.composed(model, y, drawn, free, 3.0, 1.0)(x, t),
+                              guidance.classifier_free(model, y, drawn, 3.0)(x, t), atol=1e-6)
+
+
 def velocity(model, y, scale=2.0):
     return guidance.classifier_free(model, y, torch.zeros_like(y), scale)
 
