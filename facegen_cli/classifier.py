@@ -199,9 +199,9 @@ def train_classifier(data_dir, out, config=ClassifierTrainConfig(), *, also_test
     return {str(data_dir): own, **others}, own_balanced
 
 
-def save_classifier(model, out, report):
+def save_classifier(model, out, report, dtype=None):
     with atomic_dir(out) as tmp:
-        save_pretrained(model, tmp)
+        save_pretrained(model, tmp, dtype)
         (tmp / "accuracy.json").write_text(json.dumps(report, indent=2) + "\n")
     return Path(out)
 

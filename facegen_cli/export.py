@@ -48,6 +48,5 @@ def export_model(model, out, *, half=False, classifier=None, vae=None, labels=No
     with atomic_dir(out) as tmp:
         pipe.write(tmp, dtype)
         if attribute_classifier is not None:
-            save_classifier(attribute_classifier.to(dtype) if half else attribute_classifier, tmp / "classifier",
-                            report)
+            save_classifier(attribute_classifier, tmp / "classifier", report, dtype)
     return out

@@ -1,6 +1,7 @@
 """Writing results safely: every output goes to a temporary name first and is renamed into place,
 so that an interrupted run never leaves a half-written image, checkpoint or cache shard."""
 
+import copy
 import json
 import os
 import shutil
@@ -13,6 +14,7 @@ from pathlib import Path
 from typing import Optional
 
 import numpy as np
+import torch
 from PIL import Image, PngImagePlugin
 
 from .errors import FacegenError
@@ -138,9 +140,14 @@ def check_output_folder(folder):
             return
 
 
-def save_pretrained(module, folder):
+def save_pretrained(module, folder, dtype=None):
     """module.save_pretrained(folder) (a diffusers model: config.json + safetensors weights), less the
-    `_name_or_path` diffusers records in config.json: the folder it was loaded from, a machine's path."""
+    `_name_or_path` diffusers records in config.json: the folder it was loaded from, a machine's path.
+    dtype: save a copy cast to it (torch.float16 halves the files)."""
+    if dtype is not None:
+        # nn.Module's own cast: diffusers 0.42's ModelMixin.to warns on every dtype cast of a model whose
+        # _keep_in_fp32_modules is an empty list, i.e. none to keep (a false alarm on each export)
+        module = torch.nn.Module.to(copy.deepcopy(module), dtype)
     module.save_pretrained(folder)
     config = Path(folder) / "config.json"
     data = json.loads(config.read_text())

@@ -7,7 +7,6 @@
     MODEL/labels.json    label_prior.LabelPrior: the training faces' label combinations (optional)
 """
 
-import copy
 import dataclasses
 import json
 from pathlib import Path
@@ -143,7 +142,7 @@ class FacegenPipeline:
     def write(self, folder, dtype=None):
         """Write the model's files into an empty `folder` (save: atomically)."""
         for name, module in (("dit", self.dit), ("vae", self.vae)):
-            save_pretrained(module if dtype is None else copy.deepcopy(module).to(dtype), Path(folder) / name)
+            save_pretrained(module, Path(folder) / name, dtype)
         (Path(folder) / MODEL_FILE).write_text(json.dumps(self.info.to_dict(), indent=2) + "\n")
         if self.prior is not None:
             self.prior.save(Path(folder) / PRIOR_FILE)
