@@ -23,24 +23,37 @@ def conditional(model, y, context=None):
     return velocity
 
 
-def classifier_free(model, y, reference, scale, context=None, interval=None):
-    """v(x, t) = v_r + scale (v_c - v_r), both branches in one batched forward; `y`, `reference`: (B, A);
-    both branches see the same inpainting `context`, if any. With `interval` (lo, hi), guided only for
-    lo <= t <= hi and plain conditional elsewhere, at half the cost (Kynkäänniemi et al. 2024: guidance near
-    the noise end pulls every face towards a few layouts, near the data end it adds nothing)."""
-    plain = conditional(model, y, context)
-    if scale == 1.0:
-        return plain
-    both = conditional(model, torch.cat([y, reference]), None if context is None else torch.cat([context, context]))
+def guided_chain(model, conditions, scales, context=None, interval=None):
+    """v = v_last + sum_k scales[k] (v_k - v_(k+1)) over `conditions` [c_0, ..., c_last] (each (B, A)), from
+    the reference c_last towards c_0 one step of guidance at a time, all branches in one batched forward;
+    every branch sees the same inpainting `context`, if any. With `interval` (lo, hi), guided only for
+    lo <= t <= hi and the plain conditional prediction for c_0 elsewhere, at a fraction of the cost
+    (Kynkäänniemi et al. 2024: guidance near the noise end pulls every face towards a few layouts, near the
+    data end it adds nothing). The differences keep a branch equal to its neighbour exact: nothing to guide
+    along gives v_last itself."""
+    plain = conditional(model, conditions[0], context)
+    n = len(conditions)
+    branches = conditional(model, torch.cat(conditions), None if context is None else torch.cat([context] * n))
 
     def velocity(x, t):
         if interval is not None and not interval[0] <= float(t) <= interval[1]:
             return plain(x, t)
-        # float() (in conditional): under bf16 autocast the guidance difference and the steps are still taken
+        # float() (in conditional): under bf16 autocast the guidance differences and the steps are still taken
         # in float32
-        v_c, v_r = both(torch.cat([x, x]), t).chunk(2)
-        return v_r + scale * (v_c - v_r)
+        v = branches(torch.cat([x] * n), t).chunk(n)
+        mixed = v[-1]
+        for k in reversed(range(n - 1)):
+            mixed = mixed + scales[k] * (v[k] - v[k + 1])
+        return mixed
     return velocity
+
+
+def classifier_free(model, y, reference, scale, context=None, interval=None):
+    """v(x, t) = v_r + scale (v_c - v_r), both branches in one batched forward; `y`, `reference`: (B, A);
+    both branches see the same inpainting `context`, if any; `interval`: guided_chain's."""
+    if scale == 1.0:
+        return conditional(model, y, context)
+    return guided_chain(model, [y, reference], [scale], context, interval)
 
 
 def composed(model, y, partial, reference, scale, partial_scale, interval=None):
@@ -52,12 +65,4 @@ def composed(model, y, partial, reference, scale, partial_scale, interval=None):
         return classifier_free(model, y, reference, partial_scale, interval=interval)
     if partial_scale == 1.0:
         return classifier_free(model, y, partial, scale, interval=interval)
-    plain = conditional(model, y)
-    three = conditional(model, torch.cat([y, partial, reference]))
-
-    def velocity(x, t):
-        if interval is not None and not interval[0] <= float(t) <= interval[1]:
-            return plain(x, t)
-        v_c, v_p, v_r = three(torch.cat([x, x, x]), t).chunk(3)
-        return v_r + partial_scale * (v_p - v_r) + scale * (v_c - v_p)
-    return velocity
+    return guided_chain(model, [y, partial, reference], [scale, partial_scale], interval=interval)
