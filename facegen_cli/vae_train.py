@@ -78,14 +78,14 @@ class PatchDiscriminator(nn.Module):
         return self.layers(images)
 
 
-def feature_matching_loss(discriminator, reconstruction, x):
-    """pix2pixHD's feature matching: L1 between the discriminator's activations on the reconstruction and on
-    the real image, every layer weighted alike. Unlike the adversarial term it asks for this face's texture
-    (these hair strands, this eye), not just any texture a face could have."""
+def feature_matching_loss(discriminator, fake, x):
+    """pix2pixHD's feature matching: L1 between the discriminator's activations on the reconstruction (`fake`:
+    its discriminator.features) and on the real image x, every layer weighted alike. Unlike the adversarial
+    term it asks for this face's texture (these hair strands, this eye), not just any texture a face could
+    have."""
     with torch.no_grad():
         real = discriminator.features(x)[:-1]
-    fake = discriminator.features(reconstruction)[:-1]
-    return sum(F.l1_loss(f, r) for f, r in zip(fake, real)) / len(real)
+    return sum(F.l1_loss(f, r) for f, r in zip(fake[:-1], real)) / len(real)
 
 
 def random_crops(images, size, generator):
@@ -168,9 +168,10 @@ def autoencoder_losses(vae, discriminator, x, generator, config, step, decoder_o
     rec_loss = F.l1_loss(reconstruction, x) + laplacian_loss(reconstruction, x, levels=4).mean()
     loss = rec_loss + config.kl_weight * posterior.kl().mean()
     if config.disc_start is not None and step >= config.disc_start + config.disc_warmup:
-        gen_loss = -discriminator(reconstruction).float().mean()
+        fake = discriminator.features(reconstruction)  # one pass: the logits last, for both terms
+        gen_loss = -fake[-1].float().mean()
         if config.feature_weight:
-            gen_loss = gen_loss + config.feature_weight * feature_matching_loss(discriminator, reconstruction, x)
+            gen_loss = gen_loss + config.feature_weight * feature_matching_loss(discriminator, fake, x)
         loss = loss + config.disc_weight * adaptive_weight(rec_loss, gen_loss, vae.decoder.conv_out.weight) * gen_loss
     return loss, rec_loss, reconstruction
 

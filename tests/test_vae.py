@@ -149,9 +149,10 @@ def test_feature_matching_is_zero_on_the_real_image_and_pulls_the_reconstruction
     torch.manual_seed(0)
     discriminator = PatchDiscriminator(channels=8)
     x = torch.rand(2, 3, 64, 64) * 2 - 1
-    assert feature_matching_loss(discriminator, x, x).item() == 0
+    assert feature_matching_loss(discriminator, discriminator.features(x), x).item() == 0
+    assert torch.equal(discriminator.features(x)[-1], discriminator(x))  # the logits last
     reconstruction = (x + 0.3 * torch.randn_like(x)).requires_grad_(True)
-    feature_matching_loss(discriminator, reconstruction, x).backward()
+    feature_matching_loss(discriminator, discriminator.features(reconstruction), x).backward()
     assert reconstruction.grad.abs().sum() > 0
     common = dict(steps=2, batch_size=4, crop_size=64, learning_rate=1e-2, init=str(tiny_vae_dir), decoder_only=True,
                   disc_start=0)
