@@ -1,6 +1,7 @@
 """The `facegen` command line: thin wrappers over the library, results' paths on stdout,
 logs and progress bars on stderr, one-line errors and a non-zero exit code on bad input."""
 
+import dataclasses
 import gc
 import secrets
 from pathlib import Path
@@ -214,6 +215,18 @@ def export(
     labels: Optional[Path] = typer.Option(None, help="Labelled folder whose train split's label combinations "
                                                      "become the model's label prior (MODEL/labels.json), which "
                                                      "`generate` draws the attributes not asked for from."),
+    ema_length: Optional[float] = typer.Option(
+        None, min=0.001, max=0.28, help="Reconstruct the DiT's weights as the post-hoc EMA of this relative width "
+                                        "(e.g. 0.05-0.15) from the run's snapshots (a preset with "
+                                        "posthoc_ema_every)."),
+    snapshots: Optional[Path] = typer.Option(None, help="Post-hoc EMA snapshot folder (default: RUN/ema-snapshots "
+                                                        "beside the model folder RUN/model)."),
+    guide: Optional[Path] = typer.Option(None, help="A smaller model of the same latents and attributes, trained for "
+                                                    "less (preset faces-guide), to carry as the autoguidance guide "
+                                                    "(OUT/guide)."),
+    autoguidance: Optional[float] = typer.Option(None, callback=finite, help="The weight generated faces are "
+                                                                             "autoguided with (with --guide, or the "
+                                                                             "model's own guide)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a model folder at OUT (never a folder of "
                                                               "other files)."),
 ):
@@ -221,7 +234,8 @@ def export(
     prints OUT."""
     from .export import export_model
 
-    print(export_model(model, out, half=half, classifier=classifier, vae=vae, labels=labels, overwrite=overwrite))
+    print(export_model(model, out, half=half, classifier=classifier, vae=vae, labels=labels, ema_length=ema_length,
+                       snapshots=snapshots, guide=guide, autoguidance=autoguidance, overwrite=overwrite))
 
 
 @app.command()
@@ -238,6 +252,10 @@ def generate(
     drawn_guidance: Optional[float] = typer.Option(None, callback=finite,
                                                    help="Guidance of the attributes drawn from the label prior "
                                                         "(default: the model's; the asked ones get --guidance)."),
+    autoguidance: Optional[float] = typer.Option(None, callback=finite,
+                                                 help="Autoguidance weight by the model's guide, in place of "
+                                                      "--drawn-guidance (default: the model's, where it carries a "
+                                                      "guide); 0 turns it off."),
     sampler: Optional[str] = typer.Option(None, help="euler or heun (default: the model's)."),
     grid: bool = typer.Option(False, "--grid", help="Also write all faces as one grid image."),
     upscale: Optional[float] = typer.Option(None, "--upscale", min=1.0, max=8.0,
@@ -270,7 +288,12 @@ def generate(
         raise FacegenError(f"--seed {seed} with -n {n} runs past the largest seed, {MAX_SEED}")
     seeds = list(range(seed, seed + n))
     refuse_existing(face_paths(out, seeds), overwrite)
-    settings = pipe.settings(steps=steps, guidance=guidance, method=sampler, drawn_guidance=drawn_guidance)
+    settings = pipe.settings(steps=steps, guidance=guidance, method=sampler, drawn_guidance=drawn_guidance,
+                             autoguidance=autoguidance or None)
+    if autoguidance == 0:
+        settings = dataclasses.replace(settings, autoguidance=None)
+    elif autoguidance is not None and pipe.guide is None:
+        raise FacegenError(f"{pipe.path} carries no autoguidance guide (MODEL/guide); leave out --autoguidance")
     log(f"generating {n} faces: {request.describe()}; seeds {seed}..{seed + n - 1}; {settings}")
     writer = FaceWriter(pipe, request, settings, out, upscale=upscale, grid=grid,
                         model_name=str(model) if model else pipe.path.name, overwrite=overwrite)

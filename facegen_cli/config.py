@@ -26,6 +26,9 @@ class TrainConfig:
     max_steps: int = 100_000
     grad_clip: float = 1.0
     ema_decay: float = 0.9999
+    # > 0: also keep power-function EMAs (posthoc_ema.py) and save their snapshots every N steps into
+    # RUN/ema-snapshots, so that the EMA length can be chosen after training (`facegen export --ema-length`)
+    posthoc_ema_every: int = 0
     laplacian_weight: float = 0.1  # 0 turns the Laplacian-pyramid term off
     attribute_dropout: float = 0.3  # each attribute set to 0 (free) with this probability
     # True: each example's attribute dropout drawn from U(0, 1) instead, so that requests of every size
@@ -50,6 +53,8 @@ class TrainConfig:
 
         if self.precision not in PRECISIONS:
             raise FacegenError(f"unknown precision {self.precision!r}; use {', '.join(PRECISIONS)}")
+        if self.posthoc_ema_every < 0:
+            raise FacegenError(f"posthoc_ema_every must be 0 (off) or a number of steps, not {self.posthoc_ema_every}")
         if not 0 <= self.inpaint_rate <= 1:
             raise FacegenError(f"inpaint_rate must be between 0 and 1, not {self.inpaint_rate}")
 
@@ -70,6 +75,9 @@ class SampleConfig:
     drawn_guidance: float = 1.5
     # (lo, hi): guidance only for lo <= t <= hi, the plain conditional prediction elsewhere (guidance.py)
     guidance_interval: Optional[tuple] = None
+    # the weight of autoguidance by the model's guide (MODEL/guide, guidance.autoguided), which then takes
+    # drawn_guidance's place; None: not used
+    autoguidance: Optional[float] = None
 
     def __post_init__(self):
         if self.guidance_interval is not None:
@@ -83,7 +91,9 @@ class SampleConfig:
             raise FacegenError(f"unknown sampler {self.method!r}; use {' or '.join(SAMPLERS)}")
         if not (isinstance(self.steps, int) and self.steps >= 1):
             raise FacegenError(f"sampling steps must be a whole number of at least 1, not {self.steps!r}")
-        for value in (self.guidance, self.drawn_guidance):
+        for value in (self.guidance, self.drawn_guidance, self.autoguidance):
+            if value is None:  # autoguidance off
+                continue
             if not math.isfinite(value):
                 raise FacegenError(f"guidance must be a finite number, not {value}")
             if not -MAX_GUIDANCE <= value <= MAX_GUIDANCE:  # far past it a face is black or noise
@@ -232,6 +242,9 @@ class ModelInfo:
     sample: SampleConfig = field(default_factory=SampleConfig)
     init_from: Optional[Provenance] = None  # the model a fine-tuning run started from (its DiT's weights)
     trained_steps: Optional[int] = None
+    # the relative width of the post-hoc EMA (posthoc_ema.py) the DiT's weights were reconstructed at; None:
+    # the training run's fixed-decay EMA
+    ema_length: Optional[float] = None
 
     def __post_init__(self):
         if not (isinstance(self.image_size, int) and self.image_size >= 8 and self.image_size % 8 == 0):

@@ -1,6 +1,7 @@
 """`facegen export`: a model folder copied for shipping, in float16 if asked, with its attribute classifier
 and, where its encoder is the model's, another autoencoder's decoder."""
 
+import dataclasses
 from pathlib import Path
 
 import torch
@@ -10,6 +11,7 @@ from .errors import FacegenError
 from .files import atomic_dir
 from .label_prior import prior_of_data
 from .pipeline import MODEL_FILE, FacegenPipeline, model_path
+from .posthoc_ema import SNAPSHOT_DIR, reconstruct
 from .vae import load_vae
 
 
@@ -29,18 +31,45 @@ def check_export_target(source, out, overwrite):
             raise FacegenError(f"{out} holds a model; --overwrite replaces it")
 
 
-def export_model(model, out, *, half=False, classifier=None, vae=None, labels=None, overwrite=False):
+def with_posthoc_ema(pipe, snapshots, ema_length):
+    """`pipe` with its DiT's weights replaced by the post-hoc EMA of relative width `ema_length`,
+    reconstructed from the training run's snapshots (default: the run folder's, beside RUN/model)."""
+    snapshots = Path(snapshots) if snapshots else Path(pipe.path).resolve().parent / SNAPSHOT_DIR
+    weights = reconstruct(snapshots, ema_length)
+    expected = dict(pipe.dit.named_parameters())
+    if set(weights) != set(expected) or any(weights[k].shape != v.shape for k, v in expected.items()):
+        raise FacegenError(f"{snapshots}: the snapshots are of another model than {pipe.path}'s DiT")
+    dit = type(pipe.dit).from_config(pipe.dit.config)
+    dit.load_state_dict({**pipe.dit.state_dict(), **weights})
+    info = dataclasses.replace(pipe.info, ema_length=ema_length)
+    return pipe.replaced(dit=dit.eval().requires_grad_(False), info=info)
+
+
+def export_model(model, out, *, half=False, classifier=None, vae=None, labels=None, ema_length=None, snapshots=None,
+                 guide=None, autoguidance=None, overwrite=False):
     """Write MODEL (a folder or a shipped model's name) to OUT, all at once or not at all: float16 weights
     with `half` (loading casts back to float32), the classifier `classifier` (default: the model folder's
     own, if any) in OUT/classifier, the autoencoder `vae` instead of the model's (refused unless its
     encoder is the model's), and the label prior of the labelled folder `labels` (its train split) instead
-    of the model's. OUT must be new or empty, or a model folder with `overwrite`. Returns OUT."""
+    of the model's, and its DiT's weights as the post-hoc EMA of relative width `ema_length` from the
+    training run's `snapshots` (with_posthoc_ema); the model folder `guide`'s DiT as the autoguidance guide
+    (OUT/guide), used at weight `autoguidance`. OUT must be new or empty, or a model folder with `overwrite`. Returns OUT."""
     out = Path(out)
     check_export_target(model_path(model), out, overwrite)
     dtype = torch.float16 if half else None
     pipe = FacegenPipeline.load(model)
     if vae is not None:
         pipe = pipe.with_vae(load_vae(vae), vae)
+    if ema_length is not None:
+        pipe = with_posthoc_ema(pipe, snapshots, ema_length)
+    if guide is not None:
+        if autoguidance is None:
+            raise FacegenError("--guide needs --autoguidance, the weight it guides with (e.g. 2)")
+        pipe = pipe.with_guide(FacegenPipeline.load(guide), autoguidance)
+    elif autoguidance is not None:
+        if pipe.guide is None:
+            raise FacegenError(f"{model} carries no guide; give one with --guide")
+        pipe = pipe.replaced(info=dataclasses.replace(pipe.info, sample=pipe.settings(autoguidance=autoguidance)))
     if labels is not None:
         pipe = pipe.with_prior(prior_of_data(labels, pipe.attributes))
     classifier_path = classifier or pipe.classifier_path

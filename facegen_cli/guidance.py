@@ -10,6 +10,12 @@ parts (composed): towards the drawn attributes gently, from the all-free referen
 ones at the full scale, from the drawn ones alone. Guiding the drawn ones at the full scale too makes every
 face a caricature of its labels (on 200 faces, the classifier-feature Fréchet distance 2.8 at w = 1, 4.9
 at 1.5, 10.0 at 3); not guiding them leaves more faces smeared.
+
+Autoguidance (Karras et al. 2024) guides with a second, weaker model instead of a weaker condition:
+v = v_guide(c) + w (v(c) - v_guide(c)), the guide a smaller model trained for less (MODEL/guide). Its errors
+are the main model's, larger, so guiding away from them sharpens a face without pulling it towards its
+labels. Where a model carries one, it takes the place of the drawn attributes' classifier-free step
+(pipeline.FacegenPipeline._velocity); the asked attributes are still guided from the drawn ones.
 """
 
 import torch
@@ -23,9 +29,10 @@ def conditional(model, y, context=None):
     return velocity
 
 
-def guided_chain(model, conditions, scales, context=None, interval=None):
+def guided_chain(model, conditions, scales, context=None, interval=None, guide=None, guide_scale=1.0):
     """v = v_last + sum_k scales[k] (v_k - v_(k+1)) over `conditions` [c_0, ..., c_last] (each (B, A)), from
     the reference c_last towards c_0 one step of guidance at a time, all branches in one batched forward;
+    with a `guide` model, v_last itself is autoguided: v_guide(c_last) + guide_scale (v_last - v_guide(c_last));
     every branch sees the same inpainting `context`, if any. With `interval` (lo, hi), guided only for
     lo <= t <= hi and the plain conditional prediction for c_0 elsewhere, at a fraction of the cost
     (Kynkäänniemi et al. 2024: guidance near the noise end pulls every face towards a few layouts, near the
@@ -34,6 +41,7 @@ def guided_chain(model, conditions, scales, context=None, interval=None):
     plain = conditional(model, conditions[0], context)
     n = len(conditions)
     branches = conditional(model, torch.cat(conditions), None if context is None else torch.cat([context] * n))
+    weaker = None if guide is None else conditional(guide, conditions[-1], context)
 
     def velocity(x, t):
         if interval is not None and not interval[0] <= float(t) <= interval[1]:
@@ -41,7 +49,7 @@ def guided_chain(model, conditions, scales, context=None, interval=None):
         # float() (in conditional): under bf16 autocast the guidance differences and the steps are still taken
         # in float32
         v = branches(torch.cat([x] * n), t).chunk(n)
-        mixed = v[-1]
+        mixed = v[-1] if weaker is None else torch.lerp(weaker(x, t), v[-1], guide_scale)
         for k in reversed(range(n - 1)):
             mixed = mixed + scales[k] * (v[k] - v[k + 1])
         return mixed
@@ -66,3 +74,12 @@ def composed(model, y, partial, reference, scale, partial_scale, interval=None):
     if partial_scale == 1.0:
         return classifier_free(model, y, partial, scale, interval=interval)
     return guided_chain(model, [y, partial, reference], [scale, partial_scale], interval=interval)
+
+
+def autoguided(model, guide, y, partial, scale, guide_scale, interval=None):
+    """v = v_g(p) + guide_scale (v_p - v_g(p)) + scale (v_c - v_p): the drawn attributes `partial` autoguided
+    by the weaker model `guide`, the asked ones `y` guided from them at `scale` (composed's second step).
+    Where nothing is asked (partial == y) it is autoguidance alone, one branch of each model."""
+    if torch.equal(partial, y):
+        return guided_chain(model, [y], [], interval=interval, guide=guide, guide_scale=guide_scale)
+    return guided_chain(model, [y, partial], [scale], interval=interval, guide=guide, guide_scale=guide_scale)

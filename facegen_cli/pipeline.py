@@ -5,8 +5,11 @@
                          + diffusion_pytorch_model.safetensors, EMA weights)
     MODEL/vae/           AutoencoderKL.save_pretrained
     MODEL/labels.json    label_prior.LabelPrior: the training faces' label combinations (optional)
+    MODEL/guide/         a smaller LatentDiT of the same latents and attributes, the autoguidance guide
+                         (optional; used where sample.autoguidance is set)
 """
 
+import copy
 import dataclasses
 import json
 from pathlib import Path
@@ -23,6 +26,7 @@ from .label_prior import PRIOR_FILE, LabelPrior
 from .model import LatentDiT, inpainting_context
 
 MODEL_FILE = "facegen.json"
+GUIDE_FOLDER = "guide"
 # The models inside the package, by name: real faces (CelebA) and the built-in drawn faces (exact labels).
 FACES_MODEL = Path(__file__).parent / "faces"
 DEMO_MODEL = Path(__file__).parent / "demo"
@@ -45,16 +49,37 @@ def model_path(name_or_path=None):
     return Path(name_or_path)
 
 
+def check_guide(guide, dit, where):
+    """Refuse a guide that cannot guide `dit`: other latents' shape or another attribute vocabulary."""
+    for key in ("latent_size", "latent_channels"):
+        if guide.config[key] != dit.config[key]:
+            raise FacegenError(f"{where}: the guide's {key.replace('_', ' ')} is not the model's")
+    if list(guide.attributes) != list(dit.attributes):
+        raise FacegenError(f"{where}: the guide's attributes are not the model's")
+
+
+def load_guide(folder, dit):
+    """MODEL/guide: the autoguidance guide's LatentDiT, checked against the model's `dit`."""
+    try:
+        guide = LatentDiT.from_pretrained(folder)
+    except (OSError, ValueError, RuntimeError, KeyError, TypeError) as e:
+        raise FacegenError(f"{folder}: the guide's checkpoint does not load: {first_line(e)}") from None
+    check_guide(guide, dit, folder)
+    return guide
+
+
 class FacegenPipeline:
     """A loaded model folder (the front door, as a diffusers pipeline is): its DiT, its VAE and its
     `ModelInfo`, whose `sample` settings every command starts from."""
 
-    def __init__(self, dit, vae, info: ModelInfo, path=None, precision="fp32", prior: LabelPrior = None):
+    def __init__(self, dit, vae, info: ModelInfo, path=None, precision="fp32", prior: LabelPrior = None,
+                 guide: LatentDiT = None):
         """precision: devices.PRECISIONS (auto: bf16 where the DiT's device does it natively, else fp32);
-        prior: the training faces' label combinations, which free attributes are drawn from (draw_free)."""
+        prior: the training faces' label combinations, which free attributes are drawn from (draw_free);
+        guide: the weaker model autoguidance guides away from (guidance.autoguided)."""
         precision = resolve_precision(precision, dit.device)
         self.dit, self.vae, self.info, self.path, self.precision = dit, vae, info, path, precision
-        self.prior = prior
+        self.prior, self.guide = prior, guide
         shape = (1, -1, 1, 1)
         self.latent_mean = torch.tensor(info.latent_mean).view(shape)
         self.latent_std = torch.tensor(info.latent_std).view(shape)
@@ -114,7 +139,17 @@ class FacegenPipeline:
                                f"has {dit.config.latent_channels} latent channels")
         vae = vae_lib.load_vae(path / "vae", device)
         prior = LabelPrior.load(path / PRIOR_FILE, dit.attributes) if (path / PRIOR_FILE).is_file() else None
-        return cls(dit.to(device).eval().requires_grad_(False), vae, info, path, precision, prior)
+        guide = load_guide(path / GUIDE_FOLDER, dit) if (path / GUIDE_FOLDER).is_dir() else None
+        if info.sample.autoguidance is not None and guide is None:
+            raise FacegenError(f"{path / MODEL_FILE}: sets autoguidance but the folder has no {GUIDE_FOLDER}/ model")
+        ready = lambda network: network.to(device).eval().requires_grad_(False)  # noqa: E731
+        return cls(ready(dit), vae, info, path, precision, prior, guide and ready(guide))
+
+    def replaced(self, **changes):
+        """A copy of this pipeline with some of its parts replaced (the networks themselves are shared)."""
+        pipe = copy.copy(self)
+        pipe.__dict__.update(changes)
+        return pipe
 
     def with_vae(self, vae, source):
         """This model with another autoencoder that has the same encoder, and so the same latents (a decoder
@@ -123,14 +158,24 @@ class FacegenPipeline:
             raise FacegenError(f"{source}: its encoder is not the model's, so its decoder would read other latents; "
                                "make one with `facegen vae train --init MODEL/vae --decoder-only`")
         info = dataclasses.replace(self.info, decoder=Provenance.of(source, vae_lib.vae_fingerprint(vae)))
-        return FacegenPipeline(self.dit, vae.to(self.device), info, self.path, self.precision, self.prior)
+        return self.replaced(vae=vae.to(self.device), info=info)
 
     def with_prior(self, prior: LabelPrior):
         """This model with another label prior (one of its attributes' training set)."""
         if prior.attributes != tuple(self.attributes):
             raise FacegenError(f"the label prior's attributes ({', '.join(prior.attributes)}) are not the model's "
                                f"({', '.join(self.attributes)})")
-        return FacegenPipeline(self.dit, self.vae, self.info, self.path, self.precision, prior)
+        return self.replaced(prior=prior)
+
+    def with_guide(self, guide: "FacegenPipeline", scale):
+        """This model autoguided at `scale` by another model's DiT (a smaller one, trained for less on the same
+        latents: `facegen export --guide`)."""
+        if guide.info.latent_mean != self.info.latent_mean or guide.info.latent_std != self.info.latent_std \
+                or (guide.info.vae and self.info.vae and guide.info.vae.fingerprint != self.info.vae.fingerprint):
+            raise FacegenError(f"{guide.path}: the guide was trained on other latents than the model")
+        check_guide(guide.dit, self.dit, guide.path)
+        info = dataclasses.replace(self.info, sample=dataclasses.replace(self.sample, autoguidance=scale))
+        return self.replaced(guide=guide.dit.to(self.device), info=info)
 
     def save(self, path, dtype=None):
         """Write the model folder atomically; dtype=torch.float16 halves its size (loading casts back to
@@ -141,8 +186,9 @@ class FacegenPipeline:
 
     def write(self, folder, dtype=None):
         """Write the model's files into an empty `folder` (save: atomically)."""
-        for name, module in (("dit", self.dit), ("vae", self.vae)):
-            save_pretrained(module, Path(folder) / name, dtype)
+        for name, module in (("dit", self.dit), ("vae", self.vae), (GUIDE_FOLDER, self.guide)):
+            if module is not None:
+                save_pretrained(module, Path(folder) / name, dtype)
         (Path(folder) / MODEL_FILE).write_text(json.dumps(self.info.to_dict(), indent=2) + "\n")
         if self.prior is not None:
             self.prior.save(Path(folder) / PRIOR_FILE)
@@ -195,6 +241,9 @@ class FacegenPipeline:
         return conditions, torch.where(condition != 0, 0.0, conditions)
 
     def _velocity(self, condition, reference, settings, context=None, drawn=None):
+        if drawn is not None and self.guide is not None and settings.autoguidance is not None:
+            return guidance.autoguided(self.dit, self.guide, condition, drawn, settings.guidance, settings.autoguidance,
+                                       settings.guidance_interval)
         if drawn is not None:
             return guidance.composed(self.dit, condition, drawn, reference, settings.guidance, settings.drawn_guidance,
                                      settings.guidance_interval)

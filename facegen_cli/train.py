@@ -4,6 +4,7 @@
     RUN/checkpoints/step-NNNNNN/  model.safetensors, ema.pt, optimizer.pt, state.json (runs.py)
     RUN/samples/step-NNNNNN.png   sample grids (EMA weights)
     RUN/model/                    the usable model (EMA weights), refreshed at each checkpoint
+    RUN/ema-snapshots/            with posthoc_ema_every: the power-function EMAs' snapshots (posthoc_ema.py)
 
 Every random choice of step s (the batch, the noise, the times, the label dropout) comes from a
 generator seeded by (seed, s, rank), so `--resume` continues bit for bit where a run stopped.
@@ -31,6 +32,7 @@ from .images import image_grid, to_uint8
 from .inpainting import region_mask_bank, training_masks
 from .label_prior import LabelPrior
 from .model import LatentDiT, inpainting_context
+from .posthoc_ema import SNAPSHOT_DIR, PowerEMA
 from .pipeline import FacegenPipeline
 from .runs import ORDER_STREAM, STEP_STREAM, TrainingRun, batch_indices, scheduled_lr, seeded_generator
 from .vae import DEFAULT_VAE, load_vae, vae_fingerprint, weights_fingerprint
@@ -232,7 +234,8 @@ def train(preset: Preset, data, out, *, vae_source=None, resume=False, init_from
     Returns the path of the exported model folder (None in the other processes of a multi-process run).
     """
     cfg, out = preset.train, Path(out)
-    run = TrainingRun(out, networks=("model",), states=("ema", "optimizer"), precision=cfg.precision, resume=resume,
+    states = ("ema", "optimizer") + (("posthoc_ema",) if cfg.posthoc_ema_every else ())
+    run = TrainingRun(out, networks=("model",), states=states, precision=cfg.precision, resume=resume,
                       keep=cfg.keep_checkpoints)
     if not run.is_main:  # one process speaks for all
         progress = None
@@ -265,16 +268,20 @@ def train(preset: Preset, data, out, *, vae_source=None, resume=False, init_from
             raise FacegenError(f"--init-from {init_from}: its DiT has no {lacking[0]}")
         log.info(f"starting from {init_from} (trained {init.trained_steps} steps)")
     ema = EMAModel(model.parameters(), decay=cfg.ema_decay, foreach=True)
+    posthoc = PowerEMA(model.named_parameters()) if cfg.posthoc_ema_every else None
     # Fused AdamW (one pass over each tensor) on GPUs and CPUs alike: on 2 CPU cores it steps 287M
     # parameters in 0.1 s instead of the per-tensor loop's 0.3 s.
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
                                   fused=True)
-    start_step = run.restore({"model": model, "ema": ema, "optimizer": optimizer}, identity)
+    averages = {"ema": ema, **({"posthoc_ema": posthoc} if posthoc else {})}
+    start_step = run.restore({"model": model, "optimizer": optimizer, **averages}, identity)
     compiled = run.device.type == "cuda" if compile is None else compile
     if compiled:
         model = torch.compile(model)
     model, optimizer = run.accelerator.prepare(model, optimizer)
     ema.to(run.device)
+    if posthoc:
+        posthoc.to(run.device)
     run_state = {**identity, **({"init": dataclasses.asdict(init)} if init else {})}
     log.info(f"training {preset.name} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters) on "
              f"{len(latents)} latents, batch {cfg.batch_size}, steps {start_step}..{cfg.max_steps}"
@@ -285,7 +292,7 @@ def train(preset: Preset, data, out, *, vae_source=None, resume=False, init_from
         if preset.model.inpainting else None
     batches = TrainingData.build(latents, labels, cache_meta.attributes, cfg, run.device, preset.model.inpainting,
                                  region_masks)
-    loop(run, cfg, model=model, ema=ema, optimizer=optimizer, batches=batches, start_step=start_step,
+    loop(run, cfg, model=model, averages=averages, optimizer=optimizer, batches=batches, start_step=start_step,
          progress=progress, vae=vae, info=info, prior=LabelPrior.from_labels(cache_meta.attributes, labels),
          run_state=run_state, steps_before=init.trained_steps if init else 0)
     if start_step >= cfg.max_steps:
@@ -293,11 +300,12 @@ def train(preset: Preset, data, out, *, vae_source=None, resume=False, init_from
     return out / "model" if run.is_main else None
 
 
-def loop(run, cfg, *, model, ema, optimizer, batches, start_step, progress, vae, info, prior, run_state,
+def loop(run, cfg, *, model, averages, optimizer, batches, start_step, progress, vae, info, prior, run_state,
          steps_before):
     """The training steps from `start_step` to cfg.max_steps: the loss logged every cfg.log_every steps,
-    sample grids, checkpoints and the exported model (RUN/model, with the label prior `prior`) at their
-    intervals."""
+    sample grids, checkpoints, post-hoc EMA snapshots and the exported model (RUN/model, the `averages`'
+    "ema", with the label prior `prior`) at their intervals."""
+    ema, posthoc = averages["ema"], averages.get("posthoc_ema")
     task = progress.add_task("training", total=cfg.max_steps, completed=start_step, loss=float("nan"), speed=0.0) \
         if progress else None
     tick, images_since_tick = time.perf_counter(), 0
@@ -311,6 +319,8 @@ def loop(run, cfg, *, model, ema, optimizer, batches, start_step, progress, vae,
                                      context=context)
         run.step(loss, optimizer, model.parameters(), cfg.grad_clip)
         ema.step(model.parameters())
+        if posthoc:
+            posthoc.step(model.parameters())
         images_since_tick += len(x0) * run.world_size
 
         done = step + 1
@@ -326,8 +336,10 @@ def loop(run, cfg, *, model, ema, optimizer, batches, start_step, progress, vae,
         if cfg.sample_every and done % cfg.sample_every == 0 and run.is_main:
             sample_grid(ema_pipeline(run.accelerator.unwrap_model(model, keep_torch_compile=False), ema, vae, info),
                         run.out / "samples" / f"step-{done:06d}.png", done)
+        if posthoc and run.is_main and (done % cfg.posthoc_ema_every == 0 or done == cfg.max_steps):
+            posthoc.save_snapshot(run.out / SNAPSHOT_DIR, done)
         if done % cfg.checkpoint_every == 0 or done == cfg.max_steps:
-            run.save(done, {"model": model, "ema": ema, "optimizer": optimizer}, run_state)
+            run.save(done, {"model": model, "optimizer": optimizer, **averages}, run_state)
             if run.is_main:
                 pipe = ema_pipeline(run.accelerator.unwrap_model(model, keep_torch_compile=False), ema, vae,
                                     dataclasses.replace(info, trained_steps=steps_before + done), prior)

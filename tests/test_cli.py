@@ -427,3 +427,44 @@ def test_a_name_another_run_took_meanwhile_is_not_replaced(tmp_path):
                               recursive=True)
     relatives = [str(relative) for _, relative in files]
     assert len(set(relatives)) == 3, relatives
+
+
+def test_export_carries_an_autoguidance_guide_that_generate_uses(tmp_path, tiny_model_dir):
+    """export --guide puts a weaker model in OUT/guide and the weight in facegen.json; generate then guides the
+    drawn attributes away from it (--autoguidance 0: as before); a face is the same alone or in a batch."""
+    from facegen_cli.pipeline import FacegenPipeline
+    from test_model import perturbed
+
+    weaker = FacegenPipeline.load(tiny_model_dir)
+    weaker.replaced(dit=perturbed(weaker.dit)).save(tmp_path / "guide")
+    guided = tmp_path / "guided"
+    result = run("export", tiny_model_dir, "--out", guided, "--guide", tmp_path / "guide", "--autoguidance", 2)
+    assert result.exit_code == 0, result.stderr
+    assert (guided / "guide" / "config.json").is_file()
+    assert json.loads((guided / "facegen.json").read_text())["sample"]["autoguidance"] == 2
+
+    def faces(model, name, *flags, seed=5, n=3):
+        result = run("generate", "--model", model, "-n", n, "--seed", seed, "--steps", 3, *flags, "--out", tmp_path / name)
+        assert result.exit_code == 0, result.stderr
+        return [np.asarray(Image.open(path)).astype(int) for path in result.stdout.split()], result.stdout.split()
+
+    auto, paths = faces(guided, "auto")
+    assert json.loads(Image.open(paths[0]).text["facegen"])["autoguidance"] == 2
+    off, _ = faces(guided, "off", "--autoguidance", 0)
+    plain, _ = faces(tiny_model_dir, "plain")
+    assert all(np.array_equal(a, b) for a, b in zip(off, plain))
+    assert all(np.abs(a - b).max() > 0 for a, b in zip(auto, off))
+    alone, _ = faces(guided, "alone", "--precision", "fp32", seed=6, n=1)
+    batch, _ = faces(guided, "batch", "--precision", "fp32")
+    assert np.abs(alone[0] - batch[1]).max() <= 1  # float rounding at other batch sizes, as without a guide
+
+    assert_clean_error(run("generate", "--model", tiny_model_dir, "--autoguidance", 2, "--out", tmp_path / "x"),
+                       "carries no autoguidance guide")
+    shutil.rmtree(guided / "guide")
+    assert_clean_error(run("generate", "--model", guided, "--out", tmp_path / "y"), "has no guide/ model")
+    config = dict(weaker.dit.config)
+    other = type(weaker.dit)(**{**{k: config[k] for k in weaker.dit.config if not k.startswith("_")},
+                               "attributes": list(weaker.attributes[::-1])})
+    weaker.replaced(dit=other, prior=None).save(tmp_path / "other-guide")
+    assert_clean_error(run("export", tiny_model_dir, "--out", tmp_path / "z", "--guide", tmp_path / "other-guide",
+                           "--autoguidance", 2), "the guide's attributes are not the model's")

@@ -92,6 +92,24 @@ def test_composed_guidance_guides_the_drawn_attributes_and_the_asked_ones_apart(
                               guidance.classifier_free(model, y, drawn, 3.0)(x, t), atol=1e-6)
 
 
+def test_autoguidance_guides_away_from_the_weaker_model_and_the_asked_attributes_from_the_drawn(model):
+    x, t, y = torch.randn(3, 4, 16, 16), torch.tensor(0.5), torch.randn(3, 5).sign()
+    drawn = y.clone()
+    drawn[:, 0] = 0
+    guide = perturbed(load_preset("tiny").model.build([f"a{i}" for i in range(5)]), seed=1).eval()
+    with torch.no_grad():
+        v_c, v_p = (model(x, t.expand(3), c) for c in (y, drawn))
+        g_p, g_c = (guide(x, t.expand(3), c) for c in (drawn, y))
+        assert not torch.allclose(g_p, v_p)
+        assert torch.allclose(guidance.autoguided(model, guide, y, drawn, 3.0, 2.0)(x, t),
+                              g_p + 2.0 * (v_p - g_p) + 3.0 * (v_c - v_p), atol=1e-5)
+        # nothing asked: autoguidance alone; weight 1 or the model as its own guide: the plain prediction
+        assert torch.allclose(guidance.autoguided(model, guide, y, y, 3.0, 2.0)(x, t), g_c + 2.0 * (v_c - g_c),
+                              atol=1e-5)
+        for weaker, weight in ((guide, 1.0), (model, 2.0)):
+            assert torch.allclose(guidance.autoguided(model, weaker, y, y, 3.0, weight)(x, t), v_c, atol=1e-5)
+
+
 def velocity(model, y, scale=2.0):
     return guidance.classifier_free(model, y, torch.zeros_like(y), scale)
 
