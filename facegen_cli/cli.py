@@ -185,6 +185,9 @@ def train(
     init_from: Optional[Path] = typer.Option(
         None, help="Start from this model folder's weights (e.g. facegen_cli/demo) instead of from scratch: "
                    "fine-tuning. It must match the preset, the attributes and the latents' VAE."),
+    latent_stats_from: Optional[Path] = typer.Option(
+        None, help="Normalise the latents with this model folder's statistics instead of the cache's, so that "
+                   "the new model reads the same inputs (an autoguidance guide for that model)."),
     precision: Precision = None,
     compile: Optional[bool] = typer.Option(None, "--compile/--no-compile",
                                            help="torch.compile the model (default: on GPUs, not on CPUs)."),
@@ -196,7 +199,7 @@ def train(
                                             precision=precision)
     with progress_bar(loss=".4f", speed=".1f") as progress:
         model_path = run_training(chosen, data, out, vae_source=vae, resume=resume, init_from=init_from,
-                                  compile=compile, progress=progress)
+                                  latent_stats_from=latent_stats_from, compile=compile, progress=progress)
     if model_path:  # one line from a multi-process run: its main process's
         print(model_path)
 

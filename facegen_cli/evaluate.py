@@ -178,6 +178,8 @@ def frechet_distance(a, b):
     """Fréchet distance between Gaussians fitted to features a (N, D) and b (M, D):
     |mu_a - mu_b|^2 + tr(S_a + S_b - 2 (S_a S_b)^1/2). In the classifier's feature space, this is
     an FID-like number, not Inception FID."""
+    if min(len(a), len(b)) < 2:
+        raise FacegenError(f"a Fréchet distance needs at least 2 faces on each side, not {len(a)} and {len(b)}")
     a, b = a.double(), b.double()
     mu_a, mu_b = a.mean(0), b.mean(0)
     cov_a, cov_b = torch.cov(a.T), torch.cov(b.T)
@@ -235,6 +237,9 @@ class HeldOutFaces:
 def load_held_out_faces(data, attributes, size):
     """The test split of a labelled folder at `size`, with its landmarks when the folder lists them."""
     images, labels, data_attributes = load_images_and_labels(data, "test", size)
+    if len(images) < 2:  # found now, not after the whole evaluation was sampled
+        raise FacegenError(f"{data}: its test split holds {len(images)} readable face(s); the Fréchet distances "
+                           "against real faces need at least 2")
     if set(attributes) <= set(data_attributes):
         labels = labels[:, [data_attributes.index(a) for a in attributes]]
     train = read_dataset(data, "train")

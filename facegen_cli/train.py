@@ -221,13 +221,25 @@ def sample_grid(pipe, path, step):
     save_image(Image.fromarray(grid), path, {"facegen": {"step": step}})
 
 
-def train(preset: Preset, data, out, *, vae_source=None, resume=False, init_from=None, compile=None,
-          progress=None):
+def statistics_of(path, vae):
+    """The latent statistics {latent_mean, latent_std} of the model folder `path`, refused unless its encoder
+    is `vae`'s (the one that encoded this run's latents)."""
+    model = FacegenPipeline.load(path)
+    if vae_fingerprint(model.vae, encoder_only=True) != vae_fingerprint(vae, encoder_only=True):
+        raise FacegenError(f"--latent-stats-from {path}: its autoencoder's encoder is not the one that encoded "
+                           "the latents")
+    return {"latent_mean": model.info.latent_mean, "latent_std": model.info.latent_std}
+
+
+def train(preset: Preset, data, out, *, vae_source=None, resume=False, init_from=None, latent_stats_from=None,
+          compile=None, progress=None):
     """Train `preset` (its `train` settings as given: Preset.with_train applies overrides) on `data`, a
     latent cache or a labelled image folder, into the run folder `out`.
 
     `init_from` (a model folder) starts the DiT and its EMA from that model's weights and latent
     statistics instead of from scratch (fine-tuning); the optimizer starts afresh, with warmup.
+    `latent_stats_from` (a model folder of the same encoder) normalises the latents with that model's
+    statistics instead of the cache's, so that the two models read the same inputs (an autoguidance guide).
     `compile`: torch.compile the model (None: on GPUs, where it pays, not on CPUs, where compiling
     costs more than it saves).
 
@@ -246,16 +258,24 @@ def train(preset: Preset, data, out, *, vae_source=None, resume=False, init_from
         raise FacegenError(f"the latents have shape {list(latents.shape[1:])} but preset {preset.name} "
                            f"expects {expected}")
     identity = {"preset": preset.name, "model_config": model_config, "attributes": cache_meta.attributes}
-    init_weights, init = None, None  # a fine-tune resumes from its own checkpoints, which record its Init
-    if run.saved is not None:
-        init = Init.from_state(run.saved["init"]) if run.saved.get("init") else None
-    elif init_from:
-        init_weights, init = load_init_model(init_from, model_config, cache_meta)
+    if init_from and latent_stats_from:
+        raise FacegenError("--init-from already sets the latent statistics (the init model's); leave out "
+                           "--latent-stats-from")
     vae = load_vae(cache_meta.vae_source, run.device)
     if vae_fingerprint(vae) != cache_meta.vae_fingerprint:  # the exported model would decode other latents
         raise FacegenError(f"the VAE {cache_meta.vae_source} has changed since the latents were encoded; "
                            "encode them again (facegen encode) or restore that VAE")
+    init_weights, init, statistics = None, None, None  # a resumed run reads both from its checkpoints
+    if run.saved is not None:
+        init = Init.from_state(run.saved["init"]) if run.saved.get("init") else None
+        statistics = run.saved.get("latent_stats")
+    elif init_from:
+        init_weights, init = load_init_model(init_from, model_config, cache_meta)
+    elif latent_stats_from:
+        statistics = statistics_of(latent_stats_from, vae)
     info = model_info(preset, cache_meta, init, vae)
+    if statistics:
+        info = dataclasses.replace(info, **statistics)
     latents = (latents - torch.tensor(info.latent_mean).view(1, -1, 1, 1)) / torch.tensor(info.latent_std).view(
         1, -1, 1, 1)
 
@@ -282,7 +302,8 @@ def train(preset: Preset, data, out, *, vae_source=None, resume=False, init_from
     ema.to(run.device)
     if posthoc:
         posthoc.to(run.device)
-    run_state = {**identity, **({"init": dataclasses.asdict(init)} if init else {})}
+    run_state = {**identity, **({"init": dataclasses.asdict(init)} if init else {}),
+                 **({"latent_stats": statistics} if statistics else {})}
     log.info(f"training {preset.name} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters) on "
              f"{len(latents)} latents, batch {cfg.batch_size}, steps {start_step}..{cfg.max_steps}"
              + (f" (learning rate decaying to 0 over the last {cfg.cooldown_steps})" if cfg.cooldown_steps else "")

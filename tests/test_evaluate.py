@@ -299,3 +299,16 @@ def test_high_frequency_ratio_tells_a_smooth_patch_from_the_grain_around_it():
     smooth = grain.copy()
     smooth[:, 20:40, 20:40] = 128
     assert high_frequency_ratio(smooth, masks) < 0.3  # a flat patch: little energy inside
+
+
+def test_a_test_split_of_one_face_is_refused_before_any_sampling(tmp_path):
+    from conftest import write_labelled_folder
+    from facegen_cli.attributes import DEFAULT_ATTRIBUTES
+    from facegen_cli.errors import FacegenError
+    from facegen_cli.evaluate import frechet_distance, load_held_out_faces
+
+    data = write_labelled_folder(tmp_path / "data", 1)  # a folder without a partition file: all of it is the test split
+    with pytest.raises(FacegenError, match="test split holds 1 readable face"):
+        load_held_out_faces(data, DEFAULT_ATTRIBUTES, 64)
+    with pytest.raises(FacegenError, match="at least 2 faces on each side"):
+        frechet_distance(torch.randn(1, 8), torch.randn(5, 8))

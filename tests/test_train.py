@@ -271,3 +271,26 @@ def test_two_processes_train_like_one_at_the_same_global_batch_and_resume(tmp_pa
     assert len(curves[0]) == len(curves[1]) == 6  # every 10 steps, the resumed run's included
     assert curves[1][-1] < curves[1][0] - 0.3  # it learns
     assert all(abs(a - b) / a < 0.1 for a, b in zip(*curves))  # as one process does, within the noise
+
+
+def test_a_run_can_read_the_latents_as_another_model_does(tmp_path, tiny_run, tiny_model_dir):
+    """--latent-stats-from: the latents normalised with that model's statistics (a guide must read the inputs its
+    model reads), kept across a resume; refused beside --init-from, which sets them already."""
+    other = tmp_path / "other"
+    shutil.copytree(tiny_model_dir, other)
+    info = json.loads((other / "facegen.json").read_text())
+    info["latent_mean"] = [m + 0.5 for m in info["latent_mean"]]
+    info["latent_std"] = [s * 2 for s in info["latent_std"]]
+    (other / "facegen.json").write_text(json.dumps(info))
+    preset = load_preset("tiny")
+    train(preset.with_train(max_steps=2), tiny_run / "latents", tmp_path / "run", latent_stats_from=other)
+    train(preset.with_train(max_steps=4), tiny_run / "latents", tmp_path / "run", resume=True)
+    exported = json.loads((tmp_path / "run/model/facegen.json").read_text())
+    assert exported["latent_mean"] == info["latent_mean"] and exported["latent_std"] == info["latent_std"]
+    with pytest.raises(FacegenError, match="leave out --latent-stats-from"):
+        train(preset.with_train(max_steps=2), tiny_run / "latents", tmp_path / "both", init_from=tiny_model_dir,
+              latent_stats_from=other)
+    from facegen_cli.pipeline import DEMO_MODEL
+
+    with pytest.raises(FacegenError, match="encoder is not the one that encoded"):
+        train(preset.with_train(max_steps=2), tiny_run / "latents", tmp_path / "demo", latent_stats_from=DEMO_MODEL)
