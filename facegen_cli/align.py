@@ -111,7 +111,10 @@ def _align_one(job):
             photo = to_rgb(ImageOps.exif_transpose(image))
     except UNREADABLE_IMAGE_ERRORS as e:
         return {"name": name, "error": f"cannot read the image ({e})"}
-    points = find_main_face(_finder, np.asarray(photo))
+    try:
+        points = find_main_face(_finder, np.asarray(photo))
+    except FacegenError as e:  # MediaPipe stopped on it (its own process, restarted for the next photo)
+        return {"name": name, "error": str(e)}
     if points is None:
         return {"name": name, "error": "no face found"}
     crop, _, aligned_points = align_face(photo, points, size)
@@ -132,6 +135,7 @@ class AlignCounts:
     no_face: int
     unreadable: int
     not_found: int
+    failed: int  # MediaPipe stopped on it (an abort inside the library; the photo is skipped)
     size: int
     splits: dict = field(default_factory=dict)  # train, valid, test: how many aligned photos each
 
@@ -226,7 +230,8 @@ def align_dataset(src, out, *, attributes=None, size=CANONICAL_SIZE, holdout=0.0
     counts = AlignCounts(labelled=len(labels), aligned=len(aligned),
                          no_face=sum(done[n].get("error") == "no face found" for n in names),
                          unreadable=sum(done[n].get("error", "").startswith("cannot read") for n in names),
-                         not_found=len(missing), size=size,
+                         not_found=len(missing),
+                         failed=sum(done[n].get("error", "").startswith("the face finder") for n in names), size=size,
                          splits={s: sum(str(row[2]) == str(i) for row in rows)
                                  for i, s in enumerate(("train", "valid", "test"))})
     write_json(out / "align.json", asdict(counts))

@@ -52,7 +52,7 @@ def data_align(
         counts = align_dataset(src, out, attributes=attributes, size=size, holdout=holdout, workers=workers,
                                progress=progress)
     log(f"{counts.aligned} of {counts.labelled} aligned, {counts.no_face} no face, {counts.unreadable} unreadable, "
-        f"{counts.not_found} not found (listed in {out / 'not_aligned.txt'})")
+        f"{counts.not_found} not found, {counts.failed} failed (listed in {out / 'not_aligned.txt'})")
     print(out)
     if counts.aligned < counts.labelled:
         raise typer.Exit(1)

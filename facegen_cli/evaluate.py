@@ -189,6 +189,21 @@ def frechet_distance(a, b):
     return ((mu_a - mu_b).square().sum() + cov_a.trace() + cov_b.trace() - 2 * cross).item()
 
 
+def inception_weights_offline():
+    """torch-fidelity's Inception weights where its own download put them (torch hub's cache), or None to
+    let it download them. Offline (HF_HUB_OFFLINE) and not cached: FacegenError, without trying the network."""
+    from huggingface_hub import constants
+    from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
+
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / URL_INCEPTION_V3.rsplit("/", 1)[1]
+    if cached.is_file():
+        return str(cached)
+    if constants.HF_HUB_OFFLINE:
+        raise FacegenError(f"Inception FID unavailable: offline (HF_HUB_OFFLINE) and no weights in {cached.parent}; "
+                           "give --inception-weights")
+    return None
+
+
 def inception_fid_to(real, weights=None, feature=2048, batch_size=64):
     """The standard FID to the uint8 images `real` (N, H, W, 3): returns fid(generated) -> float.
 
@@ -201,6 +216,8 @@ def inception_fid_to(real, weights=None, feature=2048, batch_size=64):
     try:
         from torchmetrics.image.fid import FrechetInceptionDistance
 
+        if weights is None and isinstance(feature, int):  # Inception itself, not a test's own extractor
+            weights = inception_weights_offline()
         metric = FrechetInceptionDistance(feature=feature, feature_extractor_weights_path=weights,
                                           reset_real_features=False)
     except (ImportError, OSError, RuntimeError, ValueError) as e:  # missing packages, no network, bad weights
@@ -545,12 +562,12 @@ def edit_locality(pipe, classifier, faces, request, num_faces=16):
     new region carries the photo's grain and sharpness, well below it when it is a smooth patch).
     """
     from .edit import ON_THE_PERSON, edit_crops, region_mask
-    from .landmarks import PersonSegmenter
+    from .landmarks import FaceFinder
 
     results = {}
     attributes = pipe.attributes
     exclusive = exclusive_pairs(attributes)
-    segmenter = PersonSegmenter()  # hair-colour regions are cut to the person
+    finder = FaceFinder()  # its person segmentation: hair-colour regions are cut to the person
     try:
         for i, name in enumerate(attributes):
             chosen = torch.nonzero(faces.labels[:, i] < 0).flatten()[:num_faces].tolist()
@@ -558,7 +575,7 @@ def edit_locality(pipe, classifier, faces, request, num_faces=16):
                 continue
             before = faces.images[chosen]
             masks = np.stack([region_mask([name], faces.points[k], before.shape[1], grow=request.mask_grow,
-                                          person=segmenter(faces.images[k]) if name in ON_THE_PERSON else None)
+                                          person=finder.person(faces.images[k]) if name in ON_THE_PERSON else None)
                               for k in chosen])
             current = classifier.predict(to_tensor(before))
             after = edit_crops(pipe, before, masks, dataclasses.replace(request, add=(name,)), current)
@@ -577,7 +594,7 @@ def edit_locality(pipe, classifier, faces, request, num_faces=16):
                 "texture_ratio_before": round(high_frequency_ratio(before, masks), 4),
             }
     finally:
-        segmenter.close()
+        finder.close()
     return results
 
 

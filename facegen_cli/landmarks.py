@@ -7,12 +7,17 @@ runs on a square crop around each, which is what makes small faces in large phot
 """
 
 import os
+import pickle
+import signal
+import subprocess
 import sys
 import warnings
-from contextlib import contextmanager
+from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageFilter
+
+from .errors import FacegenError
 
 CANONICAL_SIZE = 128
 # The detector works on a downscaled copy of the photo; faces in photos smaller than this are enlarged first.
@@ -37,48 +42,87 @@ MESH_POINTS = {
 }
 
 
-@contextmanager
-def quiet_stderr():
-    """Send what is written to file descriptor 2 (C++ libraries' logging included) to /dev/null."""
-    sys.stderr.flush()
-    saved = os.dup(2)
-    try:
-        with open(os.devnull, "w") as devnull:
-            os.dup2(devnull.fileno(), 2)
-            yield
-    finally:
-        sys.stderr.flush()
-        os.dup2(saved, 2)
-        os.close(saved)
-
-
 class FaceFinder:
-    """MediaPipe face detection + face mesh; call it on an RGB uint8 image, get named points per face."""
+    """MediaPipe face detection + face mesh; call it on an RGB uint8 image, get named points per face.
+
+    MediaPipe runs in a child process (`python -m facegen_cli.landmarks`): its OpenCV asserts end a process
+    on some images, and its C++ logging writes to file descriptor 2. In the child, an abort costs that one
+    image (a FacegenError here; the next call starts a new child) and the logging goes nowhere. The child
+    starts at once and loads its models while the caller loads its own."""
 
     def __init__(self, max_faces=10, min_confidence=0.5):
-        with quiet_stderr():  # MediaPipe's and TensorFlow Lite's start-up logging, and a protobuf warning
-            from mediapipe.python.solutions import face_detection, face_mesh
+        self.arguments = [str(max_faces), str(min_confidence)]
+        self.child = None
+        self._start()
 
-            self.detector = face_detection.FaceDetection(model_selection=1, min_detection_confidence=min_confidence)
-            self.mesh = face_mesh.FaceMesh(static_image_mode=True, max_num_faces=1, refine_landmarks=False,
-                                           min_detection_confidence=min_confidence)
-            blank = np.zeros((64, 64, 3), dtype=np.uint8)
-            self.detector.process(blank)  # the graphs log as they start: start them now
-            self.mesh.process(blank)
-        # protobuf's deprecation warning, raised inside MediaPipe when it reads its first result
-        warnings.filterwarnings("ignore", message=r"SymbolDatabase\.GetPrototype\(\) is deprecated")
-        self.max_faces = max_faces
-        self.segmenter = None  # started on first use of person()
+    def _start(self):
+        package_root = str(Path(__file__).resolve().parent.parent)
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))}
+        self.child = subprocess.Popen([sys.executable, "-m", "facegen_cli.landmarks", *self.arguments],
+                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                      env=env)
+        self.ready = False
+
+    def _ask(self, method, image):
+        if self.child is None:
+            self._start()
+        try:
+            if not self.ready:
+                self._receive()  # the child's start: its models loaded, or why not
+                self.ready = True
+            pickle.dump((method, image), self.child.stdin, protocol=pickle.HIGHEST_PROTOCOL)
+            self.child.stdin.flush()
+            return self._receive()
+        except (EOFError, BrokenPipeError, ConnectionResetError, pickle.UnpicklingError):
+            code = self.child.wait()
+            self.child = None
+            how = f"signal {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
+            raise FacegenError(f"the face finder (MediaPipe) stopped on this image ({how})") from None
+
+    def _receive(self):
+        ok, value = pickle.load(self.child.stdout)
+        if not ok:
+            raise FacegenError(value)
+        return value
 
     def __call__(self, image):
-        """A list of {name: (x, y)}, left to right, one per face found (empty when none).
+        """A list of {name: (x, y)}, left to right, one per face found (empty when none)."""
+        height, width = image.shape[:2]
+        if min(height, width) < MIN_FACE_SIDE or max(height, width) > MAX_ASPECT * min(height, width):
+            return []  # no face fits, and MediaPipe's OpenCV aborts on some such shapes (3000x2)
+        return self._ask("faces", np.ascontiguousarray(image))
 
-        Small images are enlarged first (the detector misses small faces), and when nothing is found the
+    def person(self, image):
+        """(H, W) float32 in [0, 1]: where the person (head, hair, hat, shoulders) is in an RGB uint8 image;
+        0 is the background (MediaPipe's selfie segmentation)."""
+        return self._ask("person", np.ascontiguousarray(image))
+
+    def close(self):
+        if self.child is not None:
+            self.child.stdin.close()
+            self.child.wait()
+            self.child = None
+
+
+class MediaPipeFaces:
+    """What runs in FaceFinder's child: the detector and the mesh, and the segmenter from its first use."""
+
+    def __init__(self, max_faces, min_confidence):
+        from mediapipe.python.solutions import face_detection, face_mesh
+
+        # protobuf's deprecation warning, raised inside MediaPipe when it reads its first result
+        warnings.filterwarnings("ignore", message=r"SymbolDatabase\.GetPrototype\(\) is deprecated")
+        self.detector = face_detection.FaceDetection(model_selection=1, min_detection_confidence=min_confidence)
+        self.mesh = face_mesh.FaceMesh(static_image_mode=True, max_num_faces=1, refine_landmarks=False,
+                                       min_detection_confidence=min_confidence)
+        self.max_faces = max_faces
+        self.segmenter = None
+
+    def faces(self, image):
+        """Small images are enlarged first (the detector misses small faces), and when nothing is found the
         image is padded by its border and tried again (a face that fills the photo, chin or hair cut by its
         edges, is easier to find with room around it)."""
         height, width = image.shape[:2]
-        if min(height, width) < MIN_FACE_SIDE or max(height, width) > MAX_ASPECT * min(height, width):
-            return []  # no face fits, and MediaPipe's OpenCV aborts the process on some such shapes (3000x2)
         scale = max(1.0, MIN_DETECTION_SIDE / min(height, width))
         if scale > 1:
             image = np.asarray(Image.fromarray(image).resize((round(width * scale), round(height * scale)),
@@ -104,38 +148,46 @@ class FaceFinder:
             if not result:
                 continue
             mesh = np.array([(p.x * crop.shape[1] + x0, p.y * crop.shape[0] + y0) for p in result[0].landmark])
-            faces.append({name: tuple(mesh[list(indices)].mean(0)) for name, indices in MESH_POINTS.items()})
+            faces.append({name: tuple(float(v) for v in mesh[list(indices)].mean(0))
+                          for name, indices in MESH_POINTS.items()})
         return sorted(faces, key=lambda f: f["nose_tip"][0])
 
     def person(self, image):
-        """The person's segmentation (PersonSegmenter), started on first use."""
         if self.segmenter is None:
-            self.segmenter = PersonSegmenter()
-        return self.segmenter(image)
-
-    def close(self):
-        self.detector.close()
-        self.mesh.close()
-        if self.segmenter is not None:
-            self.segmenter.close()
-
-
-class PersonSegmenter:
-    """MediaPipe's selfie segmentation (its model is inside the wheel too)."""
-
-    def __init__(self):
-        with quiet_stderr():
             from mediapipe.python.solutions import selfie_segmentation
 
             self.segmenter = selfie_segmentation.SelfieSegmentation(model_selection=0)
-
-    def __call__(self, image):
-        """(H, W) float32 in [0, 1]: where the person (head, hair, hat, shoulders) is in an RGB uint8 image;
-        0 is the background."""
         return self.segmenter.process(np.ascontiguousarray(image)).segmentation_mask
 
-    def close(self):
-        self.segmenter.close()
+
+def serve(max_faces, min_confidence):
+    """FaceFinder's child: (method, image) pickles in on stdin, (ok, result or message) pickles out. Only
+    the protocol uses stdout; MediaPipe's own output on descriptors 1 and 2 goes to /dev/null."""
+    replies = os.fdopen(os.dup(1), "wb")
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 1)
+    os.dup2(devnull, 2)
+    requests = sys.stdin.buffer
+
+    def reply(ok, value):
+        pickle.dump((ok, value), replies, protocol=pickle.HIGHEST_PROTOCOL)
+        replies.flush()
+
+    try:
+        faces = MediaPipeFaces(max_faces, min_confidence)
+    except Exception as e:  # mediapipe missing or broken: said once, on the first call
+        reply(False, f"MediaPipe did not start: {e}")
+        return
+    reply(True, None)
+    while True:
+        try:
+            method, image = pickle.load(requests)
+        except EOFError:  # the parent closed the pipe: done
+            return
+        try:
+            reply(True, getattr(faces, method)(image))
+        except Exception as e:
+            reply(False, f"MediaPipe failed on this image: {e}")
 
 
 def similarity_transform(source, target):
@@ -215,3 +267,7 @@ def align_face(photo, points, size=CANONICAL_SIZE):
     """(aligned uint8 crop, 2x3 matrix photo -> crop, the points in the crop's frame) of a PIL RGB photo."""
     matrix = alignment(points, size)
     return frame(photo, matrix, size), matrix, transform_points(points, matrix)
+
+
+if __name__ == "__main__":
+    serve(int(sys.argv[1]), float(sys.argv[2]))

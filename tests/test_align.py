@@ -77,6 +77,36 @@ def test_align_writes_a_celeba_folder_and_accounts_for_every_photo(tmp_path, sou
     assert (out / "img_align_celeba" / "182638.png").read_bytes() == first
 
 
+def test_a_photo_mediapipe_stops_on_is_listed_and_the_others_are_aligned(tmp_path, source, monkeypatch):
+    """Once, an abort inside MediaPipe took `data align`'s worker pool down (BrokenProcessPool), and a
+    resumed run met the same photo again. Now it is that photo's error, journalled, and not tried again."""
+    import os
+    import signal
+
+    from facegen_cli import align
+
+    pytest.importorskip("mediapipe")
+    root, _ = source
+    real = align.find_main_face
+
+    def aborting_on_the_green_photo(finder, image):
+        if tuple(image[0, 0]) == (30, 160, 60):  # 182640.jpg, a flat green picture
+            finder._ask("faces", image[:16, :16])  # the child up and running, then gone as in an abort
+            os.kill(finder.child.pid, signal.SIGABRT)
+        return real(finder, image)
+
+    monkeypatch.setattr(align, "find_main_face", aborting_on_the_green_photo)
+    out = tmp_path / "aligned"
+    arguments = ["data", "align", str(root), str(out), "--attributes", str(root / "labels.txt"), "--workers", "1"]
+    result = runner.invoke(app, arguments)
+    assert result.exit_code == 1
+    assert "3 of 6 aligned, 0 no face, 1 unreadable, 1 not found, 1 failed" in result.stderr
+    assert "182640.jpg the face finder (MediaPipe) stopped on this image (signal SIGABRT)" in \
+        (out / "not_aligned.txt").read_text()
+    again = runner.invoke(app, arguments)
+    assert "resuming: 5 of 5 photos already done" in again.stderr and "1 failed" in again.stderr
+
+
 def test_align_refuses_a_folder_without_labels(tmp_path):
     (tmp_path / "photos").mkdir()
     result = runner.invoke(app, ["data", "align", str(tmp_path / "photos"), str(tmp_path / "out")])

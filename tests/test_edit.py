@@ -325,6 +325,27 @@ def test_mediapipe_finds_a_face_in_a_real_photo():
     assert p["left_eye"][1] < p["nose_tip"][1] < p["upper_lip"][1] < p["lower_lip"][1] < p["jaw_4"][1]
 
 
+def test_mediapipe_stopping_on_one_image_costs_that_image_only():
+    """MediaPipe runs in its own process: an abort inside it (an OpenCV assertion once took a whole folder's
+    edit with it) is one image's error, and the next image is answered by a new one."""
+    import os
+    import signal
+
+    pytest.importorskip("mediapipe")
+    skimage_data = pytest.importorskip("skimage.data")
+    from facegen_cli.errors import FacegenError
+    from facegen_cli.landmarks import FaceFinder
+
+    finder = FaceFinder()
+    image = skimage_data.astronaut()
+    first = finder(image)
+    os.kill(finder.child.pid, signal.SIGABRT)  # what OpenCV's failed assertion does
+    with pytest.raises(FacegenError, match=r"MediaPipe\) stopped on this image \(signal SIGABRT\)"):
+        finder(image)
+    assert finder(image) == first  # a new child, the same answer
+    finder.close()
+
+
 def test_the_person_is_segmented_from_the_background_of_a_real_photo():
     pytest.importorskip("mediapipe")
     skimage_data = pytest.importorskip("skimage.data")

@@ -258,6 +258,22 @@ def test_inception_fid_without_its_weights_is_a_clear_error(tmp_path):
         inception_fid_to(images, weights=tmp_path / "missing.pth")
 
 
+def test_inception_fid_offline_never_tries_the_network(tmp_path, monkeypatch, capfd):
+    """Offline and not cached: said in one line, and no "Downloading ..." from torch hub on stderr."""
+    import torch
+    from huggingface_hub import constants
+
+    from facegen_cli.errors import FacegenError
+    from facegen_cli.evaluate import inception_fid_to
+
+    pytest.importorskip("torch_fidelity")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    with pytest.raises(FacegenError, match="offline .* give --inception-weights"):
+        inception_fid_to(np.zeros((4, 16, 16, 3), dtype=np.uint8))
+    assert "Downloading" not in capfd.readouterr().err
+
+
 def test_locality_metrics_are_infinite_and_one_for_untouched_pixels():
     from facegen_cli.evaluate import global_ssim, psnr_uint8
 
