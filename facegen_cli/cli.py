@@ -321,9 +321,9 @@ def ui(
     device: Device = "auto",
     precision: Precision = "auto",
 ):
-    """A local web page to generate and edit faces (needs the ui extra); prints its URL."""
+    """A local web page to generate and edit faces (needs the ui extra); prints its URL. Ctrl-C stops it."""
     from .files import check_output_folder
-    from .ui import build_app, import_gradio
+    from .ui import build_app, import_gradio, serve
 
     import_gradio()  # a missing extra fails before the model loads
     check_output_folder(out)
@@ -331,9 +331,9 @@ def ui(
     if host not in ("127.0.0.1", "localhost", "::1"):
         log(f"warning: serving on {host}: anyone who can reach this machine can use the page (it has no login)")
     pipe = load_pipeline(model, device, precision)
-    app = build_app(pipe, pipe.load_classifier(), out, str(model) if model else pipe.path.name)
+    page = build_app(pipe, pipe.load_classifier(), out, str(model) if model else pipe.path.name)
     print(f"http://{host}:{port}", flush=True)
-    app.launch(server_name=host, server_port=port, allowed_paths=[str(out.resolve())], share=False, quiet=True)
+    serve(page, host, port, allowed=[str(out.resolve())])
 
 
 def check_port_free(host, port):

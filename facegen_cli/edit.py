@@ -15,9 +15,10 @@ import torch
 from PIL import Image, ImageDraw, ImageFilter
 
 from .attributes import check_names
+from . import __version__
 from .errors import FacegenError
 from .files import FileResult, Outcome, attempt, output_path, save_deep_rgb, save_image
-from .images import deep_grey_scale, read_deep_rgb, read_photo, to_rgb, to_tensor, to_uint8
+from .images import deep_grey_scale, read_deep_rgb, read_photo, to_rgb, to_tensor, to_uint8, with_edit_recorded
 from .landmarks import FaceFinder, align_face, invert, warp
 
 log = logging.getLogger(__name__)
@@ -376,20 +377,32 @@ def mask_path(target):
     return Path(target).with_name(Path(target).name + ".mask.png")
 
 
-def save_edited(prepared, pixels, mask, save_mask=False, exclusive=False):
+def edit_record(pipe, request, faces):
+    """What an edit did to a photo, as its metadata records it (images.with_edit_recorded)."""
+    settings = request.settings
+    return {"add": list(request.add), "remove": list(request.remove), "faces": faces,
+            "trajectory": request.trajectory, "guidance": settings.guidance, "steps": settings.steps,
+            "seed": request.seed, "model": pipe.path.name if pipe.path else None, "fingerprint": pipe.fingerprint,
+            "version": __version__}
+
+
+def save_edited(prepared, pixels, mask, record=None, save_mask=False, exclusive=False):
     """Write the edited photo atomically, as its source was: same format and mode, the source's JPEG
-    tables, EXIF, ICC profile and file permissions; pixels outside the mask are the source's own (for a
-    JPEG, re-encoded with its own tables). The mask goes beside it if asked (mask_path), first.
+    tables, EXIF, XMP, ICC profile and file permissions; pixels outside the mask are the source's own (for a
+    JPEG, re-encoded with its own tables). `record` (edit_record) is added to the edits its metadata lists
+    (a PNG text chunk; XMP in JPEG, WebP and TIFF). The mask goes beside it if asked (mask_path), first.
     exclusive: never replace a file there, even one another run made meanwhile."""
     if save_mask:
         save_image(Image.fromarray(mask), mask_path(prepared.target), exclusive=exclusive)
+    options = with_edit_recorded(prepared.save_options, record) if record else prepared.save_options
     if prepared.deep is not None:  # 16-bit RGB: the change added at 16 bits, every value outside kept
         deep = prepared.deep
         change = (pixels.astype(np.int32) - np.asarray(prepared.photo, dtype=np.int32)) * 257
         edited = np.clip(deep[..., :3].astype(np.int32) + change, 0, 65535).astype(np.uint16)
         out = deep.copy()
         out[..., :3] = np.where(mask[..., None] > 0, edited, deep[..., :3])
-        return save_deep_rgb(out, prepared.target, mode_from=prepared.path, exclusive=exclusive)
+        return save_deep_rgb(out, prepared.target, text=options.get("text"), mode_from=prepared.path,
+                             exclusive=exclusive)
     original = prepared.original
     if original.mode.startswith("I"):  # deep grey: the edit's 8 bits spread over the original's range
         deep = np.asarray(original)
@@ -400,8 +413,7 @@ def save_edited(prepared, pixels, mask, save_mask=False, exclusive=False):
         result = Image.composite(Image.fromarray(pixels).convert(original.mode), original, changed)
     if original.mode in ("RGBA", "LA"):
         result.putalpha(original.getchannel("A"))
-    save_image(result, prepared.target, save_options=prepared.save_options, mode_from=prepared.path,
-               exclusive=exclusive)
+    save_image(result, prepared.target, save_options=options, mode_from=prepared.path, exclusive=exclusive)
     return prepared.target
 
 
@@ -434,8 +446,9 @@ def edit_photos(pipe, files, request, out=None, *, classifier=None, face=None, s
             if prepared:
                 for photo, (pixels, mask) in zip(prepared, edit_prepared(pipe, prepared, request, classifier,
                                                                          upscaler)):
+                    record = edit_record(pipe, request, len(photo.crops))
                     saved, problem = attempt(photo.path, lambda: save_edited(
-                        photo, pixels, mask, save_mask, exclusive=out is not None and not overwrite))
+                        photo, pixels, mask, record, save_mask, exclusive=out is not None and not overwrite))
                     yield problem or FileResult(photo.path, saved)
     finally:
         finder.close()

@@ -170,28 +170,36 @@ def write_json(path, data):
         Path(tmp).write_text(json.dumps(data, indent=2) + "\n")
 
 
+# Writer options only some formats take (a PNG's XMP travels in its text chunks).
+ANIMATED = ("GIF", "PNG", "WEBP")
+FORMAT_OPTIONS = {"qtables": ("JPEG",), "subsampling": ("JPEG",), "xmp": ("JPEG", "WEBP", "TIFF"),
+                  "exif": ("JPEG", "PNG", "WEBP", "TIFF", "MPO"), "lossless": ("WEBP",), "exact": ("WEBP",),
+                  "append_images": ANIMATED, "duration": ANIMATED, "loop": ANIMATED}
+
+
 def save_image(image, path, metadata=None, save_options=None, mode_from=None, exclusive=False):
     """Save a PIL image atomically, in the format its suffix names; PNGs carry `metadata` as text.
     exclusive: never replace a file of that name, even one another run made meanwhile (atomic_path).
 
-    save_options: extra keywords for PIL's writer (EXIF, ICC profile, JPEG tables), those the format
-    does not take left out. mode_from: a file whose permissions the output takes (otherwise a new file's,
+    save_options: extra keywords for PIL's writer (EXIF, ICC profile, XMP, JPEG tables, an animation's
+    append_images, duration and loop), those the format does not take left out; "text": a PNG's own text
+    chunks, written beside `metadata`. mode_from: a file whose permissions the output takes (otherwise a new file's,
     atomic_path).
     """
     path = Path(path)
     fmt = Image.registered_extensions().get(path.suffix.lower(), "PNG")
     kwargs = dict(save_options or {})
-    if fmt != "JPEG":
-        kwargs = {k: v for k, v in kwargs.items() if k not in ("qtables", "subsampling")}
-    if fmt != "WEBP":
-        kwargs = {k: v for k, v in kwargs.items() if k not in ("lossless", "exact")}
-    if fmt not in ("JPEG", "PNG", "WEBP", "TIFF", "MPO"):
-        kwargs.pop("exif", None)
+    text = {**(kwargs.pop("text", None) or {}), **(metadata or {})}
+    kwargs = {k: v for k, v in kwargs.items() if fmt in FORMAT_OPTIONS.get(k, (fmt,))}
+    if fmt == "TIFF" and "xmp" in kwargs:  # Pillow's TIFF writer takes XMP as its tag 700
+        kwargs["tiffinfo"] = {700: kwargs.pop("xmp")}
+    if kwargs.get("append_images"):
+        kwargs["save_all"] = True
     if fmt == "JPEG" and "qtables" not in kwargs:
         kwargs["quality"] = 95
-    if metadata and fmt == "PNG":
+    if text and fmt == "PNG":  # a PNG's own text chunks (its XMP among them) and ours
         info = PngImagePlugin.PngInfo()
-        for key, value in metadata.items():
+        for key, value in text.items():
             info.add_text(key, value if isinstance(value, str) else json.dumps(value))
         kwargs["pnginfo"] = info
     try:
@@ -208,15 +216,16 @@ def save_image(image, path, metadata=None, save_options=None, mode_from=None, ex
     return path
 
 
-def save_deep_rgb(deep, path, mode_from=None, exclusive=False):
-    """save_image for a 16-bit RGB(A) array (images.read_deep_rgb), as a PNG: atomically, checked back."""
+def save_deep_rgb(deep, path, text=None, mode_from=None, exclusive=False):
+    """save_image for a 16-bit RGB(A) array (images.read_deep_rgb), as a PNG: atomically, checked back;
+    `text` ({key: str}) as its text chunks."""
     from .images import read_deep_rgb, write_deep_rgb
 
     try:
         with atomic_path(path, exclusive) as tmp:
             png = f"{tmp}.png"  # OpenCV picks the format by the name
             try:
-                write_deep_rgb(png, deep)
+                write_deep_rgb(png, deep, text)
                 written = read_deep_rgb(png)
                 if written is None or not np.array_equal(written, deep):
                     raise FacegenError(f"cannot write {path}: the file written does not read back whole")

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from . import __version__
 from .errors import FacegenError
 from .files import save_image
 from .images import image_grid, to_uint8
@@ -36,6 +37,18 @@ def refuse_existing(paths, overwrite=False):
                            + " exist; --overwrite replaces them, or choose another --out or --seed")
 
 
+def parameters_text(asked, seed, settings, size, model_name, fingerprint):
+    """The `parameters` text chunk in the convention A1111's and ComfyUI's readers show: the attributes
+    asked for as the prompt, those asked against as the negative prompt, then the settings."""
+    wanted = [name for name, value in asked.items() if value > 0]
+    against = [name for name, value in asked.items() if value < 0]
+    lines = [", ".join(wanted)] + ([f"Negative prompt: {', '.join(against)}"] if against else [])
+    lines.append(", ".join([f"Steps: {settings.steps}", f"Sampler: {settings.method.capitalize()}",
+                            f"CFG scale: {settings.guidance:g}", f"Seed: {seed}", f"Size: {size}x{size}",
+                            f"Model hash: {fingerprint}", f"Model: {model_name}", f"Version: facegen {__version__}"]))
+    return "\n".join(lines)
+
+
 class FaceWriter:
     """Writes generated faces as they are made (images in [-1, 1], one per seed, made for the
     attributes.AttributeRequest `request`) as PNGs that carry the request: the attributes asked, the seed,
@@ -45,7 +58,9 @@ class FaceWriter:
     def __init__(self, pipe, request, settings, out, *, upscale=None, grid=False, model_name=None, overwrite=False):
         """overwrite: replace face files of those names; otherwise never, even ones another run wrote since."""
         self.out, self.upscale, self.grid, self.exclusive = Path(out), upscale, grid, not overwrite
-        self.meta = {**dataclasses.asdict(settings), "precision": pipe.precision}
+        self.settings, self.size = settings, pipe.info.image_size
+        self.meta = {**dataclasses.asdict(settings), "precision": pipe.precision, "version": __version__,
+                     "fingerprint": pipe.fingerprint}
         self.net = None
         if upscale:
             from .upscale import load_upscaler
@@ -69,8 +84,10 @@ class FaceWriter:
 
         def save(seed, face, path, guided_to):
             extra = {} if guided_to is None else {"drawn": guided_to}  # "attributes" stays what was asked
-            return save_image(face, path, {"facegen": {"attributes": self.asked, **extra, "seed": seed, **self.meta,
-                                                       "model": self.model_name}}, exclusive=self.exclusive)
+            meta = {"attributes": self.asked, **extra, "seed": seed, **self.meta, "model": self.model_name}
+            parameters = parameters_text(self.asked, seed, self.settings, self.size, self.model_name,
+                                         self.meta["fingerprint"])
+            return save_image(face, path, {"facegen": meta, "parameters": parameters}, exclusive=self.exclusive)
 
         with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as writers:  # PNG encoding releases the GIL
             paths = list(writers.map(save, seeds, faces, face_paths(self.out, seeds), drawn))

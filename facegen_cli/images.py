@@ -4,9 +4,16 @@ photos as they are (mode, EXIF orientation, the options that write them back the
 Arrays are uint8 (B, H, W, 3); tensors are float (B, 3, H, W) in [-1, 1].
 """
 
+import json
+import re
+import struct
+import xml.sax.saxutils
+import zlib
+from pathlib import Path
+
 import numpy as np
 import torch
-from PIL import Image, ImageOps, JpegImagePlugin, UnidentifiedImageError
+from PIL import Image, ImageOps, ImageSequence, JpegImagePlugin, UnidentifiedImageError
 
 from .errors import FacegenError
 
@@ -88,13 +95,27 @@ def read_deep_rgb(path):
     return cv2.cvtColor(deep, cv2.COLOR_BGR2RGB if deep.shape[2] == 3 else cv2.COLOR_BGRA2RGBA)
 
 
-def write_deep_rgb(path, deep):
-    """Write a uint16 RGB(A) array as a 16-bit PNG at `path` (a plain file path)."""
+def write_deep_rgb(path, deep, text=None):
+    """Write a uint16 RGB(A) array as a 16-bit PNG at `path` (a plain file path), with `text` ({key: str})
+    as text chunks (OpenCV writes none)."""
     import cv2
 
     bgr = cv2.cvtColor(deep, cv2.COLOR_RGB2BGR if deep.shape[2] == 3 else cv2.COLOR_RGBA2BGRA)
     if not cv2.imwrite(str(path), bgr):
         raise OSError(f"OpenCV could not write {path}")
+    if text:
+        png = Path(path).read_bytes()
+        chunks = b"".join(png_text_chunk(key, value) for key, value in text.items())
+        Path(path).write_bytes(png[:-12] + chunks + png[-12:])  # before IEND, the last 12 bytes
+
+
+def png_text_chunk(key, value):
+    """One PNG text chunk: tEXt when the value is Latin-1, else iTXt (UTF-8)."""
+    try:
+        kind, data = b"tEXt", key.encode("latin-1") + b"\0" + value.encode("latin-1")
+    except UnicodeEncodeError:
+        kind, data = b"iTXt", key.encode("latin-1") + b"\0\0\0\0\0" + value.encode("utf-8")
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
 
 def is_lossless_webp(path):
@@ -104,24 +125,86 @@ def is_lossless_webp(path):
     return header[12:16] == b"VP8L" or (header[12:16] == b"VP8X" and b"VP8L" in header[30:])
 
 
-def read_photo(path):
-    """(the picture with EXIF orientation applied, in its own mode or the nearest kept one; the options
-    that write it back the way it was encoded). Animated images are refused."""
+def kept_mode(image):
+    """A PIL image in its own mode when edits and upscales can write it back that way (KEPT_MODES), else
+    the nearest one that keeps every colour (and transparency)."""
+    if image.mode in KEPT_MODES:
+        return image
+    has_alpha = image.mode == "PA" or "transparency" in image.info
+    return image.convert("L" if image.mode == "1" else "RGBA" if has_alpha else "RGB")
+
+
+def read_frames(path):
+    """(every frame, EXIF orientation applied and in its own mode or the nearest kept one; the options that
+    write them back the way they were encoded: ICC profile, EXIF (less the orientation tag), XMP, PNG text,
+    JPEG tables, lossless WebP, an animation's frame timing and loop)."""
     with Image.open(path) as image:
-        if getattr(image, "n_frames", 1) > 1:
-            raise FacegenError(f"an animated image ({image.n_frames} frames): only still photos can be edited")
-        image.load()
-        options = {"icc_profile": image.info.get("icc_profile")}
+        options = {"icc_profile": image.info.get("icc_profile"), "xmp": image.info.get("xmp"),
+                   "text": dict(image.text) if image.format == "PNG" else None}
         if image.format == "JPEG":  # the source's own compression, not Pillow's default quality 75
             options.update(qtables=image.quantization, subsampling=JpegImagePlugin.get_sampling(image))
         if image.format == "WEBP" and is_lossless_webp(path):  # lossless stays lossless
             options.update(lossless=True, quality=100, exact=True)
-        upright = ImageOps.exif_transpose(image)  # also drops the orientation tag from its EXIF
-    if "exif" in upright.info:
-        options["exif"] = upright.info["exif"]
-    if upright.mode not in KEPT_MODES:
-        has_alpha = upright.mode == "PA" or "transparency" in upright.info
-        upright = upright.convert("L" if upright.mode == "1" else "RGBA" if has_alpha else "RGB")
-    return upright, {k: v for k, v in options.items() if v is not None and v != -1}
+        frames, durations = [], []
+        for frame in ImageSequence.Iterator(image):
+            durations.append(frame.info.get("duration", 100))
+            frames.append(ImageOps.exif_transpose(frame))  # a copy, the orientation tag dropped from its EXIF
+        if len(frames) > 1:
+            options.update(duration=durations, loop=image.info.get("loop", 0))
+    if "exif" in frames[0].info:
+        options["exif"] = frames[0].info["exif"]
+    return [kept_mode(frame) for frame in frames], {k: v for k, v in options.items() if v is not None and v != -1}
 
 
+def read_photo(path):
+    """read_frames of a still photo: (the picture, the options that write it back). Animated images are
+    refused."""
+    frames, options = read_frames(path)
+    if len(frames) > 1:
+        raise FacegenError(f"an animated image ({len(frames)} frames): only still photos can be edited")
+    return frames[0], options
+
+
+# ---------------------------------------------------------------------------------------------
+# What an edit did, recorded beside the pixels
+# ---------------------------------------------------------------------------------------------
+
+EDITS_KEY = "facegen-edits"  # a PNG text chunk: the JSON list of the edits made, oldest first
+XMP_NAMESPACE = "http://ns.facegen.invalid/1.0/"
+_XMP_DESCRIPTION = re.compile(rb'<rdf:Description[^>]*xmlns:facegen="[^"]*"[^>]*>.*?</rdf:Description>', re.S)
+_XMP_EDITS = re.compile(rb"<facegen:edits>(.*?)</facegen:edits>", re.S)
+_EMPTY_XMP = (b'<?xpacket begin="\xef\xbb\xbf" id="W5M0MpCehiHzreSzNTczkc9d"?><x:xmpmeta xmlns:x="adobe:ns:meta/">'
+              b'<rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#"></rdf:RDF></x:xmpmeta>'
+              b'<?xpacket end="w"?>')
+
+
+def edits_in(options):
+    """The edits a photo read by read_frames records already (a list, oldest first)."""
+    if EDITS_KEY in options.get("text", {}):
+        return json.loads(options["text"][EDITS_KEY])
+    ours = _XMP_DESCRIPTION.search(xmp_bytes(options))
+    found = _XMP_EDITS.search(ours.group(0)) if ours else None
+    return json.loads(xml.sax.saxutils.unescape(found.group(1).decode())) if found else []
+
+
+def xmp_bytes(options):
+    xmp = options.get("xmp") or b""
+    return xmp.encode() if isinstance(xmp, str) else xmp
+
+
+def with_edit_recorded(options, record):
+    """read_frames' options with `record` (a JSON-able dict) added to the photo's list of edits: as a PNG
+    text chunk (EDITS_KEY) and in the XMP packet (JPEG, WebP, TIFF) under facegen:edits, the photo's own
+    XMP kept around it. save_image writes whichever one the format takes; the pixels are not touched."""
+    edits = json.dumps(edits_in(options) + [record])
+    description = (f'<rdf:Description rdf:about="" xmlns:facegen="{XMP_NAMESPACE}"><facegen:edits>'
+                   f'{xml.sax.saxutils.escape(edits)}</facegen:edits></rdf:Description>').encode()
+    xmp = xmp_bytes(options) or _EMPTY_XMP
+    if _XMP_DESCRIPTION.search(xmp):
+        xmp = _XMP_DESCRIPTION.sub(lambda _: description, xmp, count=1)
+    elif b"</rdf:RDF>" in xmp:
+        at = xmp.rindex(b"</rdf:RDF>")
+        xmp = xmp[:at] + description + xmp[at:]
+    else:  # a packet we cannot place ours in: ours alone
+        xmp = _EMPTY_XMP.replace(b"</rdf:RDF>", description + b"</rdf:RDF>")
+    return {**options, "text": {**options.get("text", {}), EDITS_KEY: edits}, "xmp": xmp}

@@ -11,6 +11,8 @@
 
 import copy
 import dataclasses
+import functools
+import hashlib
 import json
 from pathlib import Path
 
@@ -88,6 +90,13 @@ class FacegenPipeline:
     def attributes(self):
         return self.dit.attributes
 
+    @functools.cached_property
+    def fingerprint(self):
+        """A short hash of the weights that draw (the DiT's and the autoencoder's, vae.weights_fingerprint),
+        written into every face and edited photo: the same model gives the same one on every machine."""
+        parts = [vae_lib.weights_fingerprint(self.dit), vae_lib.weights_fingerprint(self.vae)]
+        return hashlib.sha256(" ".join(parts).encode()).hexdigest()[:16]
+
     @property
     def sample(self) -> SampleConfig:
         return self.info.sample
@@ -148,6 +157,7 @@ class FacegenPipeline:
     def replaced(self, **changes):
         """A copy of this pipeline with some of its parts replaced (the networks themselves are shared)."""
         pipe = copy.copy(self)
+        pipe.__dict__.pop("fingerprint", None)  # of the weights it had
         pipe.__dict__.update(changes)
         return pipe
 

@@ -4,7 +4,7 @@ commands make, so that the page and `facegen generate` give the same image for t
     generate_faces(...)  the Generate tab: the request, the PNGs (as `facegen generate` writes them) and the
                          equivalent command
     edit_photo(...)      the Edit tab: one uploaded photo through `edit.edit_photos`
-    build_app(...)       the page; `facegen ui` serves it on loopback unless told otherwise
+    build_app(...)       the page; `facegen ui` serves it (serve) on loopback unless told otherwise
 
 Gradio is an optional extra (`pip install -e ".[ui]"`): only this module imports it.
 """
@@ -208,3 +208,17 @@ def build_app(pipe, classifier, out, model_name):
             edit.click(on_edit, [photo, face, add, remove, strength, edit_seed], [before, after, mask, download])
     app.queue(default_concurrency_limit=1)  # one model: a second request waits its turn
     return app
+
+
+def serve(page, host, port, allowed):
+    """Serve the page until Ctrl-C, then close it. Gradio's own waiting loop prints its shutdown line on
+    stdout, where `facegen ui` writes only the URL; this one says nothing."""
+    try:
+        page.launch(server_name=host, server_port=port, allowed_paths=allowed, share=False, quiet=True,
+                    prevent_thread_lock=True)
+        while page.is_running:
+            time.sleep(0.2)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        page.close(verbose=False)

@@ -25,7 +25,7 @@ from safetensors.torch import load_file
 from . import devices
 from .errors import FacegenError
 from .files import FileResult, atomic_path, attempt, output_path, save_image, save_tensors
-from .images import to_rgb
+from .images import read_frames, to_rgb
 
 log = logging.getLogger(__name__)
 
@@ -241,6 +241,8 @@ def upscale_image(net, image, outscale=4, tile=256, tile_pad=10, precision="fp32
         result = result.resize(size, Image.Resampling.LANCZOS)
     if mode in ("L", "LA", "I", "I;16", "1"):
         result = result.convert("L")
+    elif mode == "CMYK":  # upscaled in RGB, written back in the photo's own colour model
+        result = result.convert("CMYK")
     if alpha is not None:
         result.putalpha(alpha.resize(size, Image.Resampling.BICUBIC))
     return result
@@ -248,13 +250,15 @@ def upscale_image(net, image, outscale=4, tile=256, tile_pad=10, precision="fp32
 
 def upscale_files(net, files, out, *, outscale=4, tile=256, tile_pad=10, precision="fp32", overwrite=False):
     """Upscale every (path, relative) of `files` into OUT/relative (same name and format); yields one
-    FileResult per file, a bad one reported and passed over."""
+    FileResult per file, a bad one reported and passed over. Each is read as images.read_frames reads it
+    (upright by its EXIF orientation) and written back with its metadata, colour model and compression, and
+    every frame of an animation."""
     for path, relative in files:
         def upscale_one():
             target = output_path(path, relative, out, overwrite)
-            with Image.open(path) as image:
-                image.load()
-            return save_image(upscale_image(net, image, outscale, tile, tile_pad, precision), target,
+            frames, options = read_frames(path)
+            frames = [upscale_image(net, frame, outscale, tile, tile_pad, precision) for frame in frames]
+            return save_image(frames[0], target, save_options={**options, "append_images": frames[1:]},
                               exclusive=not overwrite)
 
         output, problem = attempt(path, upscale_one)

@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
+import facegen_cli
 from facegen_cli.cli import app
 
 runner = CliRunner()
@@ -40,7 +41,12 @@ def test_train_then_generate_through_the_cli(tmp_path, tiny_data, tiny_vae_dir):
     with Image.open(paths[0]) as image:
         assert image.size == (128, 128)
         meta = json.loads(image.text["facegen"])
+        parameters = image.text["parameters"].splitlines()  # what A1111's and ComfyUI's readers show
     assert meta["seed"] == 5 and meta["steps"] == 2
+    assert meta["version"] == facegen_cli.__version__ and len(meta["fingerprint"]) == 16
+    assert parameters[0] == "male" and parameters[1] == "Negative prompt: beard"
+    assert f"Seed: 5, Size: 128x128, Model hash: {meta['fingerprint']}, Model: {model}" in parameters[2]
+    assert parameters[2].startswith(f"Steps: 2, Sampler: Euler, CFG scale: {meta['guidance']:g}, ")
     assert meta["attributes"]["male"] == 1 and meta["attributes"]["beard"] == -1 and meta["attributes"]["bald"] == 0
     with Image.open(paths[-1]) as grid:
         assert grid.size == (256, 256)  # 3 faces on a 2x2 grid
@@ -50,6 +56,7 @@ def test_train_then_generate_through_the_cli(tmp_path, tiny_data, tiny_vae_dir):
     same = run("generate", "--model", model, "--male", "--no-beard", "-n", 3, "--seed", 5, "--steps", 2,
                "--out", tmp_path / "same")
     assert np.array_equal(np.asarray(Image.open(same.stdout.split()[0])), np.asarray(Image.open(paths[0])))
+    assert json.loads(Image.open(same.stdout.split()[0]).text["facegen"])["fingerprint"] == meta["fingerprint"]
     for precision, largest in (("fp32", 1), ("bf16", 16)):
         faces = [np.asarray(Image.open(run("generate", "--model", model, "--male", "--no-beard", "-n", n, "--seed", 5,
                                            "--steps", 2, "--precision", precision, "--out",

@@ -1,3 +1,4 @@
+import json
 import numpy as np
 import pytest
 import torch
@@ -613,6 +614,31 @@ def test_a_photo_no_face_fits_in_is_reported_and_the_batch_goes_on(tmp_path, tin
     assert "1 done, 2 no face" in result.stderr and (tmp_path / "out" / "c-good.png").is_file()
 
 
+def test_edited_photos_record_what_was_changed(tmp_path, tiny_model_dir):
+    """A PNG text chunk, or XMP in a JPEG beside the photo's own; a second edit is added to the first."""
+    pytest.importorskip("mediapipe")
+    from facegen_cli.images import EDITS_KEY, edits_in, read_frames
+
+    face = Image.open(write_face_photo(tmp_path / "face.png")).convert("RGB")
+    xmp = b'<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">' \
+          b'<rdf:Description rdf:about="" xmlns:dc="http://purl.org/dc/elements/1.1/"><dc:creator>a photographer' \
+          b'</dc:creator></rdf:Description></rdf:RDF></x:xmpmeta>'
+    face.save(tmp_path / "face.jpg", xmp=xmp, quality=95)
+    common = ["--steps", "1", "--no-upscale", "--model", str(tiny_model_dir)]
+    first = runner.invoke(app, ["edit", str(tmp_path / "face.png"), str(tmp_path / "face.jpg"), "--add", "beard",
+                                *common, "--out", str(tmp_path / "once")])
+    assert first.exit_code == 0, first.stderr
+    again = runner.invoke(app, ["edit", str(tmp_path / "once" / "face.png"), str(tmp_path / "once" / "face.jpg"),
+                                "--remove", "smiling", *common, "--out", str(tmp_path / "twice")])
+    assert again.exit_code == 0, again.stderr
+    for name in ("face.png", "face.jpg"):
+        edits = edits_in(read_frames(tmp_path / "twice" / name)[1])
+        assert [(e["add"], e["remove"]) for e in edits] == [(["beard"], []), ([], ["smiling"])]
+        assert edits[0]["faces"] == 1 and edits[0]["model"] == tiny_model_dir.name and len(edits[0]["fingerprint"]) == 16
+    assert EDITS_KEY in Image.open(tmp_path / "twice" / "face.png").text
+    assert b"<dc:creator>a photographer</dc:creator>" in Image.open(tmp_path / "twice" / "face.jpg").info["xmp"]
+
+
 def test_a_lossless_webp_stays_lossless_and_exact_outside_the_mask(tmp_path, tiny_model_dir):
     pytest.importorskip("mediapipe")
     from facegen_cli.images import is_lossless_webp
@@ -647,6 +673,7 @@ def test_sixteen_bit_rgb_photos_stay_sixteen_bit_and_exact_outside_the_mask(tmp_
     assert edited is not None and (mask > 0).any()
     assert np.array_equal(edited[mask == 0], deep[mask == 0])  # every 16-bit value kept
     assert not np.array_equal(edited[mask > 0], deep[mask > 0])
+    assert json.loads(Image.open(tmp_path / "out" / "deep.png").text["facegen-edits"])[0]["add"] == ["beard"]
 
 
 def test_the_default_guidance_follows_the_change_unless_one_is_given():

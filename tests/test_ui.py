@@ -6,6 +6,7 @@ import shlex
 import shutil
 import socket
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -149,3 +150,31 @@ def test_a_port_in_use_fails_in_one_line_before_the_model_loads(tmp_path):
                                           "--model", str(tmp_path / "no-such-model")])
     assert result.exit_code != 0 and result.stdout == ""
     assert f"cannot serve on 127.0.0.1:{port}" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_the_ui_command_prints_only_its_url_and_stops_quietly_on_ctrl_c(tmp_path, tiny_model_dir):
+    """stdout carries the URL alone (Gradio's own "closing server" line went there on Ctrl-C)."""
+    import signal
+    import subprocess
+    import urllib.request
+
+    pytest.importorskip("gradio")
+    port = free_port()
+    child = subprocess.Popen([sys.executable, "-m", "facegen_cli.cli", "ui", "--model", str(tiny_model_dir), "--port",
+                              str(port), "--out", str(tmp_path / "ui")], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True)
+    try:
+        url = child.stdout.readline().strip()
+        assert url == f"http://127.0.0.1:{port}"
+        for _ in range(300):  # the page answers once it is up
+            try:
+                assert urllib.request.urlopen(url, timeout=5).status == 200
+                break
+            except OSError:
+                time.sleep(0.2)
+        child.send_signal(signal.SIGINT)
+        out, err = child.communicate(timeout=60)
+    finally:
+        child.kill()
+    assert child.returncode == 0, (out, err)
+    assert out == ""  # nothing after the URL

@@ -181,3 +181,50 @@ def test_cli_processes_a_folder_reports_bad_files_and_reads_stdin(tmp_path, smal
                                str(small_weights)])
     assert same.exit_code == 1 and "overwrite the input" in same.stderr
     assert Image.open(photos / "good.png").size == (20, 16)
+
+
+def test_upscale_keeps_orientation_frames_colour_model_and_metadata(tmp_path):
+    """EXIF orientation applied (the output shows upright, the tag gone, the rest of the EXIF kept), every
+    frame of an animated GIF with its timing, CMYK written as CMYK, and the ICC profile, XMP and PNG text
+    carried over."""
+    from PIL import ImageCms, PngImagePlugin
+
+    net = small_net(0)
+    with torch.no_grad():
+        net.conv_last.bias += 0.5  # away from the clamp at 0, so that each frame's output differs
+    torch.save({"params_ema": net.state_dict()}, tmp_path / "weights.pth")
+    photos = tmp_path / "in"
+    photos.mkdir()
+    rng = np.random.default_rng(0)
+    picture = Image.fromarray(rng.integers(0, 255, (12, 20, 3), dtype=np.uint8))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 clockwise to display
+    exif[0x010F] = "a camera maker"
+    icc = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    xmp = b'<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">' \
+          b'<rdf:Description about="a photographer"/></rdf:RDF></x:xmpmeta>'
+    picture.save(photos / "sideways.jpg", exif=exif, icc_profile=icc, xmp=xmp, quality=90)
+    frames = [Image.fromarray(np.full((8, 10, 3), v, dtype=np.uint8)) for v in (30, 120, 220)]
+    frames[0].save(photos / "moving.gif", save_all=True, append_images=frames[1:], duration=[70, 80, 90], loop=2)
+    picture.convert("CMYK").save(photos / "print.jpg")
+    text = PngImagePlugin.PngInfo()
+    text.add_text("Author", "someone")
+    picture.save(photos / "notes.png", pnginfo=text)
+
+    result = CliRunner().invoke(app, ["upscale", str(photos), "--out", str(tmp_path / "out"),
+                                      "--weights", str(tmp_path / "weights.pth")])
+    assert result.exit_code == 0, result.stderr
+    with Image.open(tmp_path / "out" / "sideways.jpg") as upright:
+        assert upright.size == (48, 80)  # 12 x 20 stored, shown 20 x 12 turned: 4x of the upright picture
+        assert upright.getexif().get(0x0112, 1) == 1 and upright.getexif()[0x010F] == "a camera maker"
+        assert upright.info["icc_profile"] == icc and b"a photographer" in upright.info["xmp"]
+    with Image.open(tmp_path / "out" / "moving.gif") as moving:
+        assert moving.n_frames == 3 and moving.size == (40, 32) and moving.info["loop"] == 2
+        timing, means = [], []
+        for i in range(3):
+            moving.seek(i)
+            timing.append(moving.info["duration"])
+            means.append(np.asarray(moving.convert("RGB"), dtype=float).mean())
+        assert timing == [70, 80, 90] and means[0] < means[1] < means[2]  # each frame its own
+    assert Image.open(tmp_path / "out" / "print.jpg").mode == "CMYK"
+    assert Image.open(tmp_path / "out" / "notes.png").text["Author"] == "someone"
