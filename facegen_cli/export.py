@@ -8,7 +8,7 @@ import torch
 
 from .classifier import load_classifier, save_classifier
 from .errors import FacegenError
-from .files import atomic_dir
+from .files import atomic_dir, check_replaceable_folder
 from .label_prior import prior_of_data
 from .pipeline import MODEL_FILE, FacegenPipeline, model_path
 from .posthoc_ema import SNAPSHOT_DIR, reconstruct
@@ -18,17 +18,9 @@ from .vae import load_vae
 def check_export_target(source, out, overwrite):
     """Refuse an OUT that export would destroy: the model itself, a folder holding anything but a facegen
     model, or a model folder without `overwrite`."""
-    if not out.exists():
-        return
-    if not out.is_dir():
-        raise FacegenError(f"{out}: is a file, not a folder; --out must name a new folder")
-    if out.resolve() == source.resolve():
+    if out.exists() and out.resolve() == source.resolve():
         raise FacegenError(f"{out} is the model being exported; export into another folder")
-    if any(out.iterdir()):
-        if not (out / MODEL_FILE).is_file():
-            raise FacegenError(f"{out} holds files that are not a facegen model; export into a new or empty folder")
-        if not overwrite:
-            raise FacegenError(f"{out} holds a model; --overwrite replaces it")
+    check_replaceable_folder(out, MODEL_FILE, "a facegen model", overwrite)
 
 
 def with_posthoc_ema(pipe, snapshots, ema_length):

@@ -131,6 +131,20 @@ def output_path(path, relative, out, overwrite=False):
     return target
 
 
+def check_replaceable_folder(out, marker, kind, overwrite):
+    """Refuse an OUT that a command writing a whole folder of `kind` (a model, a data set) would destroy: a
+    file, a folder holding anything but one of its own kind (one with `marker` in it), or one of its own
+    kind without `overwrite`. A new or empty folder passes."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise FacegenError(f"{out}: is a file, not a folder; --out must name a new folder")
+    if out.is_dir() and any(out.iterdir()):
+        if not (out / marker).is_file():
+            raise FacegenError(f"{out} holds files that are not {kind}; write into a new or empty folder")
+        if not overwrite:
+            raise FacegenError(f"{out} holds {kind}; --overwrite replaces it")
+
+
 def check_output_folder(folder):
     """Fail now, with one line, when `folder` cannot be made a folder (it or a parent is a file)."""
     for path in (Path(folder), *Path(folder).parents):

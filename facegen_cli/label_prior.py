@@ -53,6 +53,14 @@ class LabelPrior:
                 conditions[i] = torch.where(asked[r], requests[r].float(), self.combinations[chosen].float())
         return conditions, supported[which]
 
+    def pair_frequency(self):
+        """(A, 2, A, 2): among the training faces with attribute i at SIGNS[s] (+1, then -1), the fraction
+        with attribute j at SIGNS[t] (unknown labels count in neither); NaN where no face has i at SIGNS[s]."""
+        shown = (self.combinations[:, :, None] == torch.tensor([1, -1], dtype=torch.int8)).double()  # (K, A, 2)
+        joint = torch.einsum("k,kas,kbt->asbt", self.counts.double(), shown, shown)
+        faces = torch.einsum("k,kas->as", self.counts.double(), shown)
+        return joint / faces[:, :, None, None]
+
     def to_dict(self):
         return {"attributes": list(self.attributes),
                 "combinations": {"".join("-0+"[v + 1] for v in row): int(n)

@@ -22,7 +22,7 @@ from PIL import Image, ImageDraw, ImageFilter
 from . import layout
 from .attributes import DEFAULT_ATTRIBUTES, celeba_column
 from .errors import FacegenError
-from .files import atomic_path
+from .files import atomic_path, check_replaceable_folder
 from .layout import LANDMARK_NAMES
 
 SUPERSAMPLE = 4
@@ -505,18 +505,6 @@ def _render_to_file(job):
     return labels, points
 
 
-def check_dataset_target(out, overwrite):
-    """Refuse an OUT holding anything: files of the user's whatever the flags, a data set without `overwrite`."""
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise FacegenError(f"{out}: is a file, not a folder")
-    if out.is_dir() and any(out.iterdir()):
-        if not (out / layout.ATTRIBUTE_FILE).is_file():
-            raise FacegenError(f"{out} holds files that are not a data set; write into a new or empty folder")
-        if not overwrite:
-            raise FacegenError(f"{out} holds a data set; --overwrite replaces it")
-
-
 def write_dataset(out, count, *, size=128, seed=0, workers=None, progress=None, label_distribution="celeba",
                   overwrite=False):
     """Render `count` faces into a CelebA-layout folder (new or empty, or a data set with `overwrite`);
@@ -529,7 +517,7 @@ def write_dataset(out, count, *, size=128, seed=0, workers=None, progress=None, 
     if label_distribution not in LABEL_DISTRIBUTIONS:
         raise FacegenError(f"unknown label distribution {label_distribution!r}; use "
                            f"{' or '.join(LABEL_DISTRIBUTIONS)}")
-    check_dataset_target(out, overwrite)
+    check_replaceable_folder(out, layout.ATTRIBUTE_FILE, "a data set", overwrite)
     out = Path(out)
     (out / "img_align_celeba").mkdir(parents=True, exist_ok=True)
     jobs = [(seed + i, size, label_distribution, out / "img_align_celeba" / f"{i + 1:06d}.jpg")

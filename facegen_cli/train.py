@@ -148,8 +148,14 @@ def prepare_latents(data, out, vae_source, image_size, progress):
     Returns (latents, labels, CacheMeta, the cache's folder)."""
     if is_cache(data):
         latents, labels, meta = load_cache(data)
-        if vae_source and vae_fingerprint(load_vae(vae_source)) != meta.vae_fingerprint:
-            raise FacegenError(f"{data} was encoded with the VAE {meta.vae_source}, not {vae_source}")
+        if vae_source:  # the VAE that encoded it, perhaps moved since: the same weights, found elsewhere
+            if vae_fingerprint(load_vae(vae_source)) != meta.vae_fingerprint:
+                raise FacegenError(f"{data} was encoded with the VAE {meta.vae_source}, not {vae_source}")
+            source = Path(vae_source).resolve() if Path(vae_source).exists() else vae_source
+            meta = dataclasses.replace(meta, vae_source=str(source))
+        elif Path(meta.vae_source).is_absolute() and not Path(meta.vae_source).exists():
+            raise FacegenError(f"{data} was encoded with the VAE {meta.vae_source}, which is no longer there; "
+                               "give where it is now with --vae")
         return latents, labels, meta, Path(data)
     source = vae_source or DEFAULT_VAE
     log.info(f"encoding {data} with the VAE {source} into {Path(out) / 'latents'}")

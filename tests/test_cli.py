@@ -171,6 +171,48 @@ def test_encode_reports_corrupt_images_and_writes_a_cache(tmp_path, tiny_vae_dir
                            "--precision", "fp8"), "unknown precision 'fp8'")
 
 
+def test_a_latent_cache_whose_vae_moved_trains_with_vae_naming_its_new_place(tmp_path, tiny_vae_dir):
+    from conftest import write_labelled_folder
+
+    root = write_labelled_folder(tmp_path / "data", 3)
+    shutil.copytree(tiny_vae_dir, tmp_path / "vae")
+    assert run("encode", root, "--vae", tmp_path / "vae", "--out", tmp_path / "cache", "--workers", 0).exit_code == 0
+    (tmp_path / "vae").rename(tmp_path / "vae-moved")
+    arguments = ["train", "--data", tmp_path / "cache", "--preset", "tiny", "--steps", 1]
+    assert_clean_error(run(*arguments, "--out", tmp_path / "lost"), "which is no longer there; give where it is now "
+                                                                    "with --vae")
+    moved = run(*arguments, "--out", tmp_path / "run", "--vae", tmp_path / "vae-moved")
+    assert moved.exit_code == 0, moved.stderr
+    assert (tmp_path / "run" / "model" / "facegen.json").is_file()
+    other = tmp_path / "other-vae"
+    shutil.copytree(tiny_vae_dir, other)
+    from facegen_cli.vae import load_vae
+
+    vae = load_vae(other)
+    with torch.no_grad():
+        vae.decoder.conv_out.bias.add_(0.1)
+    vae.save_pretrained(other)
+    assert_clean_error(run(*arguments, "--out", tmp_path / "wrong", "--vae", other), "was encoded with the VAE")
+
+
+def test_two_runs_into_one_folder_never_replace_each_others_faces(tmp_path, tiny_model_dir):
+    """Two processes at once, the same seeds into one folder: each face file is one run's, and a run
+    lists only the files that hold its own faces; one that could not write all of them says so in its
+    exit code."""
+    command = [sys.executable, "-m", "facegen_cli.cli", "generate", "--model", str(tiny_model_dir), "-n", "6",
+               "--steps", "1", "--batch-size", "1", "--out", str(tmp_path / "faces")]
+    runs = [subprocess.Popen(command + [flag], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for flag in ("--male", "--female")]
+    results = [(child.communicate(timeout=300), child.returncode) for child in runs]
+    listed = [set(out.split()) for (out, _), _ in results]
+    assert not listed[0] & listed[1] and listed[0] | listed[1] == {str(p) for p in (tmp_path / "faces").iterdir()}
+    for paths, male in zip(listed, (1, -1)):
+        for path in paths:
+            assert json.loads(Image.open(path).text["facegen"])["attributes"]["male"] == male
+    for paths, ((_, err), code) in zip(listed, results):
+        assert (code == 0) == (len(paths) == 6), err
+
+
 def test_presets_lists_parameter_counts():
     result = run("presets")
     assert result.exit_code == 0
@@ -207,7 +249,7 @@ def test_export_never_deletes_what_it_did_not_make(tiny_model_dir, tmp_path):
     assert (tiny_model_dir / "facegen.json").is_file()
     copy = tmp_path / "copy"
     assert run("export", tiny_model_dir, "--out", copy).exit_code == 0
-    assert_clean_error(run("export", tiny_model_dir, "--out", copy), "holds a model; --overwrite replaces it")
+    assert_clean_error(run("export", tiny_model_dir, "--out", copy), "holds a facegen model; --overwrite replaces it")
     assert run("export", tiny_model_dir, "--out", copy, "--overwrite").exit_code == 0
     assert_clean_error(run("export", tiny_model_dir, "--out", tmp_path / "new", "--classifier", tmp_path / "none"),
                        "not an attribute classifier folder")

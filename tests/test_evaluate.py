@@ -19,13 +19,14 @@ def seed_bits(seeds):
     return torch.stack([torch.randint(0, 2, (A,), generator=torch.Generator().manual_seed(s)) * 2 - 1 for s in seeds])
 
 
-def faithful_generator(y, seeds):
-    """Shows what was asked and, for free attributes, what the seed gives; 'images' carry the attributes."""
+def faithful_generator(y, seeds, drawn=None):
+    """Shows what was asked and, for free attributes, what the seed gives; 'images' carry the attributes.
+    (`drawn`, the held readings guided from, makes no difference to it.)"""
     shown = torch.where(y != 0, y.sign().long(), seed_bits(seeds))
     return shown.float().view(len(seeds), 1, A, 1).expand(-1, 3, -1, A)
 
 
-def careless_generator(y, seeds):
+def careless_generator(y, seeds, drawn=None):
     """Ignores the request entirely."""
     return faithful_generator(torch.zeros_like(y), seeds)
 
@@ -60,7 +61,7 @@ def test_a_generator_that_ignores_labels_scores_chance():
     assert torch.equal(leakage_matrix(readings), torch.zeros(A, A))  # nothing flips, not even the asked one
 
 
-def leaky_generator(y, seeds):
+def leaky_generator(y, seeds, drawn=None):
     """Faithful, except that attribute 1 always shows what attribute 0 shows (entangled)."""
     images = faithful_generator(y, seeds).clone()
     images[:, :, 1] = images[:, :, 0]
@@ -84,8 +85,9 @@ def test_held_flips_of_a_faithful_generator_change_only_the_flipped_attribute():
     exclusive[2, 3] = exclusive[3, 2] = True
     seeds = list(range(K))
     readings, _, _ = read_single_attribute_faces(faithful_generator, perfect_reader, A, seeds)
-    flipped, compared, images = read_held_flips(faithful_generator, perfect_reader, readings, seeds, exclusive)
-    assert flipped.shape == compared.shape == (A, 2, K, A) and images.shape == (A, 2, K, 3, A, A)
+    flipped, compared, requests, images = read_held_flips(faithful_generator, perfect_reader, readings, seeds,
+                                                          exclusive)
+    assert flipped.shape == compared.shape == requests.shape == (A, 2, K, A) and images.shape == (A, 2, K, 3, A, A)
     assert torch.equal(control_rates(flipped), torch.ones(A, 2))
     assert torch.equal(held_flip_agreement(readings, flipped, compared), torch.ones(A))
     # Adding attribute 2 took attribute 3 away exactly where the face before showed it, and that is not compared.
@@ -96,13 +98,61 @@ def test_held_flips_of_a_faithful_generator_change_only_the_flipped_attribute():
 def test_held_flips_expose_an_entangled_generator():
     seeds = list(range(K))
     readings, _, _ = read_single_attribute_faces(leaky_generator, perfect_reader, A, seeds)
-    flipped, compared, _ = read_held_flips(leaky_generator, perfect_reader, readings, seeds,
-                                           torch.zeros(A, A, dtype=torch.bool))
+    flipped, compared, _, _ = read_held_flips(leaky_generator, perfect_reader, readings, seeds,
+                                              torch.zeros(A, A, dtype=torch.bool))
     agreement = held_flip_agreement(readings, flipped, compared)
     assert agreement[0] == 1 - 1 / (A - 1)  # flipping 0 always drags 1 along: one of the 4 others changes
     assert torch.equal(agreement[1:], torch.ones(A - 1))
     control = control_rates(flipped)
     assert torch.equal(control[0], torch.ones(2)) and ((control[1] - 0.5).abs() < 0.12).all()  # 1 cannot be set
+
+
+def test_held_flips_are_guided_from_the_held_readings_as_generate_guides():
+    """generate(requests, seeds, held): held = the requests less the flip and what it rules out."""
+    exclusive = torch.zeros(A, A, dtype=torch.bool)
+    exclusive[2, 3] = exclusive[3, 2] = True
+    seen = []
+
+    def recording(y, seeds, drawn=None):
+        seen.append((y.clone(), drawn.clone()))
+        return faithful_generator(y, seeds)
+
+    seeds = list(range(8))
+    readings, _, _ = read_single_attribute_faces(faithful_generator, perfect_reader, A, seeds)
+    _, compared, requests, _ = read_held_flips(recording, perfect_reader, readings, seeds, exclusive)
+    y, held = seen[4]  # attribute 2 added
+    assert torch.equal(y, requests[2, 0]) and (held[:, 2] == 0).all()
+    assert torch.equal(held != 0, compared[2, 0]) and torch.equal(held[compared[2, 0]], y[compared[2, 0]])
+
+
+def test_held_flips_the_data_cannot_support_are_counted_apart():
+    """Labels where attribute 1 (a beard, say) never shows without attribute 0 (a man): a flip to 1 that
+    holds 0 at -1 is unsupported, and the rates over the supported faces leave it out."""
+    from facegen_cli.evaluate import rates_where, supported_held_flips, unsupported_pairs
+    from facegen_cli.label_prior import LabelPrior
+
+    every = torch.cartesian_prod(*[torch.tensor([-1, 1])] * A)
+    labels = every[~((every[:, 1] > 0) & (every[:, 0] < 0))]  # no face with 1 and without 0
+    prior = LabelPrior.from_labels([f"a{i}" for i in range(A)], labels)
+    frequency = prior.pair_frequency()
+    assert frequency.shape == (A, 2, A, 2)
+    assert frequency[1, 0, 0, 0] == 1 and frequency[1, 0, 0, 1] == 0  # with 1: always 0
+    assert frequency[0, 1, 1, 1] == 1  # without 0: never 1
+    assert torch.allclose(frequency[2, 0, 3], torch.tensor([0.5, 0.5], dtype=torch.float64))
+    exclusive = torch.zeros(A, A, dtype=torch.bool)
+    assert unsupported_pairs(frequency, prior.attributes, exclusive) == [
+        "a0 -1 with a1 +1 (0.0%)", "a1 +1 with a0 -1 (0.0%)"]
+
+    seeds = list(range(K))
+    readings, _, _ = read_single_attribute_faces(faithful_generator, perfect_reader, A, seeds)
+    flipped, compared, requests, _ = read_held_flips(careless_generator, perfect_reader, readings, seeds, exclusive)
+    supported = supported_held_flips(frequency, requests, compared)
+    assert torch.equal(supported[1, 0], requests[1, 0, :, 0] > 0)  # adding 1: only where 0 is held at +1
+    assert supported[2].all() and supported[4].all()
+    rates, faces = rates_where(flipped, supported)
+    assert faces[1, 0] == (requests[1, 0, :, 0] > 0).sum() and faces[2, 0] == K
+    shown = (flipped[1, 0, :, 1] == 1) & supported[1, 0]
+    assert rates[1, 0] == shown.sum() / faces[1, 0]
 
 
 def test_free_flip_ceiling_is_one_for_independent_labels_and_drops_for_tied_ones():
@@ -142,6 +192,10 @@ def test_eval_report_through_the_cli(tmp_path, tiny_model_dir, tiny_data):
     assert "| smiling |" in (tmp_path / "report" / "report.md").read_text()
     held = result_g3["flip_others_held"]
     assert set(held["others_agree"]) == set(DEFAULT_ATTRIBUTES) and all(0 <= v <= 1 for v in held["others_agree"].values())
+    # the tiny model carries a label prior: the flips the data supports are counted apart, the rest named
+    assert set(held["control_supported"]) == set(held["supported_faces"]) == set(DEFAULT_ATTRIBUTES)
+    assert all(0 <= n["for"] <= 2 for n in held["supported_faces"].values()) and 0 <= held["supported_mean"] <= 1
+    assert isinstance(report["unsupported_pairs"], list)
     assert set(report["free_flip_ceiling"]) == set(DEFAULT_ATTRIBUTES)  # from --data's train labels
     assert (tmp_path / "report" / "grids" / "beard-g3.png").is_file()
     assert (tmp_path / "report" / "grids" / "beard-held-g3.png").is_file()
