@@ -138,6 +138,17 @@ def supported_held_flips(pair_frequency, requests, compared):
     return support
 
 
+def supported_requests(pair_frequency, requests):
+    """(R,) bool: the requests (R, A) every asked pair of which the training faces support (at least
+    MIN_PAIR_SUPPORT of the faces with one show the other as asked; a woman with a mustache is not)."""
+    supported = []
+    for y in requests:
+        asked = [(i, SIGNS.index(int(y[i].sign()))) for i in torch.nonzero(y).flatten().tolist()]
+        supported.append(all(pair_frequency[i, s, j, t] >= MIN_PAIR_SUPPORT for i, s in asked for j, t in asked
+                             if i != j))
+    return torch.tensor(supported, dtype=torch.bool)
+
+
 def unsupported_pairs(pair_frequency, attributes, exclusive):
     """['mustache +1 with male -1 (0.4%)', ...]: the pairs under MIN_PAIR_SUPPORT, those one attribute rules
     out by itself (two hair colours) left out."""
@@ -328,7 +339,9 @@ class GuidanceResult:
     flip_others_held: dict
     leakage_matrix: list  # (A, A)
     leakage_off_diagonal_mean: float
-    combinations: dict  # {"requests": [...], "all_asked_shown": rate, "each_asked_shown": rate}
+    # {"requests": [...], "all_asked_shown": rate, "each_asked_shown": rate, "all_asked_shown_per_request":
+    # [...]}; with a label prior, "supported" (per request) and "all_asked_shown_supported"
+    combinations: dict
     diversity: float
     frechet_classifier_features: Optional[float] = None  # with held-out faces
     diversity_real: Optional[float] = None
@@ -381,14 +394,24 @@ def measure_guidance(pipe, classifier, settings, *, seeds, combos, real_features
         if advance:
             advance()
     all_asked, each_asked = combination_control(torch.stack(combo_readings), combos) if combo_readings else (0.0, 0.0)
+    combinations = {"requests": [describe(attributes, y) for y in combos],
+                    "all_asked_shown": round(all_asked, 4), "each_asked_shown": round(each_asked, 4),
+                    "all_asked_shown_per_request": [round(combination_control(r[None], y[None])[0], 4)
+                                                    for r, y in zip(combo_readings, combos)]}
+    if pipe.prior is not None and combo_readings:
+        supported = supported_requests(pipe.prior.pair_frequency(), combos)
+        combinations["supported"] = supported.tolist()
+        if supported.any():
+            kept = [r for r, ok in zip(combo_readings, supported) if ok]
+            combinations["all_asked_shown_supported"] = round(
+                combination_control(torch.stack(kept), combos[supported])[0], 4)
     result = GuidanceResult(
         control=rates_by_sign(control, attributes),
         others_agree_when_flipped=dict(zip(attributes, [round(1 - v, 4) for v in off_diagonal_mean(leakage).tolist()])),
         flip_others_held=flip_others_held,
         leakage_matrix=[[round(v, 4) for v in row] for row in leakage.tolist()],
         leakage_off_diagonal_mean=round(off_diagonal_mean(leakage).mean().item(), 4),
-        combinations={"requests": [describe(attributes, y) for y in combos],
-                      "all_asked_shown": round(all_asked, 4), "each_asked_shown": round(each_asked, 4)},
+        combinations=combinations,
         diversity=round(condition_diversity(features), 4))
     if real_features is not None:
         result.frechet_classifier_features = round(frechet_distance(real_features, features.flatten(0, 2)), 4)
@@ -587,7 +610,10 @@ def report_markdown(report, attributes):
         lines += [f"Leakage (off-diagonal mean of the flip matrix): {100 * result['leakage_off_diagonal_mean']:.2f}%",
                   f"Combinations of 2-4 attributes ({len(combos['requests'])} requests): every asked attribute shown "
                   f"on {100 * combos['all_asked_shown']:.1f}% of faces; each asked attribute shown "
-                  f"{100 * combos['each_asked_shown']:.1f}% of the time.",
+                  f"{100 * combos['each_asked_shown']:.1f}% of the time"
+                  + (f"; over the {sum(combos['supported'])} requests whose pairs the data supports, every asked "
+                     f"attribute shown on {100 * combos['all_asked_shown_supported']:.1f}%"
+                     if combos.get("all_asked_shown_supported") is not None else "") + ".",
                   f"Diversity (mean pairwise distance in the classifier's feature space, within a condition): "
                   f"{result['diversity']:.3f}" + (f" (real faces: {result['diversity_real']:.3f})"
                                                   if "diversity_real" in result else ""), ""]

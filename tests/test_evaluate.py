@@ -149,6 +149,10 @@ def test_held_flips_the_data_cannot_support_are_counted_apart():
     supported = supported_held_flips(frequency, requests, compared)
     assert torch.equal(supported[1, 0], requests[1, 0, :, 0] > 0)  # adding 1: only where 0 is held at +1
     assert supported[2].all() and supported[4].all()
+    from facegen_cli.evaluate import supported_requests
+
+    requests_asked = torch.tensor([[-1, 1, 0, 0, 0], [1, 1, 0, 0, 0], [0, 0, 1, -1, 0]], dtype=torch.float)
+    assert supported_requests(frequency, requests_asked).tolist() == [False, True, True]
     rates, faces = rates_where(flipped, supported)
     assert faces[1, 0] == (requests[1, 0, :, 0] > 0).sum() and faces[2, 0] == K
     shown = (flipped[1, 0, :, 1] == 1) & supported[1, 0]
@@ -196,6 +200,8 @@ def test_eval_report_through_the_cli(tmp_path, tiny_model_dir, tiny_data):
     assert set(held["control_supported"]) == set(held["supported_faces"]) == set(DEFAULT_ATTRIBUTES)
     assert all(0 <= n["for"] <= 2 for n in held["supported_faces"].values()) and 0 <= held["supported_mean"] <= 1
     assert isinstance(report["unsupported_pairs"], list)
+    combos = result_g3["combinations"]
+    assert len(combos["supported"]) == len(combos["all_asked_shown_per_request"]) == 2
     assert set(report["free_flip_ceiling"]) == set(DEFAULT_ATTRIBUTES)  # from --data's train labels
     assert (tmp_path / "report" / "grids" / "beard-g3.png").is_file()
     assert (tmp_path / "report" / "grids" / "beard-held-g3.png").is_file()
