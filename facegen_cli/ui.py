@@ -12,7 +12,9 @@ Gradio is an optional extra (`pip install -e ".[ui]"`): only this module imports
 import os
 import secrets
 import shlex
+import signal
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -211,14 +213,18 @@ def build_app(pipe, classifier, out, model_name):
 
 
 def serve(page, host, port, allowed):
-    """Serve the page until Ctrl-C, then close it. Gradio's own waiting loop prints its shutdown line on
-    stdout, where `facegen ui` writes only the URL; this one says nothing."""
+    """Serve the page until Ctrl-C (or SIGTERM), then close it. Gradio's own waiting loop prints its shutdown
+    line on stdout, where `facegen ui` writes only the URL; this one says nothing. The signal only sets an
+    event: a KeyboardInterrupt raised inside Gradio's start-up or shutdown could leave its server threads
+    running and the process never ending."""
+    stop = threading.Event()
+    handlers = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         page.launch(server_name=host, server_port=port, allowed_paths=allowed, share=False, quiet=True,
                     prevent_thread_lock=True)
-        while page.is_running:
-            time.sleep(0.2)
-    except KeyboardInterrupt:
-        pass
+        while page.is_running and not stop.wait(0.2):
+            pass
     finally:
         page.close(verbose=False)
+        for s, handler in handlers.items():
+            signal.signal(s, handler)
