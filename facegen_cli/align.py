@@ -24,18 +24,18 @@ import os
 import zlib
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import ExitStack
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, astuple, dataclass, field
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps
 
-from . import layout
+from . import framing, layout
 from .attributes import celeba_column
 from .errors import FacegenError
 from .files import atomic_path, write_json
 from .images import IMAGE_SUFFIXES, UNREADABLE_IMAGE_ERRORS, to_rgb
-from .landmarks import CANONICAL_SIZE, FaceFinder, align_face
+from .landmarks import CANONICAL_SIZE, FaceFinder, alignment, face_scale, frame, transform_points
 
 log = logging.getLogger(__name__)
 JOURNAL = "align-journal.jsonl"
@@ -104,8 +104,9 @@ def _start_worker():
 
 
 def _align_one(job):
-    """Worker: align one photo and write it; returns a journal record."""
-    name, source, target, size = job
+    """Worker: align one photo and write it; returns a journal record. zoomed: the photo's view is drawn
+    (framing.drawn) and its framing recorded with it."""
+    name, source, target, size, zoomed = job
     try:
         with Image.open(source) as image:
             photo = to_rgb(ImageOps.exif_transpose(image))
@@ -117,10 +118,14 @@ def _align_one(job):
         return {"name": name, "error": str(e)}
     if points is None:
         return {"name": name, "error": "no face found"}
-    crop, _, aligned_points = align_face(photo, points, size)
+    matrix = alignment(points, size)
+    view = framing.drawn(name, face_scale(matrix), size) if zoomed else framing.Framing.whole(size)
+    matrix = view.of(matrix, size)
     with atomic_path(target) as tmp:
-        Image.fromarray(crop).save(tmp, format="PNG")
-    return {"name": name, "points": {k: [round(x, 2), round(y, 2)] for k, (x, y) in aligned_points.items()}}
+        Image.fromarray(frame(photo, matrix, size)).save(tmp, format="PNG")
+    record = {"name": name, "points": {k: [round(x, 2), round(y, 2)]
+                                       for k, (x, y) in transform_points(points, matrix).items()}}
+    return {**record, "framing": [round(v, 4) for v in astuple(view)]} if zoomed else record
 
 
 # ---------------------------------------------------------------------------------------------
@@ -193,8 +198,11 @@ def align_photos(todo, done, journal_path, workers, progress, task):
                 progress.advance(task)
 
 
-def align_dataset(src, out, *, attributes=None, size=CANONICAL_SIZE, holdout=0.05, workers=None, progress=None):
+def align_dataset(src, out, *, attributes=None, size=CANONICAL_SIZE, holdout=0.05, zoomed=False, workers=None,
+                  progress=None):
     """Align every labelled photo of SRC into OUT (CelebA layout); returns the AlignCounts.
+    zoomed: each photo as a view of its canonical crop (framing.drawn: zoomed as far as the photo holds, for
+    most), listed in OUT/list_framing.txt: the data of a framed model.
 
     Resumable: photos already in OUT's journal are not done again. Photos without a face or that cannot
     be read are listed in OUT/not_aligned.txt with the reason and counted, never dropped silently.
@@ -212,9 +220,12 @@ def align_dataset(src, out, *, attributes=None, size=CANONICAL_SIZE, holdout=0.0
 
     out.mkdir(parents=True, exist_ok=True)
     done = read_journal(out, sources, targets)
+    if any(("framing" in r) != zoomed for r in done.values() if "points" in r):
+        raise FacegenError(f"{out} was begun {'without' if zoomed else 'with'} --zoomed; align into another folder")
     if done:
         log.info(f"resuming: {len(done)} of {len(names)} photos already done")
-    todo = [(n, str(sources[n]), str(out / layout.IMAGE_DIR / targets[n]), size) for n in names if n not in done]
+    todo = [(n, str(sources[n]), str(out / layout.IMAGE_DIR / targets[n]), size, zoomed)
+            for n in names if n not in done]
     (out / layout.IMAGE_DIR).mkdir(exist_ok=True)
     task = progress.add_task("aligning", total=len(names), completed=len(done)) if progress else None
     align_photos(todo, done, out / JOURNAL, workers or os.cpu_count() or 1, progress, task)
@@ -222,7 +233,8 @@ def align_dataset(src, out, *, attributes=None, size=CANONICAL_SIZE, holdout=0.0
     aligned = [n for n in names if "points" in done[n]]
     rows = [(targets[n], labels[n], (partition or {}).get(Path(n).name, partition_of(n, holdout)), done[n]["points"])
             for n in aligned]
-    layout.write_layout(out, columns, rows, landmark_names=list(done[aligned[0]]["points"]) if aligned else [])
+    layout.write_layout(out, columns, rows, landmark_names=list(done[aligned[0]]["points"]) if aligned else [],
+                        framings={targets[n]: done[n]["framing"] for n in aligned} if zoomed else None)
     problems = [f"{n} {done[n]['error']}" for n in names if "error" in done[n]] + \
                [f"{n} not found under {src}" for n in missing]
     with atomic_path(out / "not_aligned.txt") as tmp:

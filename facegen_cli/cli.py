@@ -87,6 +87,9 @@ def edit(
     upscale: bool = typer.Option(EDIT.upscale, "--upscale/--no-upscale",
                                  help="Super-resolve the new content (Real-ESRGAN x4plus) of faces at least 1.5x the "
                                       "model's 128-px framing in their photo."),
+    zoom: bool = typer.Option(EDIT.zoom, "--zoom/--no-zoom",
+                              help="With a framed model: repaint a small region (a mustache, the eyes) in a zoomed "
+                                   "view of the face, as close as the photo's own pixels hold."),
     save_mask: bool = typer.Option(False, "--save-mask", help="Also write NAME.EXT.mask.png beside each output."),
     face: Optional[int] = typer.Option(None, min=0, help="Edit only face K (0 = leftmost); default: every face."),
     free_others: bool = typer.Option(False, "--free-others",
@@ -113,7 +116,7 @@ def edit(
     pipe = load_pipeline(model, device, precision)
     request = EditRequest(add=tuple(add), remove=tuple(remove), strength=strength,
                           sample=pipe.settings(steps=steps), guidance=guidance, resample=resample,
-                          trajectory=trajectory, mask_grow=mask_grow, upscale=upscale, seed=seed)
+                          trajectory=trajectory, mask_grow=mask_grow, upscale=upscale, zoom=zoom, seed=seed)
     request.attributes(pipe.attributes)  # an unknown or contradictory change fails before any photo is read
     classifier = None if free_others else pipe.load_classifier()
     files, problems = collect_inputs(inputs, recursive)

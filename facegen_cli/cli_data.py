@@ -43,14 +43,17 @@ def data_align(
     size: int = typer.Option(128, min=16, help="Side of the aligned faces in pixels."),
     holdout: float = typer.Option(0.05, min=0.0, max=0.5, help="Share of the photos for each of the valid and test "
                                                                 "splits, when the source has no partition file."),
+    zoomed: bool = typer.Option(False, help="Write each photo as a zoomed view of its aligned face, as far as "
+                                            "its own pixels hold (most of them; listed in OUT/list_framing.txt): "
+                                            "the data of a framed model (presets/faces-framed.toml)."),
     workers: Optional[int] = typer.Option(None, min=1, help="Worker processes (default: all cores)."),
 ):
     """Align real photos to the model's framing (the landmarks and transform `edit` uses), CelebA layout."""
     from .align import align_dataset
 
     with progress_bar() as progress:
-        counts = align_dataset(src, out, attributes=attributes, size=size, holdout=holdout, workers=workers,
-                               progress=progress)
+        counts = align_dataset(src, out, attributes=attributes, size=size, holdout=holdout, zoomed=zoomed,
+                               workers=workers, progress=progress)
     log(f"{counts.aligned} of {counts.labelled} aligned, {counts.no_face} no face, {counts.unreadable} unreadable, "
         f"{counts.not_found} not found, {counts.failed} failed (listed in {out / 'not_aligned.txt'})")
     print(out)

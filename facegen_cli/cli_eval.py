@@ -111,6 +111,7 @@ def eval_edits(
     trajectory: str = typer.Option(EditRequest.trajectory, help="flowedit, inversion or noise, as facegen edit takes."),
     upscale: bool = typer.Option(EditRequest.upscale, "--upscale/--no-upscale",
                                  help="Super-resolve new content, as facegen edit does."),
+    zoom: bool = typer.Option(EditRequest.zoom, "--zoom/--no-zoom", help="Zoomed views, as facegen edit takes."),
     strength: Optional[float] = typer.Option(None, min=0.05, max=1.0, help="Strength (default: edit's)."),
     guidance: Optional[float] = typer.Option(None, callback=finite, help="Guidance (default: edit's)."),
     model: Model = None,
@@ -131,7 +132,7 @@ def eval_edits(
         raise FacegenError("no photos in the inputs given")
     pipe = load_pipeline(model, device, precision)
     request = EditRequest(sample=pipe.sample, guidance=guidance, strength=strength, trajectory=trajectory,
-                          upscale=upscale)
+                          upscale=upscale, zoom=zoom)
     with progress_bar() as progress:
         measure_photo_edits(pipe, pipe.load_classifier(), paths, out, kinds=tuple(kind) or LOCAL_KINDS + WHOLE_FACE_KINDS,
                             request=request, progress=progress)

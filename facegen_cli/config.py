@@ -112,12 +112,15 @@ class ModelShape:
     mlp_size: int
     # An inpainting model: it also takes the mask and the known latent (model.inpainting_context)
     inpainting: bool = False
+    # A framed model: it also draws zoomed views of the face, their framing an input (framing.py)
+    framing: bool = False
 
     def __post_init__(self):
-        if not isinstance(self.inpainting, bool):
-            raise FacegenError(f"inpainting must be true or false, not {self.inpainting!r}")
+        for name in ("inpainting", "framing"):
+            if not isinstance(getattr(self, name), bool):
+                raise FacegenError(f"{name} must be true or false, not {getattr(self, name)!r}")
         for name, value in asdict(self).items():
-            if name == "inpainting":
+            if name in ("inpainting", "framing"):
                 continue
             if not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
                 raise FacegenError(f"{name} must be a whole number of at least 1, not {value!r}")
@@ -128,7 +131,7 @@ class ModelShape:
 
     def config(self, attributes):
         """The LatentDiT configuration of this shape for a vocabulary."""
-        shape = {k: v for k, v in asdict(self).items() if k != "inpainting"}
+        shape = {k: v for k, v in asdict(self).items() if k != "inpainting"}  # framing is the model's own
         return {**shape, "context_channels": self.latent_channels + 1 if self.inpainting else 0,
                 "attributes": list(attributes)}
 

@@ -19,7 +19,8 @@ from . import __version__
 from .errors import FacegenError
 from .files import FileResult, Outcome, attempt, output_path, save_deep_rgb, save_image
 from .images import deep_grey_scale, read_deep_rgb, read_photo, to_rgb, to_tensor, to_uint8, with_edit_recorded
-from .landmarks import FaceFinder, align_face, invert, warp
+from . import framing
+from .landmarks import FaceFinder, align_face, face_scale, frame, invert, transform_points, warp
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +122,10 @@ ON_THE_PERSON = {"black_hair", "blond_hair"}
 PERSON_MARGIN = 2
 
 
-def region_mask(attributes, points, size, grow=4, feather=3, person=None):
+FEATHER = 3  # pixels of the aligned crop that a region's edge fades over
+
+
+def region_mask(attributes, points, size, grow=4, feather=FEATHER, person=None):
     """Float (size, size) mask in [0, 1] covering the regions of `attributes` for a face with `points`
     (named landmarks in the size x size frame), grown by `grow` pixels and feathered by `feather`.
     `person`: (size, size) in [0, 1], the person's segmentation (FaceFinder.person); the regions in
@@ -163,9 +167,10 @@ def _drawn_regions(attributes, points, size, grow, feather):
 # Editing aligned crops and photos
 # ---------------------------------------------------------------------------------------------
 
-def edit_crops(pipe, crops, masks, request, current=None):
+def edit_crops(pipe, crops, masks, request, current=None, views=None):
     """Repaint aligned crops (uint8 (B, S, S, 3)) inside `masks` ((B, S, S) in [0, 1]), the attributes not
-    changed held at the readings `current` ((B, A) in {-1, +1}) or, without them, left free.
+    changed held at the readings `current` ((B, A) in {-1, +1}) or, without them, left free. `views`: the
+    framing.Framing each crop is, for a framed model (None: whole faces).
 
     Returns uint8 crops whose pixels equal the input wherever the mask is 0. Each crop's result depends on
     it and the request's seed alone, not on the other crops of the batch.
@@ -176,7 +181,8 @@ def edit_crops(pipe, crops, masks, request, current=None):
     source = None if current is None else current.float().expand(len(crops), -1)
     decoded = pipe.inpaint(to_tensor(crops), masks, y, reference, seeds=[request.seed] * len(crops),
                            strength=request.start, resample=request.resample, settings=request.settings,
-                           start=request.trajectory, source=source)
+                           start=request.trajectory, source=source,
+                           framing=None if views is None else framing.features(views, crops.shape[1]))
     return composite(crops, to_uint8(decoded), masks)
 
 
@@ -206,11 +212,6 @@ def load_upscaler(request, device):
     from . import upscale
 
     return upscale.load_upscaler(device=device)
-
-
-def face_scale(matrix):
-    """Photo pixels per crop pixel of an alignment matrix (photo -> crop)."""
-    return float(1 / np.sqrt(abs(np.linalg.det(matrix[:, :2]))))
 
 
 def mask_box(mask):
@@ -303,12 +304,32 @@ class PreparedPhoto:
     original: Image.Image  # the same picture in its own mode (CMYK, L, RGBA, ...), what is written back
     save_options: dict  # how the source was encoded: JPEG tables, EXIF, ICC profile
     deep: Optional[np.ndarray]  # a 16-bit RGB(A) PNG's own values (images.read_deep_rgb), else None
-    crops: np.ndarray  # (F, S, S, 3) one aligned crop per face to edit
-    matrices: list
-    masks: np.ndarray  # (F, S, S) in [0, 1]
+    faces: np.ndarray  # (F, S, S, 3) one aligned crop per face to edit, as the classifier reads it
+    crops: np.ndarray  # (F, S, S, 3) the view of each face the model repaints (the aligned crop, or zoomed)
+    views: list  # the framing.Framing of each of those views
+    matrices: list  # photo -> view
+    masks: np.ndarray  # (F, S, S) in [0, 1], in the views
 
 
-def prepare_photo(path, target, finder, request, size, face=None):
+def face_view(photo, points, matrix, request, size, zoom):
+    """(the view of an aligned face (its points, matrix photo -> crop) that an edit repaints, its Framing,
+    the matrix photo -> view): with `zoom`, the closest view that holds the region of the change and that
+    the photo's own pixels hold (framing.covering), else the aligned crop itself (None for the view: the
+    caller has it)."""
+    whole = framing.Framing.whole(size)
+    if not zoom:
+        return None, whole, matrix
+    box = mask_box(region_mask(request.regions, points, size, grow=request.mask_grow))
+    view = framing.covering(box, face_scale(matrix), size) if box else whole
+    if view == whole:
+        return None, whole, matrix
+    view_matrix = view.of(matrix, size)
+    return frame(photo, view_matrix, size), view, view_matrix
+
+
+def prepare_photo(path, target, finder, request, size, face=None, zoom=False):
+    """Read a photo, find its faces and align them (PreparedPhoto); `zoom`: repaint each in the closest view
+    of its region (face_view), for a framed model."""
     original, save_options = read_photo(path)
     photo = to_rgb(original)
     faces = finder(np.asarray(photo))
@@ -318,15 +339,22 @@ def prepare_photo(path, target, finder, request, size, face=None):
         if face >= len(faces):
             raise FacegenError(f"--face {face} asked for, but only {len(faces)} face(s) found")
         faces = [faces[face]]
-    crops, matrices, masks = [], [], []
+    aligned, crops, views, matrices, masks = [], [], [], [], []
     for points in faces:
         crop, matrix, aligned_points = align_face(photo, points, size)
-        crops.append(crop)
+        zoomed, view, matrix = face_view(photo, aligned_points, matrix, request, size, zoom)
+        if zoomed is not None:  # the region drawn in the view, grown and feathered as far in the face as in the crop
+            aligned_points = transform_points(aligned_points, view.matrix(size))
+        seen = crop if zoomed is None else zoomed
+        person = finder.person(seen) if ON_THE_PERSON & set(request.regions) else None
+        masks.append(region_mask(request.regions, aligned_points, size, grow=round(request.mask_grow * view.zoom),
+                                 feather=round(FEATHER * view.zoom), person=person))
+        aligned.append(crop)
+        crops.append(seen)
+        views.append(view)
         matrices.append(matrix)
-        person = finder.person(crop) if ON_THE_PERSON & set(request.regions) else None
-        masks.append(region_mask(request.regions, aligned_points, size, grow=request.mask_grow, person=person))
     return PreparedPhoto(Path(path), Path(target), photo, original, save_options, read_deep_rgb(path),
-                         np.stack(crops), matrices, np.stack(masks))
+                         np.stack(aligned), np.stack(crops), views, matrices, np.stack(masks))
 
 
 # Changes the training data can hardly support: (added attribute, attribute read, its reading) -> why.
@@ -352,10 +380,12 @@ def edit_prepared(pipe, prepared, request, classifier=None, upscaler=None):
     crop's size in its photo is super-resolved first (super_resolve)."""
     crops = np.concatenate([p.crops for p in prepared])
     masks = np.concatenate([p.masks for p in prepared])
-    current = classifier.predict(to_tensor(crops).to(classifier.device)) if classifier is not None else None
+    faces = np.concatenate([p.faces for p in prepared])
+    current = classifier.predict(to_tensor(faces).to(classifier.device)) if classifier is not None else None
     if current is not None:
         warn_unsupported(prepared, request, pipe.attributes, current)
-    edited = edit_crops(pipe, crops, masks, request, current)
+    views = [view for p in prepared for view in p.views] if pipe.dit.framed else None
+    edited = edit_crops(pipe, crops, masks, request, current, views)
     reconstructed = reconstruct_crops(pipe, crops, masks)
     results, start = [], 0
     for p in prepared:
@@ -438,7 +468,8 @@ def edit_photos(pipe, files, request, out=None, *, classifier=None, face=None, s
             prepared = []
             for path, relative in files[start:start + batch_size]:
                 photo, problem = attempt(path, lambda: prepare_photo(
-                    path, output_path(path, relative, out, overwrite), finder, request, pipe.info.image_size, face))
+                    path, output_path(path, relative, out, overwrite), finder, request, pipe.info.image_size, face,
+                    zoom=request.zoom and pipe.dit.framed))
                 if problem:
                     yield problem
                 else:

@@ -15,7 +15,7 @@ from .errors import FacegenError
 # made pale or male keeps its pose and light from 0.7 (on 16 held-out faces each, from 1.0 / 0.8 to 0.7:
 # pale skin still read on all, the other readings changed 5.7 -> 2.3%; male: all, 23.9 -> 16.5%).
 DEFAULT_STRENGTH = 0.8
-TRAJECTORIES = ("flowedit", "inversion", "noise")
+TRAJECTORIES = ("flowedit", "inversion", "rf-inversion", "noise")
 STRENGTHS = {"black_hair": 1.0, "blond_hair": 1.0, "bald": 1.0, "pale_skin": 0.7, "male": 0.7}
 # The guidance when none is given, where the model's own (3) is too weak for the change: on 16 photos with
 # FlowEdit, a mustache showed on 12 / 25 / 44% at guidance 3 / 5 / 7 (dlib identity 0.07 / 0.13 / 0.17), a
@@ -55,6 +55,9 @@ class EditRequest:
     # edit.UPSCALE_FROM times the crop's size: off by default, since it costs 2-6 s a face on 2 cores and does
     # not make the model's flat new content (a mustache drawn as a dark band) look like hair
     upscale: bool = False
+    # with a framed model (framing.py): a region repainted in the closest zoomed view of the face that holds it
+    # and that the photo's pixels hold, so that a mustache gets more than two rows of latent cells
+    zoom: bool = True
     seed: int = 0
     repaint: tuple = ()  # the attributes whose regions are repainted (default: the changed ones'); with
     # nothing changed, the pipeline's floor: what repainting a region costs the photo by itself

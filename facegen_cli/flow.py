@@ -42,17 +42,17 @@ def laplacian_loss(prediction, target, levels=3):
     return sum(per_example_mean((p - t).abs()) for p, t in pairs) / levels
 
 
-def flow_loss(model, x0, y, generator, laplacian_weight=0.0, t_mean=0.0, t_std=1.0, weights=None, context=None):
+def flow_loss(model, x0, y, generator, laplacian_weight=0.0, t_mean=0.0, t_std=1.0, weights=None, inputs=None):
     """MSE on the velocity plus `laplacian_weight` times a Laplacian-pyramid L1 on the implied x0,
-    averaged over the batch with the per-example `weights` (all 1 when not given); `context`: an
-    inpainting model's (model.inpainting_context).
+    averaged over the batch with the per-example `weights` (all 1 when not given); `inputs`: the model's
+    other inputs, per example (guidance.conditional's).
 
     Returns (loss, {"mse": ..., "laplacian": ...}) with the parts detached for logging.
     """
     noise = torch.randn(x0.shape, generator=generator, device=x0.device).to(x0.dtype)
     t = sample_timesteps(x0.shape[0], generator, t_mean, t_std, x0.device)
     x_t = interpolate(x0, noise, t)
-    v_pred = (model(x_t, t, y) if context is None else model(x_t, t, y, context)).float()
+    v_pred = model(x_t, t, y, **(inputs or {})).float()
     weights = torch.ones(x0.shape[0], device=x0.device) if weights is None else weights.float()
     batch_mean = lambda per_example: (weights * per_example).sum() / weights.sum()  # noqa: E731
     mse = batch_mean(per_example_mean((v_pred - (noise - x0).float()) ** 2))

@@ -21,27 +21,29 @@ labels. Where a model carries one, it takes the place of the drawn attributes' c
 import torch
 
 
-def conditional(model, y, context=None):
-    """v(x, t) = model(x, t, y): no guidance. `context`: an inpainting model's (model.inpainting_context)."""
+def conditional(model, y, inputs=None):
+    """v(x, t) = model(x, t, y): no guidance. `inputs`: the model's other inputs, one row per item of the
+    batch ({"context": model.inpainting_context, "framing": framing.features}, those it takes)."""
+    inputs = inputs or {}
+
     def velocity(x, t):
-        t = t.expand(len(x))
-        return (model(x, t, y) if context is None else model(x, t, y, context)).float()
+        return model(x, t.expand(len(x)), y, **inputs).float()
     return velocity
 
 
-def guided_chain(model, conditions, scales, context=None, interval=None, guide=None, guide_scale=1.0):
+def guided_chain(model, conditions, scales, inputs=None, interval=None, guide=None, guide_scale=1.0):
     """v = v_last + sum_k scales[k] (v_k - v_(k+1)) over `conditions` [c_0, ..., c_last] (each (B, A)), from
     the reference c_last towards c_0 one step of guidance at a time, all branches in one batched forward;
     with a `guide` model, v_last itself is autoguided: v_guide(c_last) + guide_scale (v_last - v_guide(c_last));
-    every branch sees the same inpainting `context`, if any. With `interval` (lo, hi), guided only for
+    every branch sees the same other `inputs` (conditional's), if any. With `interval` (lo, hi), guided only for
     lo <= t <= hi and the plain conditional prediction for c_0 elsewhere, at a fraction of the cost
     (Kynkäänniemi et al. 2024: guidance near the noise end pulls every face towards a few layouts, near the
     data end it adds nothing). The differences keep a branch equal to its neighbour exact: nothing to guide
     along gives v_last itself."""
-    plain = conditional(model, conditions[0], context)
+    plain = conditional(model, conditions[0], inputs)
     n = len(conditions)
-    branches = conditional(model, torch.cat(conditions), None if context is None else torch.cat([context] * n))
-    weaker = None if guide is None else conditional(guide, conditions[-1], context)
+    branches = conditional(model, torch.cat(conditions), {k: torch.cat([v] * n) for k, v in (inputs or {}).items()})
+    weaker = None if guide is None else conditional(guide, conditions[-1], inputs)
 
     def velocity(x, t):
         if interval is not None and not interval[0] <= float(t) <= interval[1]:
@@ -56,12 +58,12 @@ def guided_chain(model, conditions, scales, context=None, interval=None, guide=N
     return velocity
 
 
-def classifier_free(model, y, reference, scale, context=None, interval=None):
+def classifier_free(model, y, reference, scale, inputs=None, interval=None):
     """v(x, t) = v_r + scale (v_c - v_r), both branches in one batched forward; `y`, `reference`: (B, A);
-    both branches see the same inpainting `context`, if any; `interval`: guided_chain's."""
+    both branches see the same other `inputs` (conditional's), if any; `interval`: guided_chain's."""
     if scale == 1.0:
-        return conditional(model, y, context)
-    return guided_chain(model, [y, reference], [scale], context, interval)
+        return conditional(model, y, inputs)
+    return guided_chain(model, [y, reference], [scale], inputs, interval)
 
 
 def composed(model, y, partial, reference, scale, partial_scale, interval=None):

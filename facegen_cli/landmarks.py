@@ -219,6 +219,11 @@ def alignment(points, size=CANONICAL_SIZE):
     return similarity_transform([points[n] for n in names], target)
 
 
+def face_scale(matrix):
+    """Photo pixels per crop pixel of an alignment matrix (photo -> crop)."""
+    return float(1 / np.sqrt(abs(np.linalg.det(matrix[:, :2]))))
+
+
 def warp(image, matrix, size, resample=Image.Resampling.BICUBIC):
     """Warp a PIL image (any mode) by a 2x3 matrix into an output of `size` (w, h); outside is 0."""
     inverse = invert(matrix)  # PIL asks, for each output pixel, where to read in the input

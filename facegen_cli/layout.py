@@ -5,6 +5,8 @@
     ROOT/list_attr_celeba.txt         a count line, a header of column names, then NAME v1 v2 ... (+1/-1)
     ROOT/list_eval_partition.txt      NAME 0|1|2 (train, valid, test); optional
     ROOT/list_landmarks.txt           a count line, a header of point names, then NAME x1 y1 x2 y2 ...
+    ROOT/list_framing.txt             NAME zoom cx cy: the view of the canonical crop each image is
+                                      (framing.py); optional, absent for whole faces
 
 An `attributes.csv` (a `filename` column and one column per attribute, 1/-1/0) may stand in for
 list_attr_celeba.txt. The landmark names are facegen's own (LANDMARK_NAMES), the same for MediaPipe's
@@ -25,6 +27,7 @@ ATTRIBUTE_FILE = "list_attr_celeba.txt"
 CSV_FILE = "attributes.csv"
 PARTITION_FILE = "list_eval_partition.txt"
 LANDMARK_FILE = "list_landmarks.txt"
+FRAMING_FILE = "list_framing.txt"
 SPLITS = {"train": "0", "valid": "1", "test": "2"}
 
 # Named face points ("left" = the image's left), in the order list_landmarks.txt lists them.
@@ -118,10 +121,19 @@ def read_landmarks(root):
     return points
 
 
-def write_layout(root, columns, rows, landmark_names=None):
+def read_framings(root):
+    """{file name: (zoom, cx, cy)} from ROOT/list_framing.txt, or {} when there is none (whole faces)."""
+    path = Path(root) / FRAMING_FILE
+    if not path.is_file():
+        return {}
+    rows = (line.split() for line in path.read_text().splitlines())
+    return {fields[0]: tuple(float(v) for v in fields[1:4]) for fields in rows if fields}
+
+
+def write_layout(root, columns, rows, landmark_names=None, framings=None):
     """Write ROOT's label files for `rows` of (file name, attribute values, split 0|1|2, {landmark: (x, y)}
     or None): list_attr_celeba.txt, list_eval_partition.txt and, with `landmark_names`,
-    list_landmarks.txt, each atomically."""
+    list_landmarks.txt, and with `framings` ({file name: (zoom, cx, cy)}) list_framing.txt, each atomically."""
     files = {ATTRIBUTE_FILE: [str(len(rows)), " ".join(columns)] + [
                  f"{name} " + " ".join(f"{v:2d}" for v in values) for name, values, _, _ in rows],
              PARTITION_FILE: [f"{name} {split}" for name, _, split, _ in rows]}
@@ -129,6 +141,8 @@ def write_layout(root, columns, rows, landmark_names=None):
         files[LANDMARK_FILE] = [str(len(rows)), " ".join(landmark_names)] + [
             f"{name} " + " ".join(f"{points[k][0]:.2f} {points[k][1]:.2f}" for k in landmark_names)
             for name, _, _, points in rows]
+    if framings is not None:
+        files[FRAMING_FILE] = [f"{name} " + " ".join(f"{v:.4f}" for v in framings[name]) for name, *_ in rows]
     for file_name, lines in files.items():
         with atomic_path(Path(root) / file_name) as tmp:
             Path(tmp).write_text("\n".join(lines) + ("\n" if lines else ""))

@@ -14,6 +14,10 @@ what is known of the latent: the mask of the region to generate and the clean la
 patchified by their own embedding and added to the tokens. That embedding starts at zero, so a model
 fine-tuned from a plain one starts as exactly that model; with no context given it is told that nothing
 is known, and draws whole faces as before.
+
+A framed model (framing=True, framing.py) also takes the view it draws: a zoomed square of the canonical
+crop, as three numbers (log zoom, centre offset) embedded by an MLP added to c. Its last layer starts at
+zero too, and the whole face is the zero framing.
 """
 
 import math
@@ -60,6 +64,18 @@ class AttributeEmbedder(nn.Module):
 
     def forward(self, y):
         return F.silu(self.proj(y.to(self.proj.weight.dtype)))
+
+
+class FramingEmbedder(nn.Module):
+    """Embeds a view's framing (framing.features: log zoom, centre offset; 0 = the whole face) with an MLP
+    whose last layer starts at zero."""
+
+    def __init__(self, hidden_size, size=3):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(size, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size))
+
+    def forward(self, framing):
+        return self.mlp(framing.to(self.mlp[0].weight.dtype))
 
 
 class Attention(nn.Module):
@@ -138,6 +154,7 @@ class LatentDiT(ModelMixin, ConfigMixin):
         num_heads=16,
         mlp_size=4096,
         context_channels=0,
+        framing=False,
     ):
         super().__init__()
         if hidden_size % num_heads or hidden_size % 4:
@@ -156,6 +173,7 @@ class LatentDiT(ModelMixin, ConfigMixin):
                                           stride=patch_size) if context_channels else None
         self.t_embedder = TimestepEmbedder(hidden_size)
         self.y_embedder = AttributeEmbedder(len(attributes), hidden_size)
+        self.framing_embedder = FramingEmbedder(hidden_size) if framing else None
         self.register_buffer("pos_embed", sincos_pos_embed_2d(hidden_size, self.grid_size)[None], persistent=False)
         self.blocks = nn.ModuleList([DiTBlock(hidden_size, num_heads, mlp_size) for _ in range(depth)])
         self.final_layer = FinalLayer(hidden_size, patch_size, latent_channels)
@@ -177,6 +195,8 @@ class LatentDiT(ModelMixin, ConfigMixin):
         nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
         nn.init.normal_(self.y_embedder.proj.weight, std=0.02)
+        if self.framing_embedder is not None:
+            nn.init.zeros_(self.framing_embedder.mlp[-1].weight)
         # adaLN-Zero: every block starts as the identity and the output starts at zero.
         for block in self.blocks:
             nn.init.zeros_(block.adaLN_modulation[-1].weight)
@@ -194,15 +214,20 @@ class LatentDiT(ModelMixin, ConfigMixin):
     def inpainting(self):
         return self.context_embedder is not None
 
+    @property
+    def framed(self):
+        return self.framing_embedder is not None
+
     def unpatchify(self, x):
         """(B, N, p*p*C) tokens -> (B, C, H, W) latents."""
         p, c, g = self.patch_size, self.latent_channels, self.grid_size
         x = x.reshape(x.shape[0], g, g, p, p, c)
         return torch.einsum("bhwpqc->bchpwq", x).reshape(x.shape[0], c, g * p, g * p)
 
-    def forward(self, x, t, y, context=None):
+    def forward(self, x, t, y, context=None, framing=None):
         """x: (B, C, H, W) noisy latents, t: (B,) times in [0, 1], y: (B, A) attributes -> velocity.
-        context: (B, C + 1, H, W) from inpainting_context, for an inpainting model (None: nothing known)."""
+        context: (B, C + 1, H, W) from inpainting_context, for an inpainting model (None: nothing known).
+        framing: (B, 3) framing.features of the views, for a framed model (None: whole faces)."""
         # (B, D, g, g) -> (B, N, D) tokens, made contiguous: otherwise the residual stream would keep the
         # transposed layout, and every LayerNorm would copy it. Its dtype is the embedding's (bf16 under autocast).
         embedded = self.x_embedder(x)
@@ -215,6 +240,10 @@ class LatentDiT(ModelMixin, ConfigMixin):
         tokens = embedded.flatten(2).transpose(1, 2).contiguous()
         tokens = tokens + self.pos_embed.to(tokens.dtype)
         c = self.t_embedder(t) + self.y_embedder(y)
+        if self.framing_embedder is not None:
+            c = c + self.framing_embedder(torch.zeros(len(x), 3, device=x.device) if framing is None else framing)
+        elif framing is not None:
+            raise ValueError("this model takes no framing (framing is False)")
         for block in self.blocks:
             tokens = block(tokens, c)
         return self.unpatchify(self.final_layer(tokens, c))

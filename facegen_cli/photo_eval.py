@@ -85,7 +85,7 @@ def measure_one(pipe, classifier, embedder, finder, path, kind, noop, request, u
     size = pipe.info.image_size
     try:
         start = time.perf_counter()
-        prepared = prepare_photo(path, path, finder, asked, size)
+        prepared = prepare_photo(path, path, finder, asked, size, zoom=asked.zoom and pipe.dit.framed)
     except NoFaceFound:
         return None
     photo = np.asarray(prepared.photo)

@@ -250,14 +250,14 @@ class FacegenPipeline:
             return condition.clone(), None
         return conditions, torch.where(condition != 0, 0.0, conditions)
 
-    def _velocity(self, condition, reference, settings, context=None, drawn=None):
+    def _velocity(self, condition, reference, settings, inputs=None, drawn=None):
         if drawn is not None and self.guide is not None and settings.autoguidance is not None:
             return guidance.autoguided(self.dit, self.guide, condition, drawn, settings.guidance, settings.autoguidance,
                                        settings.guidance_interval)
         if drawn is not None:
             return guidance.composed(self.dit, condition, drawn, reference, settings.guidance, settings.drawn_guidance,
                                      settings.guidance_interval)
-        return guidance.classifier_free(self.dit, condition, reference, settings.guidance, context,
+        return guidance.classifier_free(self.dit, condition, reference, settings.guidance, inputs,
                                         settings.guidance_interval)
 
     def generate(self, condition, seeds, settings=None, *, reference=None, drawn=None, batch_size=None,
@@ -296,7 +296,7 @@ class FacegenPipeline:
 
     @torch.inference_mode()
     def inpaint(self, images, masks, condition, reference, *, seeds, strength=1.0, resample=1, settings=None,
-                start="noise", source=None):
+                start="noise", source=None, framing=None):
         """Repaint `images` ((B, 3, S, S) in [-1, 1]) where `masks` ((B, S, S) in [0, 1]) are above 0, asking
         for `condition` and guiding away from `reference` (both (B, A)); returns the decoded images in [-1, 1]
         (the caller composites them). Outside the mask the image's latent is kept.
@@ -307,8 +307,10 @@ class FacegenPipeline:
                guidance for the condition `source` (B, A) (the face as it is read), so that what the edit
                does not change comes back as it was. Heun's steps both ways: on 8 faces a round trip of 20
                steps to t = 0.8 and back lands within 61 dB of the start, where Euler's lands within 30 dB;
-               "flowedit": sampling.flow_edit from t = `strength`, the source velocity unguided for `source`.
+               "flowedit": sampling.flow_edit from t = `strength`, the source velocity unguided for `source`;
+               "rf-inversion": sampling.rf_inversion, inverted with the same source velocity.
                (`resample` applies to "noise" alone.)
+        framing: (B, 3) framing.features of the views the images are, for a framed model (None: whole faces).
         Item i's draws come from seeds[i] alone.
         """
         settings = settings or self.sample
@@ -319,12 +321,16 @@ class FacegenPipeline:
         times = sampling.time_grid(settings.steps, start=strength, device=self.device)
         generators = [torch.Generator(self.device).manual_seed(seed) for seed in seeds]
         # An inpainting model sees the mask and the known latent outside it as well
-        context = inpainting_context(known, mask) if self.dit.inpainting else None
-        velocity = self._velocity(condition.to(self.device), reference.to(self.device), settings, context)
-        as_read = guidance.conditional(self.dit, (condition if source is None else source).to(self.device), context)
+        inputs = {"context": inpainting_context(known, mask)} if self.dit.inpainting else {}
+        if framing is not None:
+            inputs["framing"] = framing.to(self.device)
+        velocity = self._velocity(condition.to(self.device), reference.to(self.device), settings, inputs)
+        as_read = guidance.conditional(self.dit, (condition if source is None else source).to(self.device), inputs)
         with self.autocast():
             if start == "flowedit":
                 latents = sampling.flow_edit(as_read, velocity, known, times, generators=generators, mask=mask)
+            elif start == "rf-inversion":
+                latents = sampling.rf_inversion(as_read, velocity, known, times, generators=generators, mask=mask)
             else:
                 if start == "inversion":
                     path, resample = sampling.invert(as_read, known, times, method=settings.method), 1

@@ -104,3 +104,29 @@ def flow_edit(source_velocity, target_velocity, x, times, *, generators, mask=No
         if callback:
             callback(i, z)
     return z
+
+
+def rf_inversion(source_velocity, target_velocity, x, times, *, generators, gamma=0.5, eta=0.9, eta_share=0.25,
+                 mask=None, callback=None):
+    """RF-Inversion (Rout et al. 2024): the source latents `x` taken up to times[0] by an ODE drawn towards
+    one draw of noise eps per item (from its generator) with strength `gamma`,
+    v = v_src + gamma ((eps - y) / (1 - t) - v_src), and brought down by the target velocity drawn back
+    towards the source with strength `eta` over the first `eta_share` of the steps (the noisy ones, where a
+    face's layout is decided), v = v_tgt + eta ((z - x) / t - v_tgt), freely after that. `mask`: where the
+    edit may change the latents; elsewhere they follow the inversion's own path back to `x`, exactly."""
+    noise, rising = per_item_noise(generators, x), times.flip(0)
+    path, y = [x], x
+    for t, t_next in zip(rising[:-1], rising[1:]):
+        v = source_velocity(y, t)
+        y = y + (t_next - t) * torch.lerp(v, (noise - y) / (1 - t), gamma)
+        path.append(y)
+    path, z = path[::-1], y
+    pulled = round(eta_share * (len(times) - 1))
+    for i, (t, t_next) in enumerate(zip(times[:-1], times[1:])):
+        v = target_velocity(z, t)
+        z = z + (t_next - t) * (torch.lerp(v, (z - x) / t, eta) if i < pulled else v)
+        if mask is not None:
+            z = mask * z + (1 - mask) * path[i + 1]
+        if callback:
+            callback(i, z)
+    return z

@@ -28,6 +28,7 @@ from .cache import encode_dataset, is_cache, load_cache
 from .config import ModelInfo, Preset, Provenance
 from .errors import FacegenError
 from .files import save_image
+from .framing import framing_bank
 from .images import image_grid, to_uint8
 from .inpainting import region_mask_bank, training_masks
 from .label_prior import LabelPrior
@@ -99,10 +100,11 @@ class TrainingData:
     weights: Optional[torch.Tensor] = None  # sampling_weights, with rare_rate (kept on the CPU)
     inpainting: bool = False  # an inpainting model's batches carry a context (inpainting.py)
     region_masks: Optional[torch.Tensor] = None  # (M, R, h, w) uint8 inpainting.region_mask_bank, or None
+    framings: Optional[torch.Tensor] = None  # (N, 3) a framed model's framing.features of each latent's view
 
     @classmethod
-    def build(cls, latents, labels, attributes, cfg, device, inpainting=False, region_masks=None):
-        data = cls(latents, labels, inpainting=inpainting, region_masks=region_masks)
+    def build(cls, latents, labels, attributes, cfg, device, inpainting=False, region_masks=None, framings=None):
+        data = cls(latents, labels, inpainting=inpainting, region_masks=region_masks, framings=framings)
         if cfg.rare_rate:
             data.boosts = rare_boosts(labels, cfg.rare_rate)
             data.weights = sampling_weights(labels, data.boosts)
@@ -116,13 +118,15 @@ class TrainingData:
             data.latents, data.labels = latents.to(device), labels.to(device)
         if region_masks is not None:
             data.region_masks = region_masks.to(device)
+        if framings is not None:
+            data.framings = framings.to(data.latents.device)
         if data.boosts is not None:
             data.boosts = data.boosts.to(device)
         return data
 
     def batch(self, step, cfg, generator, rank, world_size, device):
-        """(x0, y with labels dropped, loss weights or None, inpainting context or None) of this process's
-        share of step `step`."""
+        """(x0, y with labels dropped, loss weights or None, the model's other inputs: an inpainting context,
+        the views' framings) of this process's share of step `step`."""
         if self.weights is None:
             index = batch_indices(len(self.labels), cfg.batch_size, step, cfg.seed, rank, world_size)
         else:
@@ -133,10 +137,13 @@ class TrainingData:
         loss_weights = None if self.weights is None else \
             free_branch_weights(y, self.weights.to(self.latents.device)[index].to(device), self.boosts)
         x0 = self.latents[index].to(device)
-        context = None
+        inputs = {}
         if self.inpainting:
-            context = inpainting_context(x0, training_masks(x0, self.region_masks, cfg.inpaint_rate, generator))
-        return x0, y, loss_weights, context
+            inputs["context"] = inpainting_context(x0, training_masks(x0, self.region_masks, cfg.inpaint_rate,
+                                                                      generator))
+        if self.framings is not None:
+            inputs["framing"] = self.framings[index].to(device)
+        return x0, y, loss_weights, inputs
 
 
 # ---------------------------------------------------------------------------------------------
@@ -182,13 +189,14 @@ class Init:
 
 def load_init_model(path, model_config, cache_meta):
     """An existing model folder to fine-tune from: (its DiT's weights, its Init). It must match the preset,
-    vocabulary and VAE; an inpainting model may start from a plain one (its context embedding from zero)."""
+    vocabulary and VAE; an inpainting or framed model may start from a plain one (the embedding of what the
+    plain one lacks from zero)."""
     base = FacegenPipeline.load(path)
-    base_config = {key: base.dit.config[key] for key in model_config}
+    base_config = {key: base.dit.config.get(key) for key in model_config}
     base_config["attributes"] = list(base_config["attributes"])
-    widened = base_config["context_channels"] == 0 and model_config["context_channels"] > 0
+    widened = {key for key in ("context_channels", "framing") if not base_config[key] and model_config[key]}
     different = [f"{key} {base_config[key]} vs {model_config[key]}" for key in model_config
-                 if base_config[key] != model_config[key] and not (key == "context_channels" and widened)]
+                 if base_config[key] != model_config[key] and key not in widened]
     if different:
         raise FacegenError(f"--init-from {path} does not match this run's preset and data: {'; '.join(different)}")
     if vae_fingerprint(base.vae) != cache_meta.vae_fingerprint:
@@ -288,8 +296,8 @@ def train(preset: Preset, data, out, *, vae_source=None, resume=False, init_from
     torch.manual_seed(cfg.seed)
     model = LatentDiT(**model_config)
     if init_weights is not None:
-        missing, _ = model.load_state_dict(init_weights, strict=not model.inpainting)
-        lacking = [key for key in missing if not key.startswith("context_embedder.")]
+        missing, _ = model.load_state_dict(init_weights, strict=not (model.inpainting or model.framed))
+        lacking = [key for key in missing if not key.startswith(("context_embedder.", "framing_embedder."))]
         if lacking:
             raise FacegenError(f"--init-from {init_from}: its DiT has no {lacking[0]}")
         log.info(f"starting from {init_from} (trained {init.trained_steps} steps)")
@@ -317,8 +325,9 @@ def train(preset: Preset, data, out, *, vae_source=None, resume=False, init_from
              + f", precision {run.precision}" + (", compiled" if compiled else ""))
     region_masks = region_mask_bank(cache_dir, preset.image_size, preset.model.latent_size, out) \
         if preset.model.inpainting else None
+    framings = framing_bank(cache_dir, preset.image_size) if preset.model.framing else None
     batches = TrainingData.build(latents, labels, cache_meta.attributes, cfg, run.device, preset.model.inpainting,
-                                 region_masks)
+                                 region_masks, framings)
     loop(run, cfg, model=model, averages=averages, optimizer=optimizer, batches=batches, start_step=start_step,
          progress=progress, vae=vae, info=info, prior=LabelPrior.from_labels(cache_meta.attributes, labels),
          run_state=run_state, steps_before=init.trained_steps if init else 0)
@@ -338,12 +347,12 @@ def loop(run, cfg, *, model, averages, optimizer, batches, start_step, progress,
     tick, images_since_tick = time.perf_counter(), 0
     for step in range(start_step, cfg.max_steps):
         generator = seeded_generator(cfg.seed, STEP_STREAM, step, run.rank, device=run.device)
-        x0, y, loss_weights, context = batches.batch(step, cfg, generator, run.rank, run.world_size, run.device)
+        x0, y, loss_weights, inputs = batches.batch(step, cfg, generator, run.rank, run.world_size, run.device)
         for group in optimizer.param_groups:
             group["lr"] = scheduled_lr(step, cfg.learning_rate, cfg.warmup_steps, cfg.max_steps, cfg.cooldown_steps)
         with run.autocast():
             loss, _ = flow.flow_loss(model, x0, y, generator, cfg.laplacian_weight, cfg.t_mean, cfg.t_std, loss_weights,
-                                     context=context)
+                                     inputs=inputs)
         run.step(loss, optimizer, model.parameters(), cfg.grad_clip)
         ema.step(model.parameters())
         if posthoc:

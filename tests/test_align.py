@@ -128,3 +128,34 @@ def test_align_face_mirrors_the_photo_where_the_frame_reaches_past_its_edge():
     assert (crop.reshape(-1, 3).max(1) > 0).all()  # no black fill anywhere
     # inside the photo the crop is the plain warp: the face is where the points say
     assert abs(crop_points["left_eye"][0] - CANONICAL_POINTS["left_eye"][0]) < 4
+
+
+def test_zoomed_alignment_writes_each_photo_as_a_listed_view_of_its_aligned_face(tmp_path, source):
+    pytest.importorskip("mediapipe")
+    from facegen_cli.framing import Framing, zoom_limit
+    from facegen_cli.landmarks import invert, transform_points
+    from facegen_cli.layout import read_framings
+
+    root, _ = source
+    plain, zoomed = tmp_path / "plain", tmp_path / "zoomed"
+    for out, flags in ((plain, []), (zoomed, ["--zoomed"])):
+        runner.invoke(app, ["data", "align", str(root), str(out), "--attributes", str(root / "labels.txt"),
+                            "--workers", "1", *flags])
+    assert not read_framings(plain)
+    views = read_framings(zoomed)
+    assert set(views) == {"000001.png", "182638.png", "182639.png"}
+    assert views["000001.png"] == (1.0, 64.0, 64.0)  # a photo smaller than the framing holds no zoom
+    whole, in_view = read_landmarks(plain), read_landmarks(zoomed)
+    for name, values in views.items():
+        view = Framing(*values)
+        assert view.zoom <= zoom_limit(4.0)
+        half = 64 / view.zoom  # the view lies inside the aligned crop
+        assert half - 1e-3 <= view.cx <= 128 - half + 1e-3 and half - 1e-3 <= view.cy <= 128 - half + 1e-3
+        back = transform_points(in_view[name], invert(view.matrix(128)))  # the landmarks are the view's
+        for point, (x, y) in whole[name].items():
+            assert back[point] == pytest.approx((x, y), abs=0.05)
+    assert any(Framing(*v).zoom > 1 for v in views.values())
+
+    again = runner.invoke(app, ["data", "align", str(root), str(zoomed), "--attributes", str(root / "labels.txt"),
+                                "--workers", "1"])
+    assert again.exit_code == 1 and "was begun with --zoomed" in again.stderr

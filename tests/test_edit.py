@@ -185,7 +185,7 @@ def test_masked_edit_keeps_every_pixel_outside_the_mask(tiny_model_dir, face):
     assert np.array_equal(edited, edit_crops(pipe, crops, masks, request))  # same seed, same result
 
 
-@pytest.mark.parametrize("trajectory", ["inversion", "noise"])
+@pytest.mark.parametrize("trajectory", ["inversion", "rf-inversion", "noise"])
 def test_a_crop_is_edited_the_same_alone_or_in_any_batch(tiny_model_dir, face, trajectory):
     """Every draw is the crop's own (its seed's noise, its own RePaint generator): at fp32 a crop's edit
     alone and beside others differ by float rounding at most (before: up to 110 grey levels)."""
@@ -565,7 +565,8 @@ def test_edits_are_measured_at_the_photos_own_resolution(tmp_path, tiny_model_di
 def test_super_resolved_content_reaches_the_photo_only_where_the_edit_changed_it(face):
     """super_resolve runs the network over the mask's box alone; an edit equal to the reconstruction still
     changes no pixel of the photo at 4x, and pixels outside the mask stay the photo's own."""
-    from facegen_cli.edit import UPSCALE_FROM, face_scale, super_resolve
+    from facegen_cli.edit import UPSCALE_FROM, super_resolve
+    from facegen_cli.landmarks import face_scale
 
     class Bicubic(torch.nn.Module):  # a 4x upscaler with the network's interface, fast and predictable
         scale = 4

@@ -24,7 +24,8 @@ def test_presets_include_the_design_sizes():
 def test_full_size_preset_matches_the_design():
     preset = load_preset("dit-l-face128")
     assert dataclasses.asdict(preset.model) == {"latent_size": 16, "latent_channels": 4, "patch_size": 2, "hidden_size": 1024,
-                                 "depth": 15, "num_heads": 16, "mlp_size": 4096, "inpainting": False}
+                                 "depth": 15, "num_heads": 16, "mlp_size": 4096, "inpainting": False,
+                                 "framing": False}
     model = build("dit-l-face128", device="meta")
     assert len(model.blocks) == 15
     assert model.grid_size**2 == 64  # patch 2 on 16x16 latents -> 64 tokens
