@@ -78,7 +78,9 @@ def edit(
                                                   "model's)."),
     trajectory: str = typer.Option(EDIT.trajectory, help="How the region is repainted: flowedit (along the "
                                                           "change's velocity difference, no inversion), inversion "
-                                                          "(from the face's own trajectory) or noise (fresh noise, "
+                                                          "(from the face's own trajectory), rf-inversion (a "
+                                                          "controlled inversion, then drawn back towards the face) "
+                                                          "or noise (fresh noise, "
                                                           "RePaint's resampling)."),
     resample: int = typer.Option(EDIT.resample, min=1, help="RePaint resampling rounds per step, with --trajectory "
                                                             "noise (coherence at the mask edge)."),

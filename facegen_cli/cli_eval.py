@@ -108,7 +108,7 @@ def eval_edits(
     kind: List[str] = typer.Option([], "--kind", help="Edit kinds to measure (repeatable; default: the local "
                                                       "and whole-face kinds)."),
     limit: Optional[int] = typer.Option(None, min=1, help="At most this many photos."),
-    trajectory: str = typer.Option(EditRequest.trajectory, help="flowedit, inversion or noise, as facegen edit takes."),
+    trajectory: str = typer.Option(EditRequest.trajectory, help="flowedit, inversion, rf-inversion or noise, as facegen edit takes."),
     upscale: bool = typer.Option(EditRequest.upscale, "--upscale/--no-upscale",
                                  help="Super-resolve new content, as facegen edit does."),
     zoom: bool = typer.Option(EditRequest.zoom, "--zoom/--no-zoom", help="Zoomed views, as facegen edit takes."),
