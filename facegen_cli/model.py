@@ -241,7 +241,8 @@ class LatentDiT(ModelMixin, ConfigMixin):
         tokens = tokens + self.pos_embed.to(tokens.dtype)
         c = self.t_embedder(t) + self.y_embedder(y)
         if self.framing_embedder is not None:
-            c = c + self.framing_embedder(torch.zeros(len(x), 3, device=x.device) if framing is None else framing)
+            c = c + self.framing_embedder(x.new_zeros(len(x), self.framing_embedder.mlp[0].in_features)
+                                          if framing is None else framing)
         elif framing is not None:
             raise ValueError("this model takes no framing (framing is False)")
         for block in self.blocks:
