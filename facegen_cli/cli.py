@@ -12,7 +12,7 @@ import typer
 from .cli_data import data_app, vae_app
 from .cli_eval import eval_app
 from .config import load_preset, preset_names
-from .edit_request import EditRequest, strength_help
+from .edit_request import EditRequest, guidance_help, strength_help
 from .errors import FacegenError
 from .terminal import (MAX_SEED, Device, Model, Precision, Seed, finite, load_pipeline, log, progress_bar,
                        report_results, reports_errors, with_attribute_flags)
@@ -73,9 +73,7 @@ def edit(
     strength: Optional[float] = typer.Option(None, min=0.05, max=1.0, help=strength_help()),
     steps: Optional[int] = typer.Option(None, min=1, help="Sampling steps (default: the model's)."),
     guidance: Optional[float] = typer.Option(None, callback=finite,
-                                             help="Classifier-free guidance (default: 7 for a mustache, 5 for a "
-                                                  "beard, a smile, a hat or pale skin, 4 for male, else the "
-                                                  "model's)."),
+                                             help=guidance_help()),
     trajectory: str = typer.Option(EDIT.trajectory, help="How the region is repainted: flowedit (along the "
                                                           "change's velocity difference, no inversion), inversion "
                                                           "(from the face's own trajectory), rf-inversion (a "

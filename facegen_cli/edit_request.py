@@ -21,17 +21,27 @@ STRENGTHS = {"black_hair": 1.0, "blond_hair": 1.0, "bald": 1.0, "pale_skin": 0.7
 # FlowEdit, a mustache showed on 12 / 25 / 44% at guidance 3 / 5 / 7 (dlib identity 0.07 / 0.13 / 0.17), a
 # beard on 60 / 73 / 80% (0.13 / 0.22 / 0.29), a smile on 60 / 100% at 3 / 5 (0.15 / 0.20); eyeglasses
 # showed on 93% at 3 already, and 5 moved the identity 0.30 -> 0.38. A hat showed on 73 / 100% at 3 / 5
-# (0.23 / 0.29), pale skin on 47 / 87% (0.16 / 0.23), male on 75 / 100% (0.28 / 0.41: 4 is taken for it).
-GUIDANCES = {"mustache": 7.0, "beard": 5.0, "smiling": 5.0, "wearing_hat": 5.0, "pale_skin": 5.0, "male": 4.0}
+# (0.23 / 0.29). On the 38 photos of docs/faces-edit/photo-eval.md, pale skin showed on 38 / 76 / 85 / 85% at
+# 3 / 5 / 6 / 7 (0.18 / 0.27 / 0.30 / 0.33), male on 74 / 95 / 95% at 3 / 3.5 / 4 (0.33 / 0.38 / 0.41).
+GUIDANCES = {"mustache": 7.0, "beard": 5.0, "smiling": 5.0, "wearing_hat": 5.0, "pale_skin": 6.0, "male": 3.5}
+
+
+def _by_value(table):
+    """'7 for mustache; 5 for beard, smiling' from {attribute: value}, the largest value first."""
+    names = {}
+    for name, value in table.items():
+        names.setdefault(value, []).append(name)
+    return "; ".join(f"{value:g} for {', '.join(group)}" for value, group in sorted(names.items(), reverse=True))
+
+
+def guidance_help():
+    """The --guidance help, from GUIDANCES."""
+    return f"Classifier-free guidance (default: {_by_value(GUIDANCES)}; else the model's)."
 
 
 def strength_help():
-    """The --strength help, from the table above."""
-    by_value = {}
-    for name, value in STRENGTHS.items():
-        by_value.setdefault(value, []).append(name)
-    rules = "; ".join(f"{value:g} for {', '.join(names)}" for value, names in sorted(by_value.items(), reverse=True))
-    return f"How much to repaint: the sampler's start time (default {DEFAULT_STRENGTH:g}; {rules})."
+    """The --strength help, from STRENGTHS."""
+    return f"How much to repaint: the sampler's start time (default {DEFAULT_STRENGTH:g}; {_by_value(STRENGTHS)})."
 
 
 @dataclass

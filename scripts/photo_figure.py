@@ -1,0 +1,40 @@
+"""One figure of before | after crops at the photos' own pixels, from a `facegen eval edits` report folder.
+
+    python scripts/photo_figure.py edit-report male --out docs/faces-edit/photos/photo-male.jpg
+
+Stacks OUT/crops/KIND/NAME.png (as eval edits writes them) top to bottom on white, 4 pixels apart, for the
+photos named (default: the 6 shared fixture photos and two CelebA men, as docs/faces-edit/photo-eval.md shows).
+"""
+
+import argparse
+from pathlib import Path
+
+from PIL import Image
+
+from facegen_cli.files import save_image
+
+PHOTOS = ("0-f1-su-ph", "0-f15-hao-ph", "15-f13-anc-ph", "45-m7-di-ph", "multi_face", "single_face", "184041", "183854")
+GAP = 4
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("report", type=Path, help="an eval edits --out folder")
+    parser.add_argument("kind")
+    parser.add_argument("--photos", nargs="+", default=PHOTOS, help="crop names, without .png")
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+
+    crops = [Image.open(args.report / "crops" / args.kind / f"{name}.png").convert("RGB") for name in args.photos]
+    figure = Image.new("RGB", (max(c.width for c in crops), sum(c.height for c in crops) + GAP * (len(crops) - 1)),
+                       "white")
+    top = 0
+    for crop in crops:
+        figure.paste(crop, (0, top))
+        top += crop.height + GAP
+    save_image(figure, args.out)
+    print(args.out)
+
+
+if __name__ == "__main__":
+    main()
