@@ -8,7 +8,7 @@ redraws the face with the requested attributes, the rest of the face held fixed 
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -62,6 +62,16 @@ def _eyeglasses(p):
     return [[(p["jaw_0"][0], brow), (p["jaw_8"][0], brow), (p["jaw_8"][0], bottom), (p["jaw_0"][0], bottom)]]
 
 
+def _lips(p):
+    """Both lips and the mouth between them, from corner to corner: a mustache grows above them, and an open
+    smile stays open."""
+    left, right = _xy(p["mouth_left"]), _xy(p["mouth_right"])
+    inner = [left + 0.25 * (right - left), right - 0.25 * (right - left)]
+    top, bottom = p["upper_lip"][1], p["lower_lip"][1]
+    return [[tuple(left), (inner[0][0], top), p["upper_lip"], (inner[1][0], top), tuple(right),
+             (inner[1][0], bottom), p["lower_lip"], (inner[0][0], bottom)]]
+
+
 def _smiling(p):
     left, right = _xy(p["mouth_left"]), _xy(p["mouth_right"])
     pad = 0.45 * (right[0] - left[0])
@@ -98,20 +108,30 @@ def _whole_face(p):
     return [_face_oval(p)]
 
 
-# attribute -> (polygons to add, whether the face oval is cut out of them)
+@dataclass(frozen=True)
+class Region:
+    """Where an attribute is repainted: `draw`'s polygons, less the face oval when `cut_face`, less the
+    polygons of `keep` (after the region is grown and feathered: what stays the photo's own, exactly)."""
+    draw: Callable
+    cut_face: bool = False
+    keep: Optional[Callable] = None
+
+
 REGIONS = {
-    "mustache": (_mustache, False),
-    "beard": (_beard, False),
-    "eyeglasses": (_eyeglasses, False),
-    "smiling": (_smiling, False),
-    "bangs": (_forehead, False),
-    "wearing_hat": (_above_brows, False),
-    "bald": (_above_brows, True),
-    "black_hair": (_hair, True),
-    "blond_hair": (_hair, True),
-    "pale_skin": (_whole_face, False),
-    "young": (_whole_face, False),
-    "male": (lambda p: _whole_face(p) + _hair(p), False),
+    # The lips kept: grown over them, a mustache darkened the upper teeth of an open smile (38 photos, g9:
+    # shown on 17 of 17 men either way, dlib identity 0.239 -> 0.228)
+    "mustache": Region(_mustache, keep=_lips),
+    "beard": Region(_beard),
+    "eyeglasses": Region(_eyeglasses),
+    "smiling": Region(_smiling),
+    "bangs": Region(_forehead),
+    "wearing_hat": Region(_above_brows),
+    "bald": Region(_above_brows, cut_face=True),
+    "black_hair": Region(_hair, cut_face=True),
+    "blond_hair": Region(_hair, cut_face=True),
+    "pale_skin": Region(_whole_face),
+    "young": Region(_whole_face),
+    "male": Region(lambda p: _whole_face(p) + _hair(p)),
 }
 
 
@@ -141,26 +161,42 @@ def region_mask(attributes, points, size, grow=4, feather=FEATHER, person=None):
     return mask
 
 
+def _polygons(polygons, size, cut_face_of=None):
+    """uint8 (size, size) image of the polygons filled (drawn supersampled, for smooth edges), less the face
+    oval of the points `cut_face_of` when given."""
+    scale = 4
+    layer = Image.new("L", (size * scale, size * scale), 0)
+    draw = ImageDraw.Draw(layer)
+    for polygon in polygons:
+        draw.polygon([(x * scale, y * scale) for x, y in polygon], fill=255)
+    if cut_face_of is not None:
+        draw.polygon([(x * scale, y * scale) for x, y in _face_oval(cut_face_of)], fill=0)
+    return layer.resize((size, size), Image.Resampling.BOX)
+
+
+KEEP_FEATHER = 1.0  # pixels of the aligned crop over which a region fades out towards a part it keeps
+
+
 def _drawn_regions(attributes, points, size, grow, feather):
-    scale = 4  # drawn supersampled for smooth edges
-    canvas = Image.new("L", (size * scale, size * scale), 0)
+    """The union of the attributes' regions, each grown, feathered and less what it keeps, so that one
+    attribute's kept part (a mustache's lips) is still repainted where another's region covers it (a beard's)."""
+    mask = np.zeros((size, size), dtype=np.float32)
     for attribute in attributes:
-        polygons, cut_face = REGIONS[attribute]
-        layer = Image.new("L", canvas.size, 0)
-        layer_draw = ImageDraw.Draw(layer)
-        for polygon in polygons(points):
-            layer_draw.polygon([(x * scale, y * scale) for x, y in polygon], fill=255)
-        if cut_face:
-            ImageDraw.Draw(layer).polygon([(x * scale, y * scale) for x, y in _face_oval(points)], fill=0)
-        canvas.paste(255, mask=layer)
-    mask = canvas.resize((size, size), Image.Resampling.BOX)
-    if grow > 0:
-        mask = mask.filter(ImageFilter.MaxFilter(2 * int(grow) + 1))
-    if feather > 0:
-        # Feather outwards only: blur, then keep the full mask inside, so the region is never weakened.
-        mask = Image.fromarray(np.maximum(np.asarray(mask), np.asarray(
-            mask.filter(ImageFilter.MaxFilter(2 * int(feather) + 1)).filter(ImageFilter.GaussianBlur(feather)))))
-    return np.asarray(mask, dtype=np.float32) / 255
+        region = REGIONS[attribute]
+        drawn = _polygons(region.draw(points), size, cut_face_of=points if region.cut_face else None)
+        if grow > 0:
+            drawn = drawn.filter(ImageFilter.MaxFilter(2 * int(grow) + 1))
+        if feather > 0:
+            # Feather outwards only: blur, then keep the full mask inside, so the region is never weakened.
+            drawn = Image.fromarray(np.maximum(np.asarray(drawn), np.asarray(
+                drawn.filter(ImageFilter.MaxFilter(2 * int(feather) + 1)).filter(ImageFilter.GaussianBlur(feather)))))
+        one = np.asarray(drawn, dtype=np.float32) / 255
+        if region.keep is not None:
+            kept = _polygons(region.keep(points), size)  # fading out past its edge, whole inside it
+            kept = np.maximum(np.asarray(kept), np.asarray(kept.filter(ImageFilter.GaussianBlur(KEEP_FEATHER))))
+            one = one * (1 - kept.astype(np.float32) / 255)
+        mask = np.maximum(mask, one)
+    return mask
 
 
 # ---------------------------------------------------------------------------------------------

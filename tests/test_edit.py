@@ -111,6 +111,17 @@ def test_each_region_covers_its_feature_and_not_the_others(face):
             assert not inside(mask, point), (attribute, "covers", point)
 
 
+def test_a_mustache_keeps_the_lips_unless_another_region_repaints_them(face):
+    _, p = face
+    lips = [between(p["upper_lip"], p["lower_lip"], w) for w in (0.4, 0.6)]  # inside the kept part's soft edge
+    mustache = region_mask(["mustache"], p, 128)
+    assert inside(mustache, between(p["nose_base"], p["upper_lip"]))
+    assert all(mustache[int(round(y)), int(round(x))] == 0 for x, y in lips)  # the photo's own, exactly
+    both = region_mask(["mustache", "beard"], p, 128)
+    assert all(inside(both, point) for point in lips)  # the beard's region takes the lips in
+    assert np.array_equal(np.maximum(mustache, region_mask(["beard"], p, 128)), both)
+
+
 def test_hair_colour_regions_keep_to_the_person_and_the_others_ignore_it(face):
     _, p = face
     person = np.zeros((128, 128), dtype=np.float32)
@@ -678,14 +689,15 @@ def test_sixteen_bit_rgb_photos_stay_sixteen_bit_and_exact_outside_the_mask(tmp_
 
 
 def test_the_default_guidance_follows_the_change_unless_one_is_given():
-    from facegen_cli.edit_request import GUIDANCES
+    from facegen_cli.edit_request import GUIDANCES, guidance_help
 
     sample = SampleConfig(steps=4, guidance=3.0)
-    assert EditRequest(add=("mustache",), sample=sample).settings.guidance == GUIDANCES["mustache"] == 7.0
+    assert EditRequest(add=("mustache",), sample=sample).settings.guidance == GUIDANCES["mustache"] == 9.0
     assert EditRequest(add=("eyeglasses",), sample=sample).settings.guidance == 3.0  # the model's
     assert EditRequest(add=("beard", "male"), sample=sample).settings.guidance == 5.0  # the largest of the changes'
     assert EditRequest(add=("mustache",), sample=sample, guidance=2.0).settings.guidance == 2.0
     assert EditRequest(repaint=("mustache",), sample=sample).settings.guidance == 3.0  # nothing asked: the no-op
     assert EditRequest(add=("mustache",), sample=sample).settings.steps == 4
+    assert "9 for mustache;" in guidance_help() and "3.5 for male;" in guidance_help()  # --help shows the table
     with pytest.raises(FacegenError, match="out of range"):
         EditRequest(add=("mustache",), sample=sample, guidance=1e30).settings
