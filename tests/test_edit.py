@@ -698,6 +698,6 @@ def test_the_default_guidance_follows_the_change_unless_one_is_given():
     assert EditRequest(add=("mustache",), sample=sample, guidance=2.0).settings.guidance == 2.0
     assert EditRequest(repaint=("mustache",), sample=sample).settings.guidance == 3.0  # nothing asked: the no-op
     assert EditRequest(add=("mustache",), sample=sample).settings.steps == 4
-    assert "9 for mustache;" in guidance_help() and "3.5 for male;" in guidance_help()  # --help shows the table
+    assert "9 for mustache;" in guidance_help() and "3.5 for smiling, male;" in guidance_help()  # --help shows the table
     with pytest.raises(FacegenError, match="out of range"):
         EditRequest(add=("mustache",), sample=sample, guidance=1e30).settings
