@@ -58,6 +58,7 @@ EOF
 fi
 
 OUT=${OUT:-$(mktemp -d)}
+mkdir -p "$OUT"
 WORK=$(mktemp -d)
 if ! python3 -c "import diffusers" 2> /dev/null; then  # the GPU machine's image has torch but no diffusers
     python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .gpu/wheels/*.whl
