@@ -188,6 +188,10 @@ def train(
     init_from: Optional[Path] = typer.Option(
         None, help="Start from this model folder's weights (e.g. facegen_cli/demo) instead of from scratch: "
                    "fine-tuning. It must match the preset, the attributes and the latents' VAE."),
+    other_vae: bool = typer.Option(False, "--other-vae", help="With --init-from: the latents are another "
+                                                              "autoencoder's (a retrained encoder); the DiT's "
+                                                              "weights carry over, the latents' statistics and "
+                                                              "VAE are the new model's."),
     latent_stats_from: Optional[Path] = typer.Option(
         None, help="Normalise the latents with this model folder's statistics instead of the cache's, so that "
                    "the new model reads the same inputs (an autoguidance guide for that model)."),
@@ -202,7 +206,8 @@ def train(
                                             precision=precision)
     with progress_bar(loss=".4f", speed=".1f") as progress:
         model_path = run_training(chosen, data, out, vae_source=vae, resume=resume, init_from=init_from,
-                                  latent_stats_from=latent_stats_from, compile=compile, progress=progress)
+                                  other_vae=other_vae, latent_stats_from=latent_stats_from, compile=compile,
+                                  progress=progress)
     if model_path:  # one line from a multi-process run: its main process's
         print(model_path)
 

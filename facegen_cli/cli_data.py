@@ -88,6 +88,9 @@ def vae_train(
                                                   "new one of --size."),
     decoder_only: bool = typer.Option(False, "--decoder-only", help="Train only the decoder of --init: its latents "
                                                                     "(and a DiT trained on them) stay valid."),
+    layers_per_block: Optional[int] = typer.Option(None, min=1, help="Resnets per block (default: the size's); with "
+                                                                     "--init, that autoencoder deepened, starting as "
+                                                                     "exactly it."),
     resume: bool = typer.Option(False, "--resume"),
 ):
     """Train an f8 AutoencoderKL (128 px -> 16x16x4) on a data set; prints OUT/vae."""
@@ -97,7 +100,7 @@ def vae_train(
                             size=size, disc_start=disc_start, disc_weight=disc_weight, disc_warmup=disc_warmup,
                             feature_weight=feature_weight,
                             precision=precision, checkpoint_every=checkpoint_every, init=init,
-                            decoder_only=decoder_only)
+                            decoder_only=decoder_only, layers_per_block=layers_per_block)
     with progress_bar(loss=".4f") as progress:
         train_vae(data, out, config, resume=resume, progress=progress)
     print(out / "vae")

@@ -187,10 +187,11 @@ class Init:
                    optional(state.get("vae")), optional(state.get("decoder")))
 
 
-def load_init_model(path, model_config, cache_meta):
+def load_init_model(path, model_config, cache_meta, other_vae=False):
     """An existing model folder to fine-tune from: (its DiT's weights, its Init). It must match the preset,
     vocabulary and VAE; an inpainting or framed model may start from a plain one (the embedding of what the
-    plain one lacks from zero)."""
+    plain one lacks from zero). With `other_vae`, the latents may come from another autoencoder (a retrained
+    encoder): only the DiT's weights carry over, and the latents' own statistics and VAE are the new model's."""
     base = FacegenPipeline.load(path)
     base_config = {key: base.dit.config.get(key) for key in model_config}
     base_config["attributes"] = list(base_config["attributes"])
@@ -199,11 +200,15 @@ def load_init_model(path, model_config, cache_meta):
                  if base_config[key] != model_config[key] and key not in widened]
     if different:
         raise FacegenError(f"--init-from {path} does not match this run's preset and data: {'; '.join(different)}")
+    model = Provenance.of(base.path, weights_fingerprint(base.dit))
+    if other_vae:
+        return base.dit.state_dict(), Init(model, base.info.trained_steps or 0, cache_meta.latent_mean,
+                                           cache_meta.latent_std)
     if vae_fingerprint(base.vae) != cache_meta.vae_fingerprint:
         raise FacegenError(f"--init-from {path} decodes with another VAE than the one that encoded the "
-                           f"latents ({cache_meta.vae_source})")
-    init = Init(Provenance.of(base.path, weights_fingerprint(base.dit)), base.info.trained_steps or 0,
-                base.info.latent_mean, base.info.latent_std, base.info.vae, base.info.decoder)
+                           f"latents ({cache_meta.vae_source}); --other-vae fine-tunes it on these latents anyway")
+    init = Init(model, base.info.trained_steps or 0, base.info.latent_mean, base.info.latent_std, base.info.vae,
+                base.info.decoder)
     return base.dit.state_dict(), init
 
 
@@ -245,13 +250,14 @@ def statistics_of(path, vae):
     return {"latent_mean": model.info.latent_mean, "latent_std": model.info.latent_std}
 
 
-def train(preset: Preset, data, out, *, vae_source=None, resume=False, init_from=None, latent_stats_from=None,
-          compile=None, progress=None):
+def train(preset: Preset, data, out, *, vae_source=None, resume=False, init_from=None, other_vae=False,
+          latent_stats_from=None, compile=None, progress=None):
     """Train `preset` (its `train` settings as given: Preset.with_train applies overrides) on `data`, a
     latent cache or a labelled image folder, into the run folder `out`.
 
     `init_from` (a model folder) starts the DiT and its EMA from that model's weights and latent
-    statistics instead of from scratch (fine-tuning); the optimizer starts afresh, with warmup.
+    statistics instead of from scratch (fine-tuning); the optimizer starts afresh, with warmup. With
+    `other_vae`, the latents may be another autoencoder's (load_init_model).
     `latent_stats_from` (a model folder of the same encoder) normalises the latents with that model's
     statistics instead of the cache's, so that the two models read the same inputs (an autoguidance guide).
     `compile`: torch.compile the model (None: on GPUs, where it pays, not on CPUs, where compiling
@@ -284,7 +290,7 @@ def train(preset: Preset, data, out, *, vae_source=None, resume=False, init_from
         init = Init.from_state(run.saved["init"]) if run.saved.get("init") else None
         statistics = run.saved.get("latent_stats")
     elif init_from:
-        init_weights, init = load_init_model(init_from, model_config, cache_meta)
+        init_weights, init = load_init_model(init_from, model_config, cache_meta, other_vae)
     elif latent_stats_from:
         statistics = statistics_of(latent_stats_from, vae)
     info = model_info(preset, cache_meta, init, vae)

@@ -72,6 +72,32 @@ def build_vae(block_out_channels=(32, 64, 128, 128), layers_per_block=1, norm_nu
     )
 
 
+def deepen_vae(vae, layers_per_block):
+    """`vae` with `layers_per_block` resnets in every encoder block (and, as AutoencoderKL builds it, one more
+    in every decoder block). The new resnets follow the old ones with their last convolution zero, so each
+    starts as the identity and the deeper autoencoder starts as exactly `vae`: capacity added, nothing it
+    learnt lost. The encoder deepens with the decoder (AutoencoderKL shares the setting), so its weights'
+    fingerprint changes even where its latents do not."""
+    old = vae.config.layers_per_block
+    if layers_per_block < old:
+        raise FacegenError(f"the autoencoder has {old} resnets a block; it can be deepened, not made shallower "
+                           f"({layers_per_block})")
+    deeper = AutoencoderKL.from_config({**vae.config, "layers_per_block": layers_per_block})
+    missing, unexpected = deeper.load_state_dict(vae.state_dict(), strict=False)
+    new = [f"encoder.down_blocks.{b}.resnets.{r}." for b in range(len(deeper.encoder.down_blocks))
+           for r in range(old, layers_per_block)]
+    new += [f"decoder.up_blocks.{b}.resnets.{r}." for b in range(len(deeper.decoder.up_blocks))
+            for r in range(old + 1, layers_per_block + 1)]
+    if unexpected or any(not key.startswith(tuple(new)) for key in missing):
+        raise FacegenError(f"cannot deepen this autoencoder: its weights do not fit ({(unexpected or missing)[0]})")
+    with torch.no_grad():
+        for name, module in deeper.named_modules():
+            if name.endswith("conv2") and f"{name.rsplit('.', 1)[0]}." in new:
+                module.weight.zero_()
+                module.bias.zero_()
+    return deeper.to(vae.device).train(vae.training)
+
+
 def psnr(reconstruction, target):
     """Peak signal-to-noise ratio in dB of images in [-1, 1], averaged over the batch."""
     mse = ((reconstruction.clamp(-1, 1) - target) / 2).square().flatten(1).mean(1)

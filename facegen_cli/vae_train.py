@@ -12,7 +12,9 @@ learns whole faces.
 
 `--init VAE --decoder-only` fine-tunes the decoder of a trained autoencoder and leaves its encoder, and so
 its latent space, as it was: a DiT trained on that encoder's latents keeps working with the new decoder
-(`facegen export --vae` swaps it into a model folder).
+(`facegen export --vae` swaps it into a model folder). `--init VAE --layers-per-block N` trains a deeper
+autoencoder that starts as exactly VAE (vae.deepen_vae), encoder included: its latents drift as it learns,
+so a DiT is fine-tuned on them afterwards (`facegen train --init-from MODEL --other-vae`).
 
     OUT/checkpoints/step-N/  vae.safetensors, discriminator.safetensors, optimizer.pt, disc_optimizer.pt,
                              state.json (runs.py; resumable)
@@ -39,7 +41,7 @@ from .files import atomic_dir, save_image, save_pretrained
 from .flow import laplacian_loss
 from .images import image_grid, to_tensor, to_uint8
 from .runs import AUGMENT_STREAM, TrainingRun, batch_indices, scheduled_lr, seeded_generator
-from .vae import build_vae, load_vae, psnr
+from .vae import build_vae, deepen_vae, load_vae, psnr
 
 log = logging.getLogger(__name__)
 
@@ -134,10 +136,16 @@ class VaeTrainConfig:
     checkpoint_every: int = 250
     init: Optional[str] = None  # an autoencoder (folder or hub id) to start from instead of a new one
     decoder_only: bool = False  # train the decoder alone (needs init): the encoder and its latents stay
+    layers_per_block: Optional[int] = None  # resnets a block: the size's, or init deepened to it (deepen_vae)
 
     def __post_init__(self):
         if self.decoder_only and self.init is None:
             raise FacegenError("--decoder-only fine-tunes an existing autoencoder: give it with --init")
+        if self.decoder_only and self.layers_per_block is not None:
+            raise FacegenError("--layers-per-block deepens the encoder too (AutoencoderKL shares the setting): "
+                               "train the whole autoencoder, without --decoder-only")
+        if self.layers_per_block is not None and self.layers_per_block < 1:
+            raise FacegenError(f"--layers-per-block must be at least 1, not {self.layers_per_block}")
         if self.init is None and self.size not in VAE_SIZES:
             raise FacegenError(f"unknown VAE size {self.size!r}; use {' or '.join(VAE_SIZES)}")
         if self.precision not in PRECISIONS:
@@ -151,7 +159,12 @@ class VaeTrainConfig:
 def build_autoencoder(config):
     """(the autoencoder to train, its trained parameters, a new discriminator)."""
     torch.manual_seed(config.seed)
-    vae = build_vae(**VAE_SIZES[config.size]) if config.init is None else load_vae(config.init).requires_grad_(True)
+    depth = {} if config.layers_per_block is None else {"layers_per_block": config.layers_per_block}
+    if config.init is None:
+        vae = build_vae(**{**VAE_SIZES[config.size], **depth})
+    else:
+        vae = load_vae(config.init)
+        vae = deepen_vae(vae, config.layers_per_block) if depth else vae.requires_grad_(True)
     if config.decoder_only:
         vae.encoder.requires_grad_(False)
         vae.quant_conv.requires_grad_(False)
@@ -196,7 +209,7 @@ def train_vae(data_dir, out, config=VaeTrainConfig(), *, resume=False, progress=
                                        weight_decay=0.0)
     objects = {"vae": vae, "discriminator": discriminator, "optimizer": optimizer, "disc_optimizer": disc_optimizer}
     identity = {"size": config.size if config.init is None else str(config.init), "seed": config.seed,
-                "decoder_only": config.decoder_only}
+                "decoder_only": config.decoder_only, "layers_per_block": config.layers_per_block}
     start = run.restore(objects, identity)
     vae, discriminator = vae.to(run.device).train(), discriminator.to(run.device)
     optimizer, disc_optimizer = run.accelerator.prepare(optimizer, disc_optimizer)
@@ -257,24 +270,39 @@ class VaeReport:
         return asdict(self)
 
 
-def identity_figures(faces, reconstructions, measured=200):
-    """VaeReport's identity fields for uint8 faces (N, H, W, 3) and their reconstructions: the first
-    `measured` faces (at most half of them) against the rest."""
-    from .evaluate import frechet_distance
-    from .identity import FaceEmbedder, aligned_embeddings
+class IdentityReference:
+    """dlib's embeddings of uint8 faces (N, H, W, 3), taken once so that any number of versions of them
+    (reconstructions, shrinks) are measured against the same ones: the first `measured` faces (at most half)
+    with their boxes, and the rest, the Fréchet distance's reference."""
 
-    measured = min(measured, len(faces) // 2)
-    if measured < 2:
-        raise FacegenError(f"identity figures need at least 4 faces, not {len(faces)}")
-    embedder = FaceEmbedder()
-    real, boxes = aligned_embeddings(embedder, faces[:measured])
-    rebuilt, _ = aligned_embeddings(embedder, reconstructions[:measured], boxes)
-    reference = torch.from_numpy(aligned_embeddings(embedder, faces[measured:])[0])
-    distances = np.linalg.norm(real - rebuilt, axis=1)
-    return dict(identity_faces=measured, identity_median=float(np.median(distances)),
-                identity_crossed=float((distances >= 0.6).mean()),
-                frechet=frechet_distance(torch.from_numpy(rebuilt), reference),
-                frechet_floor=frechet_distance(torch.from_numpy(real), reference))
+    def __init__(self, faces, measured=200):
+        from .identity import FaceEmbedder, aligned_embeddings
+
+        self.measured = min(measured, len(faces) // 2)
+        if self.measured < 2:
+            raise FacegenError(f"identity figures need at least 4 faces, not {len(faces)}")
+        self.embedder = FaceEmbedder()
+        self.real, self.boxes = aligned_embeddings(self.embedder, faces[:self.measured])
+        self.reference = torch.from_numpy(aligned_embeddings(self.embedder, faces[self.measured:])[0])
+
+    def distances(self, versions):
+        """(identity distances, embeddings) of versions of the first len(versions) measured faces, each in
+        its original's box."""
+        from .identity import aligned_embeddings
+
+        count = min(len(versions), self.measured)
+        rebuilt, _ = aligned_embeddings(self.embedder, versions[:count], self.boxes[:count])
+        return np.linalg.norm(self.real[:count] - rebuilt, axis=1), rebuilt
+
+    def figures(self, reconstructions):
+        """VaeReport's identity fields for reconstructions of the measured faces."""
+        from .evaluate import frechet_distance
+
+        distances, rebuilt = self.distances(reconstructions)
+        return dict(identity_faces=self.measured, identity_median=float(np.median(distances)),
+                    identity_crossed=float((distances >= 0.6).mean()),
+                    frechet=frechet_distance(torch.from_numpy(rebuilt), self.reference),
+                    frechet_floor=frechet_distance(torch.from_numpy(self.real), self.reference))
 
 
 def evaluate_vae(vae_source, data_dir, split="test", grid=None, columns=8, batch_size=32, identity=False,
@@ -290,5 +318,6 @@ def evaluate_vae(vae_source, data_dir, split="test", grid=None, columns=8, batch
         save_image(comparison_grid(images[:columns], reconstructions[:columns]), grid)
     report = VaeReport(faces=len(images), psnr=psnr(reconstructions, images))
     if identity:
-        report = replace(report, **identity_figures(to_uint8(images), to_uint8(reconstructions), identity_faces))
+        reference = IdentityReference(to_uint8(images), identity_faces)
+        report = replace(report, **reference.figures(to_uint8(reconstructions)))
     return report

@@ -17,10 +17,9 @@ import torch
 import torch.nn.functional as F
 
 from facegen_cli.data import load_images_and_labels
-from facegen_cli.identity import FaceEmbedder, aligned_embeddings
 from facegen_cli.images import to_tensor, to_uint8
 from facegen_cli.vae import decode, encode, load_vae, psnr
-from facegen_cli.vae_train import identity_figures
+from facegen_cli.vae_train import IdentityReference
 
 SHRINKS = (16, 23, 32)
 
@@ -39,13 +38,6 @@ def optimised_latents(vae, images, start, *, steps, learning_rate=0.03):
         loss.backward()
         optimiser.step()
     return latents.detach()
-
-
-def identity_median(faces, versions):
-    embedder = FaceEmbedder()
-    real, boxes = aligned_embeddings(embedder, to_uint8(faces))
-    rebuilt, _ = aligned_embeddings(embedder, to_uint8(versions), boxes)
-    return float(np.median(np.linalg.norm(real - rebuilt, axis=1)))
 
 
 def main():
@@ -68,8 +60,9 @@ def main():
     print("| --- | --- | --- | --- | --- | --- |")
     rows = [(f"bicubic at {s} px", 3 * s * s, bicubic(images, s)) for s in SHRINKS]
     rows.append((f"the autoencoder ({args.vae})", latents[0].numel(), reconstructions))
+    reference = IdentityReference(to_uint8(images), args.faces)
     for name, numbers, versions in rows:
-        f = identity_figures(to_uint8(images), to_uint8(versions), args.faces)
+        f = reference.figures(to_uint8(versions))
         print(f"| {name} | {numbers:,} | {psnr(versions[:args.faces], images[:args.faces]):.2f} | "
               f"{f['identity_median']:.3f} | {f['identity_crossed']:.2f} | {f['frechet']:.4f} |")
     print(f"| the floor: the faces themselves against the other {len(images) - args.faces} | | | 0 | 0 | "
@@ -81,7 +74,7 @@ def main():
     print("| --- | --- | --- |")
     for name, versions in (("the encoder's latents", reconstructions[:args.optimise]),
                            (f"latents optimised for the pixels, {args.steps} steps", optimised)):
-        print(f"| {name} | {psnr(versions, faces):.2f} | {identity_median(faces, versions):.3f} |")
+        print(f"| {name} | {psnr(versions, faces):.2f} | {np.median(reference.distances(to_uint8(versions))[0]):.3f} |")
 
 
 if __name__ == "__main__":

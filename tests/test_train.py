@@ -13,7 +13,7 @@ from facegen_cli.pipeline import FacegenPipeline
 from facegen_cli.runs import batch_indices, scheduled_lr
 from facegen_cli.train import (balanced_batch_indices, drop_labels, free_branch_weights, rare_boosts, sampling_weights,
                                train)
-from facegen_cli.vae import load_vae, weights_fingerprint
+from facegen_cli.vae import load_vae, vae_fingerprint, weights_fingerprint
 
 
 def messages_of(caplog):
@@ -219,8 +219,30 @@ def test_fine_tuning_refuses_a_model_of_another_preset_or_vae(tmp_path, tiny_run
     with torch.no_grad():
         vae.decoder.conv_out.bias.add_(0.1)
     vae.save_pretrained(other_vae / "vae")
-    with pytest.raises(FacegenError, match="another VAE"):
+    with pytest.raises(FacegenError, match="another VAE.*--other-vae"):
         train(load_preset("tiny").with_train(max_steps=1), cache, tmp_path / "b", init_from=other_vae)
+
+
+def test_fine_tuning_on_another_autoencoders_latents_takes_their_statistics_and_vae(tmp_path, tiny_run,
+                                                                                    tiny_model_dir):
+    """--other-vae: the DiT's weights carry over from a model of another encoder; the new model normalises
+    and decodes as the latents' own autoencoder does."""
+    cache, other = tiny_run / "latents", tmp_path / "other"
+    shutil.copytree(tiny_model_dir, other)
+    vae = load_vae(other / "vae")
+    with torch.no_grad():
+        vae.encoder.conv_in.bias.add_(0.1)
+    vae.save_pretrained(other / "vae")
+    with open(other / "facegen.json") as f:
+        recorded = json.load(f)
+    recorded["latent_mean"] = [m + 1.0 for m in recorded["latent_mean"]]
+    (other / "facegen.json").write_text(json.dumps(recorded))
+    model_dir = train(load_preset("tiny").with_train(max_steps=1), cache, tmp_path / "c", init_from=other,
+                      other_vae=True)
+    info, meta = json.loads((model_dir / "facegen.json").read_text()), json.loads((cache / "cache.json").read_text())
+    assert info["latent_mean"] == meta["latent_mean"] != recorded["latent_mean"]
+    assert info["vae"]["fingerprint"] == vae_fingerprint(load_vae(tiny_run / "model" / "vae"), encoder_only=True)
+    assert info["init_from"]["fingerprint"] == weights_fingerprint(FacegenPipeline.load(other).dit)
 
 
 def test_train_refuses_latents_whose_vae_has_changed_since_encoding(tmp_path, tiny_data):

@@ -61,18 +61,19 @@ def test_identity_figures_are_zero_for_a_perfect_reconstruction_and_grow_with_da
     from facegen_cli.cli import app
 
     from facegen_cli.synthfaces import render_face, write_dataset
-    from facegen_cli.vae_train import identity_figures
+    from facegen_cli.vae_train import IdentityReference
 
     pytest.importorskip("dlib")
     faces = np.stack([render_face(seed)[0] for seed in range(12)])
-    perfect = identity_figures(faces, faces.copy(), measured=6)
+    reference = IdentityReference(faces, measured=6)
+    perfect = reference.figures(faces.copy())
     assert perfect["identity_faces"] == 6 and perfect["identity_median"] == 0 and perfect["identity_crossed"] == 0
     assert perfect["frechet"] == pytest.approx(perfect["frechet_floor"])
     noise = np.random.default_rng(0).normal(0, 40, faces.shape)
-    damaged = identity_figures(faces, np.clip(faces + noise, 0, 255).astype(np.uint8), measured=6)
+    damaged = reference.figures(np.clip(faces + noise, 0, 255).astype(np.uint8))
     assert damaged["identity_median"] > 0.05 and damaged["frechet"] > perfect["frechet"]
     with pytest.raises(FacegenError, match="at least 4"):
-        identity_figures(faces[:3], faces[:3])
+        IdentityReference(faces[:3])
     vae_eval = ["vae", "eval", "--vae", str(tiny_vae_dir), "--split", "all", "--identity", "--identity-faces", "6"]
     result = CliRunner().invoke(app, [*vae_eval, str(tiny_data)])  # colour blocks, not faces
     assert result.exit_code == 1 and "dlib found no face" in result.stderr
@@ -99,6 +100,30 @@ def test_decoder_only_fine_tuning_keeps_the_latent_space(tmp_path, tiny_data, ti
     assert vae_fingerprint(before) != vae_fingerprint(after)
     decoder = lambda vae: torch.cat([p.flatten() for p in vae.decoder.parameters()])  # noqa: E731
     assert not torch.equal(decoder(before), decoder(after))
+
+
+def test_a_deepened_autoencoder_starts_as_exactly_the_old_one_and_then_learns(tmp_path, tiny_data, tiny_vae_dir):
+    from facegen_cli.vae import decode, deepen_vae
+
+    before = load_vae(tiny_vae_dir)
+    deeper = deepen_vae(before, 3)
+    assert deeper.config.layers_per_block == 3 and len(deeper.decoder.up_blocks[0].resnets) == 4
+    assert sum(p.numel() for p in deeper.parameters()) > sum(p.numel() for p in before.parameters())
+    images = torch.rand(2, 3, 128, 128) * 2 - 1
+    latents = encode(before, images)
+    assert torch.allclose(encode(deeper, images), latents, atol=1e-5)  # the same function, other kernels' rounding
+    assert torch.allclose(decode(deeper, latents), decode(before, latents), atol=1e-4)
+    with pytest.raises(FacegenError, match="not made shallower"):
+        deepen_vae(deeper, 2)
+    with pytest.raises(FacegenError, match="without --decoder-only"):
+        VaeTrainConfig(init=str(tiny_vae_dir), decoder_only=True, layers_per_block=2)
+    out = tmp_path / "deeper"
+    train_vae(tiny_data, out, VaeTrainConfig(steps=2, batch_size=4, crop_size=64, learning_rate=1e-2,
+                                             init=str(tiny_vae_dir), layers_per_block=2))
+    trained = load_vae(out / "vae")
+    assert trained.config.layers_per_block == 2
+    new_resnet = trained.encoder.down_blocks[0].resnets[1].conv2.weight
+    assert new_resnet.abs().sum() > 0  # started at zero, trained
 
 
 def test_export_swaps_in_a_decoder_with_the_same_encoder_only(tmp_path, tiny_data, tiny_vae_dir, tiny_model_dir):
