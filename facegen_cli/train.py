@@ -278,6 +278,8 @@ def train(preset: Preset, data, out, *, vae_source=None, resume=False, init_from
         raise FacegenError(f"the latents have shape {list(latents.shape[1:])} but preset {preset.name} "
                            f"expects {expected}")
     identity = {"preset": preset.name, "model_config": model_config, "attributes": cache_meta.attributes}
+    if other_vae and not init_from:
+        raise FacegenError("--other-vae says the latents are not --init-from's autoencoder's: give --init-from")
     if init_from and latent_stats_from:
         raise FacegenError("--init-from already sets the latent statistics (the init model's); leave out "
                            "--latent-stats-from")

@@ -237,6 +237,8 @@ def test_fine_tuning_on_another_autoencoders_latents_takes_their_statistics_and_
         recorded = json.load(f)
     recorded["latent_mean"] = [m + 1.0 for m in recorded["latent_mean"]]
     (other / "facegen.json").write_text(json.dumps(recorded))
+    with pytest.raises(FacegenError, match="give --init-from"):
+        train(load_preset("tiny").with_train(max_steps=1), cache, tmp_path / "d", other_vae=True)
     model_dir = train(load_preset("tiny").with_train(max_steps=1), cache, tmp_path / "c", init_from=other,
                       other_vae=True)
     info, meta = json.loads((model_dir / "facegen.json").read_text()), json.loads((cache / "cache.json").read_text())
