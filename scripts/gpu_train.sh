@@ -83,14 +83,14 @@ fi
 log() { echo "[$(date -u +%T)] $*" >&2; }
 
 if [ "$VAE" = deepen ]; then
-    vae_flags="--layers-per-block 2"; dit_flags="--other-vae"; latents_vae="$WORK/vae/vae"
+    vae_flags="--layers-per-block 2"; dit_flags="--other-vae"; latents_vae="$WORK/vae-$VAE/vae"
 elif [ "$VAE" = decoder ]; then
     vae_flags="--decoder-only"; dit_flags=""; latents_vae=facegen_cli/faces/vae
 else
     echo "VAE must be deepen or decoder, not $VAE" >&2; exit 2
 fi
 log "autoencoder ($VAE): $VAE_STEPS steps of $VAE_BATCH faces"
-python3 -m facegen_cli.cli vae train "$WORK/faces" --out "$WORK/vae" --init facegen_cli/faces/vae $vae_flags \
+python3 -m facegen_cli.cli vae train "$WORK/faces" --out "$WORK/vae-$VAE" --init facegen_cli/faces/vae $vae_flags \
     --crop-size 128 --batch-size $VAE_BATCH --learning-rate 1e-4 --disc-start 0 --disc-warmup $((VAE_STEPS / 15)) \
     --disc-weight 0.3 --feature-weight 1.0 --steps $VAE_STEPS --precision $PRECISION \
     --checkpoint-every $VAE_STEPS > /dev/null
@@ -101,7 +101,7 @@ log "DiT: $DIT_STEPS steps of $DIT_BATCH"
 python3 -m facegen_cli.cli train --data "$WORK/latents" --preset faces-finetune --init-from facegen_cli/faces \
     $dit_flags --steps $DIT_STEPS --batch-size $DIT_BATCH --precision $PRECISION --out "$WORK/dit" > /dev/null
 # No classifier and no label prior come back (at most 8 files do): the shipped ones go with it here.
-python3 -m facegen_cli.cli export "$WORK/dit/model" --vae "$WORK/vae/vae" \
+python3 -m facegen_cli.cli export "$WORK/dit/model" --vae "$WORK/vae-$VAE/vae" \
     --out "$WORK/faces-gpu" --half > /dev/null
 rm "$WORK/faces-gpu/labels.json"
 
