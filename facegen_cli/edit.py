@@ -96,12 +96,25 @@ def _hair(p):
     return [[(left, top), (right, top), (right, bottom), (left, bottom)]]
 
 
+HAT_FOREHEAD = 0.7  # how far up from the brows to the hairline a hat's region stops (0: at the brows)
+
+
 def _above_brows(p):
     """The head above the brows: a hat with its brim, or the scalp that baldness bares (the side hair
     below the brows and a beard stay the photo's own)."""
     (left, top), (right, _), *_ = _hair(p)[0]
     brow = max(p["left_brow_inner"][1], p["right_brow_inner"][1])
     return [[(left, top), (right, top), (right, brow), (left, brow)]]
+
+
+def _hat(p):
+    """The head above the upper forehead: a hat's crown and brim, the brows and eyes the photo's own. Down
+    to the brows, the brim was drawn over them and the brows redrawn, which most of a hat's identity distance
+    was (38 photos: dlib 0.305 -> 0.181, the largest 0.502 -> 0.373, shown on 94 -> 97%)."""
+    (left, top), (right, _), *_ = _hair(p)[0]
+    brow = max(p["left_brow_inner"][1], p["right_brow_inner"][1])
+    bottom = brow - HAT_FOREHEAD * (brow - p["hairline_center"][1])
+    return [[(left, top), (right, top), (right, bottom), (left, bottom)]]
 
 
 def _whole_face(p):
@@ -125,7 +138,7 @@ REGIONS = {
     "eyeglasses": Region(_eyeglasses),
     "smiling": Region(_smiling),
     "bangs": Region(_forehead),
-    "wearing_hat": Region(_above_brows),
+    "wearing_hat": Region(_hat),
     "bald": Region(_above_brows, cut_face=True),
     "black_hair": Region(_hair, cut_face=True),
     "blond_hair": Region(_hair, cut_face=True),

@@ -93,7 +93,7 @@ def test_each_region_covers_its_feature_and_not_the_others(face):
         "eyeglasses": ([p["left_eye"], p["right_eye"], between(p["left_eye"], p["right_eye"])], [mouth, p["jaw_4"]]),
         "smiling": ([p["mouth_left"], p["mouth_right"], mouth], [eye, above_hair]),
         "bangs": ([between(p["hairline_center"], p["left_brow_inner"])], [eye, mouth]),
-        "wearing_hat": ([above_hair], [mouth]),
+        "wearing_hat": ([above_hair], [mouth, eye, p["left_brow_inner"]]),
         "bald": ([above_hair], [p["nose_tip"], eye, mouth, beside_jaw]),
         "black_hair": ([above_hair, beside_jaw], [p["nose_tip"], eye]),
         "blond_hair": ([above_hair], [p["nose_tip"], eye]),
