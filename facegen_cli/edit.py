@@ -99,22 +99,20 @@ def _hair(p):
 HAT_FOREHEAD = 0.7  # how far up from the brows to the hairline a hat's region stops (0: at the brows)
 
 
-def _above_brows(p):
-    """The head above the brows: a hat with its brim, or the scalp that baldness bares (the side hair
-    below the brows and a beard stay the photo's own)."""
+def _above_brows(p, up=0.0):
+    """The head above the brows, or above `up` of the way from them to the hairline: the scalp that baldness
+    bares (the side hair below the brows and a beard stay the photo's own), or a hat."""
     (left, top), (right, _), *_ = _hair(p)[0]
     brow = max(p["left_brow_inner"][1], p["right_brow_inner"][1])
-    return [[(left, top), (right, top), (right, brow), (left, brow)]]
+    bottom = brow - up * (brow - p["hairline_center"][1])
+    return [[(left, top), (right, top), (right, bottom), (left, bottom)]]
 
 
 def _hat(p):
-    """The head above the upper forehead: a hat's crown and brim, the brows and eyes the photo's own. Down
-    to the brows, the brim was drawn over them and the brows redrawn, which most of a hat's identity distance
-    was (38 photos: dlib 0.305 -> 0.181, the largest 0.502 -> 0.373, shown on 94 -> 97%)."""
-    (left, top), (right, _), *_ = _hair(p)[0]
-    brow = max(p["left_brow_inner"][1], p["right_brow_inner"][1])
-    bottom = brow - HAT_FOREHEAD * (brow - p["hairline_center"][1])
-    return [[(left, top), (right, top), (right, bottom), (left, bottom)]]
+    """A hat's crown and brim above the upper forehead, the brows and eyes the photo's own. Down to the
+    brows, the brim was drawn over them and the brows redrawn, which most of a hat's identity distance was
+    (38 photos: dlib 0.305 -> 0.181, the largest 0.502 -> 0.373, shown on 94 -> 97%)."""
+    return _above_brows(p, HAT_FOREHEAD)
 
 
 def _whole_face(p):
