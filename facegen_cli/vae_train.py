@@ -299,7 +299,7 @@ class IdentityReference:
         from .evaluate import frechet_distance
 
         distances, rebuilt = self.distances(reconstructions)
-        return dict(identity_faces=self.measured, identity_median=float(np.median(distances)),
+        return dict(identity_faces=len(distances), identity_median=float(np.median(distances)),
                     identity_crossed=float((distances >= 0.6).mean()),
                     frechet=frechet_distance(torch.from_numpy(rebuilt), self.reference),
                     frechet_floor=frechet_distance(torch.from_numpy(self.real), self.reference))

@@ -50,6 +50,8 @@ def main():
     parser.add_argument("--optimise", type=int, default=40, help="faces whose latents are optimised")
     parser.add_argument("--steps", type=int, default=100)
     args = parser.parse_args()
+    if args.optimise > args.faces:
+        parser.error("--optimise counts some of the --faces measured: at most as many")
 
     images = to_tensor(load_images_and_labels(args.data, args.split, 128)[0])[:3 * args.faces]
     vae = load_vae(args.vae)
