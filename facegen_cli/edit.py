@@ -72,6 +72,15 @@ def _lips(p):
              (inner[1][0], bottom), p["lower_lip"], (inner[0][0], bottom)]]
 
 
+def _nose(p):
+    """The nose's lower half, as wide as the inner eye corners are apart (about the width of the nostrils): a
+    smile grown over it redrew the nose tip into a pale blob."""
+    half = abs(p["right_eye_inner"][0] - p["left_eye_inner"][0]) / 2
+    x, tip, base = p["nose_tip"][0], p["nose_tip"][1], p["nose_base"][1]
+    top = tip - 0.5 * (base - tip)
+    return [[(x - half, top), (x + half, top), (x + half, base), (x - half, base)]]
+
+
 def _smiling(p):
     left, right = _xy(p["mouth_left"]), _xy(p["mouth_right"])
     pad = 0.45 * (right[0] - left[0])
@@ -134,7 +143,8 @@ REGIONS = {
     "mustache": Region(_mustache, keep=_lips),
     "beard": Region(_beard),
     "eyeglasses": Region(_eyeglasses),
-    "smiling": Region(_smiling),
+    # The nose kept (38 photos: dlib identity 0.262 -> 0.221, the largest 0.743 -> 0.424, shown on 94% both)
+    "smiling": Region(_smiling, keep=_nose),
     "bangs": Region(_forehead),
     "wearing_hat": Region(_hat),
     "bald": Region(_above_brows, cut_face=True),

@@ -91,7 +91,8 @@ def test_each_region_covers_its_feature_and_not_the_others(face):
         "mustache": ([between(p["nose_base"], p["upper_lip"])], [eye, p["jaw_4"]]),
         "beard": ([between(p["lower_lip"], p["jaw_4"]), between(p["jaw_2"], mouth)], [eye, p["nose_tip"]]),
         "eyeglasses": ([p["left_eye"], p["right_eye"], between(p["left_eye"], p["right_eye"])], [mouth, p["jaw_4"]]),
-        "smiling": ([p["mouth_left"], p["mouth_right"], mouth], [eye, above_hair]),
+        "smiling": ([p["mouth_left"], p["mouth_right"], mouth],
+                    [eye, above_hair, between(p["nose_tip"], p["nose_base"])]),  # the nose kept
         "bangs": ([between(p["hairline_center"], p["left_brow_inner"])], [eye, mouth]),
         "wearing_hat": ([above_hair], [mouth, eye, p["left_brow_inner"]]),
         "bald": ([above_hair], [p["nose_tip"], eye, mouth, beside_jaw]),
