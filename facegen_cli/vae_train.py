@@ -276,6 +276,7 @@ class IdentityReference:
     with their boxes, and the rest, the Fréchet distance's reference."""
 
     def __init__(self, faces, measured=200):
+        from .evaluate import frechet_distance
         from .identity import FaceEmbedder, aligned_embeddings
 
         self.measured = min(measured, len(faces) // 2)
@@ -284,6 +285,7 @@ class IdentityReference:
         self.embedder = FaceEmbedder()
         self.real, self.boxes = aligned_embeddings(self.embedder, faces[:self.measured])
         self.reference = torch.from_numpy(aligned_embeddings(self.embedder, faces[self.measured:])[0])
+        self.frechet_floor = frechet_distance(torch.from_numpy(self.real), self.reference)  # what real faces score
 
     def distances(self, versions):
         """(identity distances, embeddings) of versions of the first len(versions) measured faces, each in
@@ -302,7 +304,7 @@ class IdentityReference:
         return dict(identity_faces=len(distances), identity_median=float(np.median(distances)),
                     identity_crossed=float((distances >= 0.6).mean()),
                     frechet=frechet_distance(torch.from_numpy(rebuilt), self.reference),
-                    frechet_floor=frechet_distance(torch.from_numpy(self.real), self.reference))
+                    frechet_floor=self.frechet_floor)
 
 
 def evaluate_vae(vae_source, data_dir, split="test", grid=None, columns=8, batch_size=32, identity=False,
