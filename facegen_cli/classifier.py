@@ -36,8 +36,12 @@ def conv_block(in_channels, out_channels):
 
 
 class AttributeClassifier(ModelMixin, ConfigMixin):
+    """typical_logits: {"with": {attribute: logit}, "without": {...}}, how surely it reads held-out real faces
+    labelled with and without each attribute (typical_logits()), like a VAE's scaling_factor a measurement
+    kept in the config; None where not measured."""
+
     @register_to_config
-    def __init__(self, attributes=(), image_size=64, widths=(16, 32, 64, 128)):
+    def __init__(self, attributes=(), image_size=64, widths=(16, 32, 64, 128), typical_logits=None):
         super().__init__()
         channels = [3, *widths]
         self.body = nn.Sequential(*[conv_block(a, b) for a, b in zip(channels, channels[1:])])
@@ -75,6 +79,30 @@ class AttributeClassifier(ModelMixin, ConfigMixin):
     def predict(self, images, batch_size=256):
         """+1 / -1 per attribute for images in [-1, 1]."""
         return self.read(images, batch_size)[0]
+
+    @torch.inference_mode()
+    def logits(self, images, batch_size=256):
+        """Logits (N, A) of images in [-1, 1]: positive where the attribute is read."""
+        return self.head(self.embed(images, batch_size).to(self.device)).cpu()
+
+
+# typical_logits' quantile: a logit that this share of real faces labelled with an attribute read above it
+# (and as many labelled without it below the "without" one): on 24 edited faces looked at, bangs and glasses
+# were plainly there from about the logits that most real bangs and glasses read at, not from 0 up
+TYPICAL_SHARE = 0.75
+
+
+def typical_logits(model, images, labels, share=TYPICAL_SHARE):
+    """{"with": {attribute: the logit that `share` of the faces labelled with it read above}, "without": {the
+    logit that `share` of those labelled without it read below}} of `model` on images in [-1, 1] and labels
+    (N, A) in {-1, 0, 1} of its attributes; an attribute no face is labelled with (or without) is left out."""
+    logits = model.logits(images)
+    typical = {"with": {}, "without": {}}
+    for i, name in enumerate(model.attributes):
+        for key, side, q in (("with", labels[:, i] > 0, 1 - share), ("without", labels[:, i] < 0, share)):
+            if side.any():
+                typical[key][name] = round(float(torch.quantile(logits[side, i], q)), 3)
+    return typical
 
 
 def accuracy(predictions, labels):
@@ -189,6 +217,8 @@ def train_classifier(data_dir, out, config=ClassifierTrainConfig(), *, also_test
     model = fit_classifier(train_images, train_labels, attributes, config, out=out, resume=resume, progress=progress)
     del train_images
     own, test_images, own_balanced = held_out_accuracy(model, data_dir, config.load_size)
+    images, labels, _ = load_images_and_labels(data_dir, "test", config.load_size)
+    model.register_to_config(typical_logits=typical_logits(model, to_tensor(images), labels))
     others = {str(folder): held_out_accuracy(model, folder, config.load_size)[0] for folder in also_test}
     # the report names the data folders, not where they are on this machine
     named = {Path(folder).name: scores for folder, scores in others.items()}

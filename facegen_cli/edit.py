@@ -6,7 +6,7 @@ redraws the face with the requested attributes, the rest of the face held fixed 
 """
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -225,10 +225,11 @@ def _drawn_regions(attributes, points, size, grow, feather):
 # Editing aligned crops and photos
 # ---------------------------------------------------------------------------------------------
 
-def edit_crops(pipe, crops, masks, request, current=None, views=None):
+def edit_crops(pipe, crops, masks, request, current=None, views=None, guidance=None):
     """Repaint aligned crops (uint8 (B, S, S, 3)) inside `masks` ((B, S, S) in [0, 1]), the attributes not
     changed held at the readings `current` ((B, A) in {-1, +1}) or, without them, left free. `views`: the
-    framing.Framing each crop is, for a framed model (None: whole faces).
+    framing.Framing each crop is, for a framed model (None: whole faces). `guidance`: instead of the
+    request's (edit_until_shown's rungs).
 
     Returns uint8 crops whose pixels equal the input wherever the mask is 0. Each crop's result depends on
     it and the request's seed alone, not on the other crops of the batch.
@@ -237,11 +238,39 @@ def edit_crops(pipe, crops, masks, request, current=None, views=None):
     y = asked.condition(current).expand(len(crops), -1)
     reference = asked.reference(current).expand(len(crops), -1)
     source = None if current is None else current.float().expand(len(crops), -1)
+    settings = request.settings if guidance is None else replace(request.settings, guidance=guidance)
     decoded = pipe.inpaint(to_tensor(crops), masks, y, reference, seeds=[request.seed] * len(crops),
-                           strength=request.start, resample=request.resample, settings=request.settings,
+                           strength=request.start, resample=request.resample, settings=settings,
                            start=request.trajectory, source=source,
                            framing=None if views is None else framing.features(views, crops.shape[1]))
     return composite(crops, to_uint8(decoded), masks)
+
+
+def edit_until_shown(pipe, crops, masks, request, current, classifier, reconstructed):
+    """Guidance by need: every aligned crop edited at the request's first rung (EditRequest.rungs), then the
+    crops whose change the `classifier` does not read as surely as on most real faces that have it
+    (EditRequest.shown, the classifier's typical_logits) edited again from scratch at the next, and so on; a
+    crop keeps the first rung that shows its change, or the last. The classifier reads each crop as its photo
+    will show it: the crop with the change alone added (the edit less the crop's `reconstructed`, as
+    paste_back adds it), not the VAE's redrawing of the region. Returns (uint8 crops as edit_crops's, the
+    guidance each took (B,)). A crop's result depends on it, its readings `current` and the seed alone."""
+    rungs = request.rungs
+    edited, taken = crops.copy(), np.full(len(crops), rungs[-1])
+    pending = np.arange(len(crops))
+    for rung, guidance in enumerate(rungs):
+        edited[pending] = edit_crops(pipe, crops[pending], masks[pending], request, current[pending],
+                                     guidance=guidance)
+        taken[pending] = guidance
+        if rung == len(rungs) - 1:
+            break
+        change = edited[pending].astype(np.int16) - reconstructed[pending]
+        as_pasted = np.clip(crops[pending] + change, 0, 255).astype(np.uint8)
+        logits = classifier.logits(to_tensor(as_pasted).to(classifier.device))
+        shown = request.shown(logits, pipe.attributes, classifier.config.typical_logits)
+        pending = pending[~np.array(shown, dtype=bool)]
+        if not len(pending):
+            break
+    return edited, taken
 
 
 def composite(crops, generated, masks):
@@ -432,8 +461,18 @@ def warn_unsupported(prepared, request, attributes, current):
                                 f"the {added} may not show")
 
 
+@dataclass
+class EditedPhoto:
+    pixels: np.ndarray  # uint8 (H, W, 3): the photo with every face's change added
+    mask: np.ndarray  # uint8 (H, W): where it may differ from the photo
+    guidance: list  # the guidance each face was edited at
+
+
 def edit_prepared(pipe, prepared, request, classifier=None, upscaler=None):
-    """Edit every face of several prepared photos in one batch; returns [(uint8 photo, uint8 mask)].
+    """Edit every face of several prepared photos in one batch; returns [EditedPhoto].
+    With a `classifier`, the attributes not asked about are held at its readings of each face and, unless a
+    guidance is given, each face takes the least of the request's rungs that shows the change
+    (edit_until_shown; on whole faces: a framed model's zoomed views are edited at the full guidance).
     With an `upscaler` (upscale.load_upscaler), the new content of a face at least UPSCALE_FROM times the
     crop's size in its photo is super-resolved first (super_resolve)."""
     crops = np.concatenate([p.crops for p in prepared])
@@ -443,8 +482,11 @@ def edit_prepared(pipe, prepared, request, classifier=None, upscaler=None):
     if current is not None:
         warn_unsupported(prepared, request, pipe.attributes, current)
     views = [view for p in prepared for view in p.views] if pipe.dit.framed else None
-    edited = edit_crops(pipe, crops, masks, request, current, views)
     reconstructed = reconstruct_crops(pipe, crops, masks)
+    if current is not None and views is None:
+        edited, guidance = edit_until_shown(pipe, crops, masks, request, current, classifier, reconstructed)
+    else:
+        edited, guidance = edit_crops(pipe, crops, masks, request, current, views), [request.rungs[-1]] * len(crops)
     results, start = [], 0
     for p in prepared:
         photo, total_mask = p.photo, np.zeros(p.photo.size[::-1], dtype=np.uint8)
@@ -454,8 +496,8 @@ def edit_prepared(pipe, prepared, request, classifier=None, upscaler=None):
                 crop, own = super_resolve(upscaler, crop, own, mask, pipe.precision)
             pixels, photo_mask = paste_back(photo, crop, own, mask, matrix)
             photo, total_mask = Image.fromarray(pixels), np.maximum(total_mask, photo_mask)
+        results.append(EditedPhoto(np.asarray(photo), total_mask, [float(g) for g in guidance[faces]]))
         start += len(p.crops)
-        results.append((np.asarray(photo), total_mask))
     return results
 
 
@@ -465,11 +507,12 @@ def mask_path(target):
     return Path(target).with_name(Path(target).name + ".mask.png")
 
 
-def edit_record(pipe, request, faces):
-    """What an edit did to a photo, as its metadata records it (images.with_edit_recorded)."""
+def edit_record(pipe, request, guidance):
+    """What an edit did to a photo, as its metadata records it (images.with_edit_recorded): `guidance`, the
+    guidance each of its faces was edited at (EditedPhoto)."""
     settings = request.settings
-    return {"add": list(request.add), "remove": list(request.remove), "faces": faces,
-            "trajectory": request.trajectory, "guidance": settings.guidance, "steps": settings.steps,
+    return {"add": list(request.add), "remove": list(request.remove), "faces": len(guidance),
+            "trajectory": request.trajectory, "guidance": guidance, "steps": settings.steps,
             "seed": request.seed, "model": pipe.path.name if pipe.path else None, "fingerprint": pipe.fingerprint,
             "version": __version__}
 
@@ -533,11 +576,11 @@ def edit_photos(pipe, files, request, out=None, *, classifier=None, face=None, s
                 else:
                     prepared.append(photo)
             if prepared:
-                for photo, (pixels, mask) in zip(prepared, edit_prepared(pipe, prepared, request, classifier,
-                                                                         upscaler)):
-                    record = edit_record(pipe, request, len(photo.crops))
+                for photo, edited in zip(prepared, edit_prepared(pipe, prepared, request, classifier, upscaler)):
+                    record = edit_record(pipe, request, edited.guidance)
                     saved, problem = attempt(photo.path, lambda: save_edited(
-                        photo, pixels, mask, record, save_mask, exclusive=out is not None and not overwrite))
+                        photo, edited.pixels, edited.mask, record, save_mask,
+                        exclusive=out is not None and not overwrite))
                     yield problem or FileResult(photo.path, saved)
     finally:
         finder.close()

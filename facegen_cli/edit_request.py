@@ -26,6 +26,11 @@ STRENGTHS = {"black_hair": 1.0, "blond_hair": 1.0, "bald": 1.0, "pale_skin": 0.7
 # with the lips kept (edit.REGIONS) a mustache on 16 of 17 men at 9, against 15 at 7 (0.23 against 0.18); a
 # smile on 94 / 100 / 100% at 3.5 / 4 / 5 (0.26 / 0.28 / 0.30).
 GUIDANCES = {"mustache": 9.0, "beard": 5.0, "smiling": 3.5, "wearing_hat": 5.0, "pale_skin": 6.0, "male": 3.5}
+# Guidance by need: with no guidance given, each face is edited at these fractions of its change's guidance
+# in turn and keeps the first whose change the classifier reads on the edited face as surely as on most real
+# faces with it (the full guidance where none is): a face that takes the change easily is changed no more
+# than it needs.
+RUNGS = (0.5, 0.75, 1.0)
 
 
 def _by_value(table):
@@ -37,8 +42,11 @@ def _by_value(table):
 
 
 def guidance_help():
-    """The --guidance help, from GUIDANCES."""
-    return f"Classifier-free guidance (default: {_by_value(GUIDANCES)}; else the model's)."
+    """The --guidance help, from GUIDANCES and RUNGS."""
+    fractions = ", ".join(f"{f:g}" for f in RUNGS)
+    return (f"Classifier-free guidance for every face. Default: by need, each face the first of {fractions} times "
+            f"its change's guidance ({_by_value(GUIDANCES)}; else the model's) at which the classifier reads the "
+            f"change.")
 
 
 def strength_help():
@@ -96,6 +104,23 @@ class EditRequest:
         guidance = self.guidance if self.guidance is not None else max(
             (GUIDANCES.get(name, self.sample.guidance) for name in self.changed), default=self.sample.guidance)
         return replace(self.sample, guidance=guidance)
+
+    @property
+    def rungs(self):
+        """The guidances tried in turn (edit.edit_until_shown): RUNGS of the settings' guidance, or the guidance
+        given alone."""
+        full = self.settings.guidance
+        return (full,) if self.guidance is not None else tuple(fraction * full for fraction in RUNGS)
+
+    def shown(self, logits, vocabulary, typical=None):
+        """[bool] per face: whether the classifier's `logits` ((B, A), of `vocabulary`) show the whole change,
+        every added attribute read at least as surely as most real faces with it are (above `typical`'s "with"
+        logit: the classifier's typical_logits) and every removed one as surely not (below its "without"
+        one); never less surely than the classifier's own call (0), which is all there is without `typical`."""
+        typical = typical or {}
+        bars = [(vocabulary.index(n), 1, max(typical.get("with", {}).get(n, 0.0), 0.0)) for n in self.add] + \
+               [(vocabulary.index(n), -1, min(typical.get("without", {}).get(n, 0.0), 0.0)) for n in self.remove]
+        return [all(sign * (row[i] - bar) > 0 for i, sign, bar in bars) for row in logits.tolist()]
 
     @property
     def start(self):

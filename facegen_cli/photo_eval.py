@@ -53,6 +53,7 @@ class PhotoEdit:
     others_kept: float
     changed_outside: int
     seconds: float
+    guidance: float  # what the face was edited at (edit.edit_until_shown)
 
 
 def largest_face(faces):
@@ -60,13 +61,14 @@ def largest_face(faces):
 
 
 def read_face(finder, classifier, pixels, size):
-    """The classifier's readings (A,) of the largest face found in an RGB photo, and its landmarks."""
+    """The classifier's readings (A,) of the largest face found in an RGB photo, its landmarks and its index
+    among the faces found (None, None, None where there is none)."""
     faces = finder(pixels)
     if not faces:
-        return None, None
-    points = faces[largest_face(faces)]
-    crop = align_face(Image.fromarray(pixels), points, size)[0]
-    return classifier.predict(to_tensor(crop[None]).to(classifier.device))[0], points
+        return None, None, None
+    index = largest_face(faces)
+    crop = align_face(Image.fromarray(pixels), faces[index], size)[0]
+    return classifier.predict(to_tensor(crop[None]).to(classifier.device))[0], faces[index], index
 
 
 def texture_ratio(pixels, mask, face_width):
@@ -89,10 +91,11 @@ def measure_one(pipe, classifier, embedder, finder, path, kind, noop, request, u
     except NoFaceFound:
         return None
     photo = np.asarray(prepared.photo)
-    before, points = read_face(finder, classifier, photo, size)
-    [(pixels, mask)] = edit_prepared(pipe, [prepared], asked, classifier, upscaler)
+    before, points, face = read_face(finder, classifier, photo, size)
+    [edited] = edit_prepared(pipe, [prepared], asked, classifier, upscaler)
+    pixels, mask = edited.pixels, edited.mask
     seconds = time.perf_counter() - start
-    after, _ = read_face(finder, classifier, pixels, size)
+    after = read_face(finder, classifier, pixels, size)[0]
     index = pipe.attributes.index(kind)
     compared = ~exclusive_pairs(pipe.attributes)[index]
     compared[index] = False
@@ -103,7 +106,8 @@ def measure_one(pipe, classifier, embedder, finder, path, kind, noop, request, u
         identity=round(embedder.distance(photo, pixels, embedder.box(photo, points)), 4),
         had=bool(before[index] == 1), shown=bool(after is not None and after[index] == 1),
         others_kept=round(float((after[compared] == before[compared]).float().mean()) if after is not None else 0.0, 4),
-        changed_outside=int((pixels != photo).any(-1)[mask == 0].sum()), seconds=round(seconds, 2))
+        changed_outside=int((pixels != photo).any(-1)[mask == 0].sum()), seconds=round(seconds, 2),
+        guidance=edited.guidance[face])
     return result, photo, pixels, points
 
 
@@ -172,7 +176,8 @@ def summarise(results):
                 "shown": round(sum(r.shown for r in without) / len(without), 3) if without else None,
                 "others_kept": round(float(np.mean([r.others_kept for r in rows])), 3),
                 "changed_outside": sum(r.changed_outside for r in rows),
-                "seconds_median": round(float(np.median([r.seconds for r in rows])), 2)}
+                "seconds_median": round(float(np.median([r.seconds for r in rows])), 2),
+                "guidance_median": float(np.median([r.guidance for r in rows]))}
     return summary
 
 
@@ -188,10 +193,10 @@ def report_markdown(summary):
              "the face found again in the edited photo, of the faces read without it before (their number in "
              "brackets).", "",
              "| kind | | faces | texture (median) | identity median | identity max | shown | others kept | "
-             "px changed outside | s per photo |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "px changed outside | s per photo | guidance (median) |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for kind, rows in summary.items():
         for name, r in rows.items():
             lines.append(f"| {kind} | {name} | {r['faces']} | {r['texture_median']:.2f} | {r['identity_median']:.3f} | "
                          f"{r['identity_max']:.3f} | {percent(r['shown'])} ({r['faces_without']}) | {100 * r['others_kept']:.0f}% | "
-                         f"{r['changed_outside']} | {r['seconds_median']:.1f} |")
+                         f"{r['changed_outside']} | {r['seconds_median']:.1f} | {r['guidance_median']:g} |")
     return "\n".join(lines) + "\n"

@@ -52,11 +52,24 @@ def test_save_load_round_trip(tmp_path, rendered_faces):
     assert loaded.attributes == DEFAULT_ATTRIBUTES and report == {"test_accuracy": {}}
 
 
+def test_typical_logits_are_what_most_real_faces_with_and_without_an_attribute_read_beyond():
+    from types import SimpleNamespace
+
+    from facegen_cli.classifier import typical_logits
+
+    logits = torch.tensor([[1.0, 0.0], [2.0, 0.0], [3.0, 0.0], [4.0, 0.0], [-8.0, 0.0], [-4.0, 0.0]])
+    model = SimpleNamespace(attributes=["male", "beard"], logits=lambda images: logits)
+    labels = torch.tensor([[1, 0], [1, 0], [1, 0], [1, 0], [-1, 0], [-1, 0]])
+    # three in four of the faces with it read above 1.75, and of those without, below -5
+    assert typical_logits(model, None, labels) == {"with": {"male": 1.75}, "without": {"male": -5.0}}
+
+
 def test_train_classifier_through_the_cli_measures_it_on_every_test_split(tmp_path):
     from typer.testing import CliRunner
 
-    from facegen_cli.classifier import held_out_accuracy
+    from facegen_cli.classifier import held_out_accuracy, typical_logits
     from facegen_cli.cli import app
+    from facegen_cli.data import load_images_and_labels
     from facegen_cli.synthfaces import write_dataset
 
     celeba = write_dataset(tmp_path / "celeba", 60, size=32, workers=1)
@@ -75,6 +88,8 @@ def test_train_classifier_through_the_cli_measures_it_on_every_test_split(tmp_pa
     assert report["balanced_loss"] is True and model.config.widths == [8, 8, 16, 16]
     assert report["other_test_accuracy"] == {celeba.name: held_out_accuracy(model, celeba)[0]}  # named, not a path
     assert report["data"] == independent.name
+    images, labels, _ = load_images_and_labels(independent, "test", 128)
+    assert model.config.typical_logits == typical_logits(model, to_tensor(images), labels)  # kept in its config
     assert f"held-out accuracy on {celeba}" in result.stderr
 
     result = CliRunner().invoke(app, ["eval", "train-classifier", "--data", str(independent), "--test-data",

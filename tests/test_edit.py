@@ -1,4 +1,6 @@
 import json
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
@@ -8,7 +10,7 @@ from typer.testing import CliRunner
 from facegen_cli.attributes import DEFAULT_ATTRIBUTES
 from facegen_cli.cli import app
 from facegen_cli.config import SampleConfig
-from facegen_cli.edit import REGIONS, edit_crops, paste_back, region_mask
+from facegen_cli.edit import REGIONS, edit_crops, edit_until_shown, paste_back, reconstruct_crops, region_mask
 from facegen_cli.edit_request import EditRequest
 from facegen_cli.errors import FacegenError
 from facegen_cli.landmarks import (CANONICAL_POINTS, align_face, alignment, invert, similarity_transform,
@@ -216,11 +218,59 @@ def test_a_crop_is_edited_the_same_alone_or_in_any_batch(tiny_model_dir, face, t
     assert np.abs(reordered[::-1] - together).max() <= 2
 
 
+class CornerReader:
+    """A stand-in classifier: reads a mustache (logit 10) on a crop whose top-left pixel (outside every region,
+    so never edited) is white, and counts the crops it is shown."""
+    device = "cpu"
+    config = SimpleNamespace(typical_logits=None)
+
+    def __init__(self):
+        self.seen = []
+
+    def logits(self, images):
+        self.seen.append(len(images))
+        logits = -10 * torch.ones(len(images), len(DEFAULT_ATTRIBUTES))
+        logits[:, INDEX["mustache"]] = torch.where(images[:, 0, 0, 0] > 0.9, 10.0, -10.0)
+        return logits
+
+
+def test_each_face_takes_the_least_guidance_that_shows_its_change(face):
+    pipe = FacegenPipeline.load("demo", precision="fp32")  # the tiny model hardly responds to guidance
+    image, points = face
+    crops = np.stack([image, image[:, ::-1]])
+    crops[0, 0, 0], crops[1, 0, 0] = 255, 0  # the first face shows its change at once, the second never
+    masks = np.stack([region_mask(["mustache"], points, 128)] * 2)
+    current = -torch.ones(2, len(DEFAULT_ATTRIBUTES), dtype=torch.long)
+    request = EditRequest(add=("mustache",), sample=SampleConfig(steps=3, guidance=3.0), seed=2)
+    assert request.rungs == (4.5, 6.75, 9.0)  # RUNGS of the mustache's 9
+    reader = CornerReader()
+    edited, taken = edit_until_shown(pipe, crops, masks, request, current, reader, reconstruct_crops(pipe, crops, masks))
+    assert taken.tolist() == [4.5, 9.0] and reader.seen == [2, 1]  # the last rung is kept without a reading
+    for i, guidance in enumerate(taken):
+        alone = edit_crops(pipe, crops[i:i + 1], masks[i:i + 1], request, current[i:i + 1], guidance=guidance)
+        assert np.abs(alone[0].astype(int) - edited[i]).max() <= 2
+    weaker = edit_crops(pipe, crops[1:], masks[1:], request, current[1:], guidance=4.5)
+    assert np.abs(weaker[0].astype(int) - edited[1]).max() > 2  # the second face's edit is the full guidance's
+    assert EditRequest(add=("mustache",), sample=request.sample, guidance=2.0).rungs == (2.0,)  # given: that alone
+
+
+def test_a_change_is_shown_when_read_as_surely_as_on_real_faces_with_it():
+    request = EditRequest(add=("mustache",), remove=("smiling",))
+    names = list(DEFAULT_ATTRIBUTES)
+    logits = -torch.ones(4, len(DEFAULT_ATTRIBUTES))
+    logits[:, INDEX["mustache"]] = torch.tensor([2.0, 4.0, 4.0, -1.0])
+    logits[:, INDEX["smiling"]] = torch.tensor([-6.0, -6.0, -4.0, -6.0])
+    assert request.shown(logits, names) == [True, True, True, False]  # the classifier's own call: the sign
+    typical = {"with": {"mustache": 3.0}, "without": {"smiling": -5.0}}
+    assert request.shown(logits, names, typical) == [False, True, False, False]
+    weak = {"with": {"mustache": -2.0}, "without": {"smiling": 1.0}}  # never less sure than the classifier's call
+    assert request.shown(logits, names, weak) == request.shown(logits, names)
+    assert EditRequest(repaint=("beard",)).shown(logits, names, typical) == [True] * 4  # nothing asked
+
+
 def test_repainting_with_nothing_asked_gives_back_the_crop_from_its_own_trajectory(tiny_model_dir, face):
     """With the crop's inverted trajectory, an edit that asks for nothing lands back on the crop's own
     reconstruction (Heun both ways), which paste_back then adds nothing from; fresh noise does not."""
-    from facegen_cli.edit import reconstruct_crops
-
     pipe = FacegenPipeline.load(tiny_model_dir, precision="fp32")
     image, points = face
     crops, masks = image[None], region_mask(["beard"], points, 128)[None]
