@@ -43,8 +43,8 @@ def main():
                 continue
         results = edit_prepared(pipe, prepared, request, classifier)
         before = np.concatenate([p.crops for p in prepared])
-        after = np.stack([frame(Image.fromarray(pixels), p.matrices[0], size)
-                          for p, (pixels, _) in zip(prepared, results)])
+        after = np.stack([frame(Image.fromarray(edited.pixels), p.matrices[0], size)
+                          for p, edited in zip(prepared, results)])
         rows = to_tensor(np.stack([before, after]).reshape(-1, size, size, 3)).view(2, len(before), 3, size, size)
         grid = attribute_grid(rows, columns=len(before))
         print(save_image(Image.fromarray(grid), args.out / f"edit-{attribute}.png"), flush=True)

@@ -158,7 +158,8 @@ def test_a_zoomed_edit_repaints_the_regions_view_and_keeps_the_photo_outside_its
     original = np.asarray(Image.open(photo).convert("RGB"))
     results = {}
     for name, prepared in (("zoomed", zoomed), ("whole", whole)):
-        [(pixels, mask)] = edit_prepared(pipe, [prepared], request)
+        [edited] = edit_prepared(pipe, [prepared], request)
+        pixels, mask = edited.pixels, edited.mask
         assert np.array_equal(pixels[mask == 0], original[mask == 0]) and (mask > 0).any()
         results[name] = pixels, mask > 0
     # The same part of the photo is repainted, whichever view drew it...
