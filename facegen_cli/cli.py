@@ -11,8 +11,8 @@ import typer
 
 from .cli_data import data_app, vae_app
 from .cli_eval import eval_app
-from .config import load_preset, preset_names
-from .edit_request import EditRequest, guidance_help, strength_help
+from .config import SAMPLERS, load_preset, preset_names
+from .edit_request import EditRequest, edit_sample, guidance_help, strength_help
 from .errors import FacegenError
 from .terminal import (MAX_SEED, Device, Model, Precision, Seed, finite, load_pipeline, log, progress_bar,
                        report_results, reports_errors, with_attribute_flags)
@@ -71,7 +71,8 @@ def edit(
     in_place: bool = typer.Option(False, "--in-place", help="Overwrite the input photos instead."),
     model: Model = None,
     strength: Optional[float] = typer.Option(None, min=0.05, max=1.0, help=strength_help()),
-    steps: Optional[int] = typer.Option(None, min=1, help="Sampling steps (default: the model's)."),
+    steps: Optional[int] = typer.Option(None, min=1, help="Sampling steps (default: as many as the model's sampler "
+                                                          "makes model calls)."),
     guidance: Optional[float] = typer.Option(None, callback=finite,
                                              help=guidance_help()),
     trajectory: str = typer.Option(EDIT.trajectory, help="How the region is repainted: flowedit (along the "
@@ -115,7 +116,7 @@ def edit(
         check_output_folder(out)
     pipe = load_pipeline(model, device, precision)
     request = EditRequest(add=tuple(add), remove=tuple(remove), strength=strength,
-                          sample=pipe.settings(steps=steps), guidance=guidance, resample=resample,
+                          sample=edit_sample(pipe.sample, steps), guidance=guidance, resample=resample,
                           trajectory=trajectory, mask_grow=mask_grow, upscale=upscale, zoom=zoom, seed=seed)
     request.attributes(pipe.attributes)  # an unknown or contradictory change fails before any photo is read
     classifier = None if free_others else pipe.load_classifier()
@@ -267,7 +268,10 @@ def generate(
                                                  help="Autoguidance weight by the model's guide, in place of "
                                                       "--drawn-guidance (default: the model's, where it carries a "
                                                       "guide); 0 turns it off."),
-    sampler: Optional[str] = typer.Option(None, help="euler or heun (default: the model's)."),
+    sampler: Optional[str] = typer.Option(None, help=f"{', '.join(SAMPLERS)} (default: the model's)."),
+    eta: Optional[float] = typer.Option(None, min=0.0, max=1.0, help="The stochastic sampler's share of each "
+                                                                       "step's noise drawn afresh (default: the "
+                                                                       "model's)."),
     grid: bool = typer.Option(False, "--grid", help="Also write all faces as one grid image."),
     upscale: Optional[float] = typer.Option(None, "--upscale", min=1.0, max=8.0,
                                             help="Super-resolve the faces (e.g. 4: 128 -> 512 px)."),
@@ -299,7 +303,7 @@ def generate(
         raise FacegenError(f"--seed {seed} with -n {n} runs past the largest seed, {MAX_SEED}")
     seeds = list(range(seed, seed + n))
     refuse_existing(face_paths(out, seeds), overwrite)
-    settings = pipe.settings(steps=steps, guidance=guidance, method=sampler, drawn_guidance=drawn_guidance,
+    settings = pipe.settings(steps=steps, guidance=guidance, method=sampler, eta=eta, drawn_guidance=drawn_guidance,
                              autoguidance=autoguidance or None)
     if autoguidance == 0:
         settings = dataclasses.replace(settings, autoguidance=None)

@@ -6,7 +6,7 @@ from typing import List, Optional
 
 import typer
 
-from .edit_request import EditRequest
+from .edit_request import EditRequest, edit_sample
 from .errors import FacegenError
 from .terminal import Device, Model, Precision, finite, load_pipeline, log, progress_bar, reports_errors
 
@@ -131,7 +131,7 @@ def eval_edits(
     if not paths:
         raise FacegenError("no photos in the inputs given")
     pipe = load_pipeline(model, device, precision)
-    request = EditRequest(sample=pipe.sample, guidance=guidance, strength=strength, trajectory=trajectory,
+    request = EditRequest(sample=edit_sample(pipe.sample), guidance=guidance, strength=strength, trajectory=trajectory,
                           upscale=upscale, zoom=zoom)
     with progress_bar() as progress:
         measure_photo_edits(pipe, pipe.load_classifier(), paths, out, kinds=tuple(kind) or LOCAL_KINDS + WHOLE_FACE_KINDS,

@@ -59,7 +59,7 @@ class TrainConfig:
             raise FacegenError(f"inpaint_rate must be between 0 and 1, not {self.inpaint_rate}")
 
 
-SAMPLERS = ("euler", "heun")
+SAMPLERS = ("euler", "heun", "stochastic")
 MAX_GUIDANCE = 30
 
 
@@ -69,6 +69,8 @@ class SampleConfig:
     `dataclasses.replace(pipe.sample, **overrides)`."""
     steps: int = 30
     method: str = "euler"
+    # the share of each step's noise drawn afresh by the stochastic sampler (sampling.stochastic_step)
+    eta: float = 0.5
     guidance: float = 3.0
     # the attributes drawn from the label prior for a generated face, guided from the all-free reference
     # (guidance.composed); the asked ones at `guidance` from there
@@ -89,6 +91,8 @@ class SampleConfig:
             object.__setattr__(self, "guidance_interval", (float(interval[0]), float(interval[1])))
         if self.method not in SAMPLERS:
             raise FacegenError(f"unknown sampler {self.method!r}; use {' or '.join(SAMPLERS)}")
+        if not (isinstance(self.eta, (int, float)) and 0 <= self.eta <= 1):
+            raise FacegenError(f"eta must be a number from 0 to 1, not {self.eta!r}")
         if not (isinstance(self.steps, int) and self.steps >= 1):
             raise FacegenError(f"sampling steps must be a whole number of at least 1, not {self.steps!r}")
         for value in (self.guidance, self.drawn_guidance, self.autoguidance):

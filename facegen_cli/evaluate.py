@@ -479,7 +479,7 @@ def evaluate_model(pipe, classifier, classifier_report, out, *, num_seeds=32, gu
     fid_to: optional fid_to(real_uint8) -> fid(generated_uint8) -> float, the standard FID
             (inception_fid_to); when it raises FacegenError the report says why it was not measured.
     """
-    from .edit_request import EditRequest
+    from .edit_request import EditRequest, edit_sample
 
     settings, out, attributes = settings or pipe.sample, Path(out), pipe.attributes
     if classifier.attributes != attributes:
@@ -518,7 +518,7 @@ def evaluate_model(pipe, classifier, classifier_report, out, *, num_seeds=32, gu
         report.free_faces = free_face_figures(pipe, classifier, held_out.images, settings=settings,
                                               seeds=list(range(first_seed, first_seed + free_faces)), identity=identity)
     if held_out is not None and held_out.points is not None:
-        report.edit_locality = edit_locality(pipe, classifier, held_out, EditRequest(sample=settings))
+        report.edit_locality = edit_locality(pipe, classifier, held_out, EditRequest(sample=edit_sample(settings)))
     written = report.to_dict()  # the plots and the markdown read what report.json holds
     save_plots(written, attributes, out / "plots")
     write_json(out / "report.json", written)

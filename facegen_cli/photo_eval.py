@@ -27,7 +27,7 @@ from PIL import Image
 
 from .attributes import exclusive_pairs
 from .edit import NoFaceFound, edit_prepared, load_upscaler, prepare_photo
-from .edit_request import EditRequest
+from .edit_request import EditRequest, edit_sample
 from .errors import FacegenError
 from .evaluate import high_frequency_ratio
 from .files import atomic_path, save_image, write_json
@@ -130,7 +130,7 @@ def measure_photo_edits(pipe, classifier, photos, out, *, kinds=LOCAL_KINDS + WH
     OUT/report.json, OUT/report.md and OUT/crops/. Returns the PhotoEdits."""
     if classifier is None:
         raise FacegenError("measuring edits needs the model's attribute classifier (MODEL/classifier)")
-    request = request or EditRequest(sample=pipe.sample)
+    request = request or EditRequest(sample=edit_sample(pipe.sample))
     embedder, finder, upscaler = FaceEmbedder(), FaceFinder(), load_upscaler(request, pipe.device)
     out = Path(out)
     results = []

@@ -221,10 +221,16 @@ class FacegenPipeline:
         """Images in [-1, 1] through the autoencoder and back: what it keeps of them."""
         return self.decode(self.encode(images.to(self.device))).cpu()
 
-    def noise(self, seeds):
-        """One Gaussian latent per seed, independent of batch composition."""
+    @staticmethod
+    def generators(seeds):
+        """One random stream per seed (on the CPU, so that a seed gives the same face on any device): its
+        first draw is the face's starting noise (noise), the next ones the stochastic sampler's."""
+        return [torch.Generator().manual_seed(s) for s in seeds]
+
+    def noise(self, generators):
+        """One Gaussian latent per generator, independent of batch composition."""
         shape = (self.dit.config.latent_channels, self.dit.config.latent_size, self.dit.config.latent_size)
-        return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds])
+        return torch.stack([torch.randn(shape, generator=g) for g in generators])
 
     def default_batch_size(self):
         """Faces per sampling batch when none is given: 16 on a CPU (larger batches are no faster there);
@@ -284,11 +290,13 @@ class FacegenPipeline:
         for start in range(0, len(seeds), batch_size):
             chunk = slice(start, start + batch_size)
             with torch.inference_mode():
-                noise = self.noise(seeds[chunk]).to(self.device)
+                generators = self.generators(seeds[chunk])
+                noise = self.noise(generators).to(self.device)
                 velocity = self._velocity(condition[chunk].to(self.device), reference[chunk].to(self.device),
                                           settings, drawn=None if drawn is None else drawn[chunk].to(self.device))
                 with self.autocast():
-                    latents = sampling.sample(velocity, noise, times, method=settings.method)
+                    latents = sampling.sample(velocity, noise, times, method=settings.method, generators=generators,
+                                              eta=settings.eta)
                 images = self.decode(latents).cpu()
             if on_batch:
                 on_batch(len(noise))
@@ -335,7 +343,7 @@ class FacegenPipeline:
                 if start == "inversion":
                     path, resample = sampling.invert(as_read, known, times, method=settings.method), 1
                 else:
-                    path = sampling.noised_path(known, self.noise(seeds).to(self.device), times)
+                    path = sampling.noised_path(known, self.noise(self.generators(seeds)).to(self.device), times)
                 latents = sampling.sample_masked(velocity, path[0], times, known_path=path, mask=mask,
                                                  generators=generators, resample=resample, method=settings.method)
         return self.decode(latents).cpu()

@@ -36,20 +36,35 @@ def heun_step(velocity, x, t, t_next):
 STEPS = {"euler": euler_step, "heun": heun_step}
 
 
-def sample(velocity, x, times, *, method="euler", callback=None):
-    """Integrate from times[0] to times[-1] with the `method`'s steps (euler or heun)."""
-    step = STEPS[method]
+def sample(velocity, x, times, *, method="euler", generators=None, eta=0.0, callback=None):
+    """Integrate from times[0] to times[-1] with the `method`'s steps: euler, heun, or stochastic
+    (stochastic_step: each item's fresh noise from its own `generators`, a share `eta` of the noise)."""
     for i, (t, t_next) in enumerate(zip(times[:-1], times[1:])):
-        x = step(velocity, x, t, t_next)
+        if method == "stochastic":
+            x = stochastic_step(velocity, x, t, t_next, per_item_noise(generators, x), eta)
+        else:
+            x = STEPS[method](velocity, x, t, t_next)
         if callback:
             callback(i, x)
     return x
 
 
+def stochastic_step(velocity, x, t, t_next, noise, eta):
+    """An ancestral step of the flow (DDIM's eta): the velocity splits x_t = (1 - t) x0 + t eps into its
+    clean part x0 = x - t v and its noise eps = x + (1 - t) v, and the next latent is x0 noised to t_next
+    again with eps of which a share eta (in variance, eta^2) is replaced by fresh `noise`. eta = 0 is
+    Euler's step (up to rounding); a step to t = 0 lands on x0."""
+    v = velocity(x, t)
+    clean, eps = x - t * v, x + (1 - t) * v
+    renewed = (1 - eta ** 2) ** 0.5 * eps + eta * noise
+    return (1 - t_next) * clean + t_next * renewed
+
+
 def per_item_noise(generators, like):
-    """One standard normal draw shaped like one item of `like` from each item's own generator."""
-    return torch.stack([torch.randn(like.shape[1:], generator=g, device=like.device, dtype=like.dtype)
-                        for g in generators])
+    """One standard normal draw shaped like one item of `like` from each item's own generator (drawn on the
+    generator's device)."""
+    return torch.stack([torch.randn(like.shape[1:], generator=g, device=g.device, dtype=like.dtype)
+                        for g in generators]).to(like.device)
 
 
 def sample_masked(velocity, x, times, *, known_path, mask, generators, resample=1, method="euler",

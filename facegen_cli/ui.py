@@ -23,7 +23,8 @@ import numpy as np
 from PIL import Image
 
 from .attributes import AttributeRequest, flag_names
-from .edit_request import EditRequest
+from .config import SAMPLERS
+from .edit_request import EditRequest, edit_sample
 from .errors import FacegenError
 from .files import NEW_DIR_MODE
 from .images import UNREADABLE_IMAGE_ERRORS
@@ -114,7 +115,7 @@ def edit_photo(pipe, classifier, photo, add, remove, strength, seed, face, out):
 
     if not add and not remove:
         raise FacegenError("nothing to change: tick an attribute to add or to remove")
-    request = EditRequest(tuple(add), tuple(remove), strength, pipe.sample, seed=int(seed))
+    request = EditRequest(tuple(add), tuple(remove), strength, edit_sample(pipe.sample), seed=int(seed))
     request.attributes(pipe.attributes)  # refuses unknown names and contradictions
     photo = Path(photo)
     folder = new_folder(out, "edited")
@@ -181,7 +182,7 @@ def build_app(pipe, classifier, out, model_name):
                     random_seed = gr.Button("random seed")
                     steps = gr.Slider(1, 100, value=defaults.steps, step=1, label="steps")
                     guidance = gr.Slider(1.0, 10.0, value=defaults.guidance, step=0.5, label="guidance")
-                    sampler = gr.Radio(["euler", "heun"], value=defaults.method, label="sampler")
+                    sampler = gr.Radio(list(SAMPLERS), value=defaults.method, label="sampler")
                     upscale = gr.Checkbox(False, label="4x upscale (Real-ESRGAN)")
                     run = gr.Button("Generate", variant="primary", elem_id="generate")
             gallery = gr.Gallery(label="faces", columns=8, elem_id="gallery")

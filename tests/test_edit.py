@@ -739,6 +739,15 @@ def test_sixteen_bit_rgb_photos_stay_sixteen_bit_and_exact_outside_the_mask(tmp_
     assert json.loads(Image.open(tmp_path / "out" / "deep.png").text["facegen-edits"])[0]["add"] == ["beard"]
 
 
+def test_an_edit_takes_as_many_steps_as_the_models_sampler_makes_model_calls():
+    from facegen_cli.edit_request import edit_sample
+
+    assert edit_sample(SampleConfig(steps=25, method="euler")) == SampleConfig(steps=25, method="euler")
+    assert edit_sample(SampleConfig(steps=13, method="heun", guidance=2.0)) == SampleConfig(steps=25, guidance=2.0)
+    assert edit_sample(SampleConfig(steps=13, method="stochastic")) == SampleConfig(steps=13, method="euler")
+    assert edit_sample(SampleConfig(steps=13, method="heun"), steps=4).steps == 4  # --steps
+
+
 def test_the_default_guidance_follows_the_change_unless_one_is_given():
     from facegen_cli.edit_request import GUIDANCES, guidance_help
 

@@ -167,6 +167,38 @@ def test_partial_strength_starts_from_the_noised_known_latent(model):
 def test_unknown_sampler_is_refused():
     with pytest.raises(FacegenError, match="sampler"):
         SampleConfig(method="ddim")
+    with pytest.raises(FacegenError, match="eta"):
+        SampleConfig(method="stochastic", eta=1.5)
+
+
+def test_the_stochastic_sampler_is_euler_without_fresh_noise_and_draws_each_items_own(model):
+    noise, y = torch.randn(3, 4, 16, 16, generator=torch.Generator().manual_seed(2)), torch.zeros(3, 5)
+    times = sampling.time_grid(4)
+
+    def stochastic(x, seeds, eta):
+        generators = [torch.Generator().manual_seed(s) for s in seeds]
+        return sampling.sample(velocity(model, y[:len(x)]), x, times, method="stochastic", generators=generators,
+                               eta=eta)
+
+    with torch.inference_mode():
+        euler = sampling.sample(velocity(model, y), noise, times)
+        assert torch.allclose(stochastic(noise, [0, 1, 2], 0.0), euler, atol=1e-5)
+        together = stochastic(noise, [0, 1, 2], 0.6)
+        assert (together - euler).abs().max() > 0.05  # fresh noise moves the path
+        assert torch.equal(together, stochastic(noise, [0, 1, 2], 0.6))  # the seeds' own draws, again
+        alone = stochastic(noise[1:2], [1], 0.6)
+    assert torch.allclose(alone[0], together[1], atol=1e-5)  # an item's draws are its own, not the batch's
+
+
+def test_an_ancestral_step_keeps_the_clean_part_the_velocity_implies():
+    x0, eps = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    t, t_next = torch.tensor(0.6), torch.tensor(0.3)
+    x = (1 - t) * x0 + t * eps
+    exact = lambda z, time: eps - x0  # the straight path's own velocity
+    fresh = torch.randn(2, 4, 8, 8)
+    step = sampling.stochastic_step(exact, x, t, t_next, fresh, eta=0.8)
+    assert torch.allclose(step, (1 - t_next) * x0 + t_next * (0.6 * eps + 0.8 * fresh), atol=1e-5)
+    assert torch.allclose(sampling.stochastic_step(exact, x, t, torch.tensor(0.0), fresh, eta=0.8), x0, atol=1e-5)
 
 
 def test_loss_falls_on_a_tiny_dataset(model):
