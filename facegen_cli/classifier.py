@@ -188,21 +188,32 @@ def fit_classifier(images, labels, attributes, config=ClassifierTrainConfig(), *
     return model.eval()
 
 
-def held_out_accuracy(model, data_dir, load_size=128):
-    """({attribute: accuracy}, number of faces, {attribute: balanced accuracy}) of `model` on the test split
-    of a labelled folder (its vocabulary may be wider; attributes the model does not read are left out)."""
+def held_out_split(model, data_dir, load_size=128):
+    """(uint8 images, labels (N, A) in `model`'s attribute order) of the test split of a labelled folder (its
+    vocabulary may be wider; attributes the model does not read are left out)."""
     images, labels, attributes = load_images_and_labels(data_dir, "test", load_size)
     missing = [a for a in model.attributes if a not in attributes]
     if missing:
         raise FacegenError(f"{data_dir} has no labels for {', '.join(missing)}")
-    labels = labels[:, [attributes.index(a) for a in model.attributes]]
+    return images, labels[:, [attributes.index(a) for a in model.attributes]]
+
+
+def scores(model, images, labels):
+    """({attribute: accuracy}, {attribute: balanced accuracy}) of `model` on uint8 images and their labels."""
     predictions = model.predict(to_tensor(images))
 
-    def by_attribute(scores):
-        return dict(zip(model.attributes, [round(v, 4) for v in scores.tolist()]))
+    def by_attribute(values):
+        return dict(zip(model.attributes, [round(v, 4) for v in values.tolist()]))
 
-    balanced = balanced_accuracy(predictions, labels)
-    return by_attribute(accuracy(predictions, labels)), len(images), by_attribute(balanced)
+    return by_attribute(accuracy(predictions, labels)), by_attribute(balanced_accuracy(predictions, labels))
+
+
+def held_out_accuracy(model, data_dir, load_size=128):
+    """({attribute: accuracy}, number of faces, {attribute: balanced accuracy}) of `model` on the test split
+    of a labelled folder (held_out_split)."""
+    images, labels = held_out_split(model, data_dir, load_size)
+    own, balanced = scores(model, images, labels)
+    return own, len(images), balanced
 
 
 def train_classifier(data_dir, out, config=ClassifierTrainConfig(), *, also_test=(), resume=False, progress=None):
@@ -216,14 +227,14 @@ def train_classifier(data_dir, out, config=ClassifierTrainConfig(), *, also_test
     log.info(f"training an attribute classifier on {len(train_images)} faces")
     model = fit_classifier(train_images, train_labels, attributes, config, out=out, resume=resume, progress=progress)
     del train_images
-    own, test_images, own_balanced = held_out_accuracy(model, data_dir, config.load_size)
-    images, labels, _ = load_images_and_labels(data_dir, "test", config.load_size)
+    images, labels = held_out_split(model, data_dir, config.load_size)
+    own, own_balanced = scores(model, images, labels)
     model.register_to_config(typical_logits=typical_logits(model, to_tensor(images), labels))
     others = {str(folder): held_out_accuracy(model, folder, config.load_size)[0] for folder in also_test}
     # the report names the data folders, not where they are on this machine
     named = {Path(folder).name: scores for folder, scores in others.items()}
     save_classifier(model, out, {"test_accuracy": own, "test_balanced_accuracy": own_balanced,
-                                 "test_images": test_images, "train_images": len(train_labels),
+                                 "test_images": len(images), "train_images": len(train_labels),
                                  "data": Path(data_dir).name, "balanced_loss": config.balanced,
                                  "other_test_accuracy": named})
     return {str(data_dir): own, **others}, own_balanced

@@ -12,9 +12,7 @@ import argparse
 import json
 from pathlib import Path
 
-from facegen_cli.classifier import load_classifier, typical_logits
-from facegen_cli.data import load_images_and_labels
-from facegen_cli.errors import FacegenError
+from facegen_cli.classifier import held_out_split, load_classifier, typical_logits
 from facegen_cli.files import atomic_path
 from facegen_cli.images import to_tensor
 
@@ -25,12 +23,8 @@ def main():
     parser.add_argument("data", type=Path, help="the labelled data folder it was trained on (its test split is read)")
     args = parser.parse_args()
 
-    model, report = load_classifier(args.classifier)
-    images, labels, attributes = load_images_and_labels(args.data, "test", 128)
-    missing = [a for a in model.attributes if a not in attributes]
-    if missing:
-        raise FacegenError(f"{args.data} has no labels for {', '.join(missing)}")
-    labels = labels[:, [attributes.index(a) for a in model.attributes]]
+    model, _ = load_classifier(args.classifier)
+    images, labels = held_out_split(model, args.data)
     typical = typical_logits(model, to_tensor(images), labels)
     config_file = args.classifier / "config.json"
     config = json.loads(config_file.read_text())
