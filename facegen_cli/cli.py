@@ -215,6 +215,30 @@ def train(
 
 @app.command()
 @reports_errors
+def distill(
+    data: Path = typer.Option(..., help="Latent cache of the model's training faces, encoded by its autoencoder "
+                                        "(facegen encode --vae MODEL/vae)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Run folder: checkpoints, model/."),
+    model: Model = None,
+    steps: Optional[int] = typer.Option(None, min=1, help="Distil to this step (default: 5000)."),
+    batch_size: Optional[int] = typer.Option(None, min=1, help="Batch size (default: 64)."),
+    few_steps: Optional[int] = typer.Option(None, min=1, help="The student's default sampling steps (default: 4)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the run's last checkpoint."),
+    precision: Precision = "auto",
+):
+    """Distil a model into a student that samples in one call per step and in a few steps (guidance and step
+    size as its inputs); the student's model folder lands in OUT/model."""
+    from .distill import DistillConfig, distill as run_distillation
+    from .pipeline import model_path
+
+    given = {"max_steps": steps, "batch_size": batch_size, "few_steps": few_steps, "precision": precision}
+    cfg = DistillConfig(**{key: value for key, value in given.items() if value is not None})
+    with progress_bar(loss=".4f", speed=".1f") as progress:
+        print(run_distillation(model_path(model), data, out, cfg=cfg, resume=resume, progress=progress))
+
+
+@app.command()
+@reports_errors
 def export(
     model: str = typer.Argument(..., help="Model folder (RUN/model from facegen train), or a shipped model by "
                                           "name (faces, demo; a folder of that name: ./faces)."),
@@ -272,6 +296,10 @@ def generate(
     eta: Optional[float] = typer.Option(None, min=0.0, max=1.0, help="The stochastic sampler's share of each "
                                                                        "step's noise drawn afresh (default: the "
                                                                        "model's)."),
+    distilled: Optional[bool] = typer.Option(None, "--distilled/--no-distilled",
+                                             help="A distilled model's one call per step, guidance and step size "
+                                                  "its inputs, or classifier-free guidance of its plain velocity "
+                                                  "(25 steps unless --steps); default: the model's."),
     grid: bool = typer.Option(False, "--grid", help="Also write all faces as one grid image."),
     upscale: Optional[float] = typer.Option(None, "--upscale", min=1.0, max=8.0,
                                             help="Super-resolve the faces (e.g. 4: 128 -> 512 px)."),
@@ -303,8 +331,13 @@ def generate(
         raise FacegenError(f"--seed {seed} with -n {n} runs past the largest seed, {MAX_SEED}")
     seeds = list(range(seed, seed + n))
     refuse_existing(face_paths(out, seeds), overwrite)
-    settings = pipe.settings(steps=steps, guidance=guidance, method=sampler, eta=eta, drawn_guidance=drawn_guidance,
-                             autoguidance=autoguidance or None)
+    sample = pipe.sample.undistilled() if distilled is False else pipe.sample
+    if distilled and not pipe.dit.distilled:
+        raise FacegenError(f"{pipe.path} is not distilled (facegen distill makes a student); leave out --distilled")
+    settings = dataclasses.replace(sample, distilled=bool(distilled or sample.distilled), **{
+        key: value for key, value in dict(steps=steps, guidance=guidance, method=sampler, eta=eta,
+                                          drawn_guidance=drawn_guidance, autoguidance=autoguidance or None).items()
+        if value is not None})
     if autoguidance == 0:
         settings = dataclasses.replace(settings, autoguidance=None)
     elif autoguidance is not None and pipe.guide is None:

@@ -60,6 +60,8 @@ class TrainConfig:
 
 
 SAMPLERS = ("euler", "heun", "stochastic")
+# the model calls of the shipped many-step sampler (13 Heun steps; 25 Euler steps before it)
+MANY_STEPS = 25
 MAX_GUIDANCE = 30
 
 
@@ -80,6 +82,9 @@ class SampleConfig:
     # the weight of autoguidance by the model's guide (MODEL/guide, guidance.autoguided), which then takes
     # drawn_guidance's place; None: not used
     autoguidance: Optional[float] = None
+    # a distilled model's one call per step (guidance.distilled): the guidance and the step size are its
+    # inputs; false: classifier-free guidance of its plain conditional velocity, two or three calls a step
+    distilled: bool = False
 
     def __post_init__(self):
         if self.guidance_interval is not None:
@@ -91,6 +96,8 @@ class SampleConfig:
             object.__setattr__(self, "guidance_interval", (float(interval[0]), float(interval[1])))
         if self.method not in SAMPLERS:
             raise FacegenError(f"unknown sampler {self.method!r}; use {' or '.join(SAMPLERS)}")
+        if not isinstance(self.distilled, bool):
+            raise FacegenError(f"distilled must be true or false, not {self.distilled!r}")
         if not (isinstance(self.eta, (int, float)) and 0 <= self.eta <= 1):
             raise FacegenError(f"eta must be a number from 0 to 1, not {self.eta!r}")
         if not (isinstance(self.steps, int) and self.steps >= 1):
@@ -102,6 +109,11 @@ class SampleConfig:
                 raise FacegenError(f"guidance must be a finite number, not {value}")
             if not -MAX_GUIDANCE <= value <= MAX_GUIDANCE:  # far past it a face is black or noise
                 raise FacegenError(f"guidance {value:g} is out of range; use -{MAX_GUIDANCE} to {MAX_GUIDANCE}")
+
+    def undistilled(self):
+        """These settings as the plain velocity samples them, with classifier-free guidance: a distilled model's
+        few steps become MANY_STEPS Euler steps (the calls its teacher took); other settings as they are."""
+        return replace(self, distilled=False, steps=MANY_STEPS, method="euler") if self.distilled else self
 
 
 @dataclass(frozen=True)

@@ -85,3 +85,16 @@ def autoguided(model, guide, y, partial, scale, guide_scale, interval=None):
     if torch.equal(partial, y):
         return guided_chain(model, [y], [], interval=interval, guide=guide, guide_scale=guide_scale)
     return guided_chain(model, [y, partial], [scale], interval=interval, guide=guide, guide_scale=guide_scale)
+
+
+def distilled(model, y, drawn, scale, drawn_scale, step):
+    """v(x, t) in one call of a distilled model: composed's v_r + drawn_scale (v_drawn - v_r) + scale (v_c -
+    v_drawn) from the all-free reference, averaged over a step of size `step` (0: the velocity itself). `y`
+    (B, A) the condition; `drawn` (B, A) its attributes drawn from the label prior (the asked ones free), or
+    None where everything not free was asked (classifier_free at `scale`)."""
+    asked = y != 0 if drawn is None else (y != 0) & (drawn == 0)
+    scales = torch.tensor([float(scale), float(drawn_scale)], device=y.device).expand(len(y), 2)
+
+    def velocity(x, t):
+        return model(x, t.expand(len(x)), y, guidance=(scales, asked), step=y.new_full((len(x),), step)).float()
+    return velocity

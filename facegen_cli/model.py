@@ -18,6 +18,13 @@ is known, and draws whole faces as before.
 A framed model (framing=True, framing.py) also takes the view it draws: a zoomed square of the canonical
 crop, as three numbers (log zoom, centre offset) embedded by an MLP added to c. Its last layer starts at
 zero too, and the whole face is the zero framing.
+
+A distilled model (distilled=True, distill.py) can also be told the guidance it is to give and the step it
+is to take, and then predicts in one call what its teacher's guided sampler would do: the guidance scales
+(the asked attributes' and the drawn ones', guidance.composed) with which attributes are asked, and the
+step size d (a shortcut model's, Frans et al. 2024: the average velocity over a step of size d; 0 = the
+velocity itself). Both embeddings are added to c and start at zero. Called without them it is the plain
+conditional model, the teacher's v(x, t, y), which edits and classifier-free guidance use as before.
 """
 
 import math
@@ -76,6 +83,22 @@ class FramingEmbedder(nn.Module):
 
     def forward(self, framing):
         return self.mlp(framing.to(self.mlp[0].weight.dtype))
+
+
+class GuidanceEmbedder(nn.Module):
+    """Embeds the guidance a distilled model gives: the asked attributes' scale and the drawn ones' (each with
+    sinusoidal features) and which attributes are asked (B, A), by an MLP whose last layer starts at zero."""
+
+    def __init__(self, num_attributes, hidden_size, frequency_size=64):
+        super().__init__()
+        self.frequency_size = frequency_size
+        self.mlp = nn.Sequential(nn.Linear(2 * frequency_size + num_attributes, hidden_size), nn.SiLU(),
+                                 nn.Linear(hidden_size, hidden_size))
+
+    def forward(self, scales, asked):
+        # scales (B, 2): 1 is no guidance; sinusoidal() reads t in [0, 1], so a scale of 1 + 10 t
+        features = [TimestepEmbedder.sinusoidal((s - 1) / 10, self.frequency_size) for s in scales.unbind(1)]
+        return self.mlp(torch.cat(features + [asked.float()], dim=1).to(self.mlp[0].weight.dtype))
 
 
 class Attention(nn.Module):
@@ -155,6 +178,7 @@ class LatentDiT(ModelMixin, ConfigMixin):
         mlp_size=4096,
         context_channels=0,
         framing=False,
+        distilled=False,
     ):
         super().__init__()
         if hidden_size % num_heads or hidden_size % 4:
@@ -174,6 +198,8 @@ class LatentDiT(ModelMixin, ConfigMixin):
         self.t_embedder = TimestepEmbedder(hidden_size)
         self.y_embedder = AttributeEmbedder(len(attributes), hidden_size)
         self.framing_embedder = FramingEmbedder(hidden_size) if framing else None
+        self.guidance_embedder = GuidanceEmbedder(len(attributes), hidden_size) if distilled else None
+        self.step_embedder = TimestepEmbedder(hidden_size) if distilled else None
         self.register_buffer("pos_embed", sincos_pos_embed_2d(hidden_size, self.grid_size)[None], persistent=False)
         self.blocks = nn.ModuleList([DiTBlock(hidden_size, num_heads, mlp_size) for _ in range(depth)])
         self.final_layer = FinalLayer(hidden_size, patch_size, latent_channels)
@@ -195,8 +221,9 @@ class LatentDiT(ModelMixin, ConfigMixin):
         nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
         nn.init.normal_(self.y_embedder.proj.weight, std=0.02)
-        if self.framing_embedder is not None:
-            nn.init.zeros_(self.framing_embedder.mlp[-1].weight)
+        for embedder in (self.framing_embedder, self.guidance_embedder, self.step_embedder):
+            if embedder is not None:
+                nn.init.zeros_(embedder.mlp[-1].weight)
         # adaLN-Zero: every block starts as the identity and the output starts at zero.
         for block in self.blocks:
             nn.init.zeros_(block.adaLN_modulation[-1].weight)
@@ -218,16 +245,22 @@ class LatentDiT(ModelMixin, ConfigMixin):
     def framed(self):
         return self.framing_embedder is not None
 
+    @property
+    def distilled(self):
+        return self.guidance_embedder is not None
+
     def unpatchify(self, x):
         """(B, N, p*p*C) tokens -> (B, C, H, W) latents."""
         p, c, g = self.patch_size, self.latent_channels, self.grid_size
         x = x.reshape(x.shape[0], g, g, p, p, c)
         return torch.einsum("bhwpqc->bchpwq", x).reshape(x.shape[0], c, g * p, g * p)
 
-    def forward(self, x, t, y, context=None, framing=None):
+    def forward(self, x, t, y, context=None, framing=None, guidance=None, step=None):
         """x: (B, C, H, W) noisy latents, t: (B,) times in [0, 1], y: (B, A) attributes -> velocity.
         context: (B, C + 1, H, W) from inpainting_context, for an inpainting model (None: nothing known).
-        framing: (B, 3) framing.features of the views, for a framed model (None: whole faces)."""
+        framing: (B, 3) framing.features of the views, for a framed model (None: whole faces).
+        guidance: (scales (B, 2), asked (B, A)) and step: (B,) step sizes, for a distilled model (both or
+        neither; None: the plain conditional velocity)."""
         # (B, D, g, g) -> (B, N, D) tokens, made contiguous: otherwise the residual stream would keep the
         # transposed layout, and every LayerNorm would copy it. Its dtype is the embedding's (bf16 under autocast).
         embedded = self.x_embedder(x)
@@ -245,6 +278,12 @@ class LatentDiT(ModelMixin, ConfigMixin):
                                           if framing is None else framing)
         elif framing is not None:
             raise ValueError("this model takes no framing (framing is False)")
+        if (guidance is None) != (step is None):
+            raise ValueError("a distilled model takes the guidance and the step together")
+        if guidance is not None:
+            if self.guidance_embedder is None:
+                raise ValueError("this model takes no guidance or step (distilled is False)")
+            c = c + self.guidance_embedder(*guidance) + self.step_embedder(step)
         for block in self.blocks:
             tokens = block(tokens, c)
         return self.unpatchify(self.final_layer(tokens, c))

@@ -257,6 +257,14 @@ class FacegenPipeline:
         return conditions, torch.where(condition != 0, 0.0, conditions)
 
     def _velocity(self, condition, reference, settings, inputs=None, drawn=None):
+        if settings.distilled:
+            if not self.dit.distilled:
+                raise FacegenError("this model is not distilled: sample it with distilled = false")
+            if inputs or reference.any():
+                raise FacegenError("a distilled model's one call per step guides from the all-free reference "
+                                   "alone; sample other guidance with distilled = false")
+            return guidance.distilled(self.dit, condition, drawn, settings.guidance, settings.drawn_guidance,
+                                      1.0 / settings.steps)
         if drawn is not None and self.guide is not None and settings.autoguidance is not None:
             return guidance.autoguided(self.dit, self.guide, condition, drawn, settings.guidance, settings.autoguidance,
                                        settings.guidance_interval)

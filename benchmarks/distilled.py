@@ -1,0 +1,107 @@
+"""A distilled student beside its teacher, same seeds, one run: sampling time per face and the Fréchet
+distances of 200 faces with nothing asked (and of `--male --beard`) to held-out real faces, in the attribute
+classifier's features and in dlib's face-recognition embedding (the identity extra).
+
+    python benchmarks/distilled.py --teacher faces --student RUN/model --data data/celeba-aligned \
+        --steps 1 2 4 8 --out report.json
+
+Times are the sampling of 16 faces per batch (latents, then decoding, measured apart), on this machine's
+threads, the median of --repeats runs after a warm-up, teacher and student taking turns.
+"""
+
+import argparse
+import dataclasses
+import json
+import statistics
+import time
+
+import numpy as np
+import torch
+
+from facegen_cli.evaluate import frechet_distance, load_held_out_faces
+from facegen_cli.identity import FaceEmbedder, aligned_embeddings
+from facegen_cli.images import to_tensor, to_uint8
+from facegen_cli.pipeline import FacegenPipeline
+from facegen_cli import sampling
+
+
+def sample_seconds(pipe, settings, condition, repeats):
+    """(seconds per face to sample the latents, and to decode them), 16 faces a batch."""
+    seeds = list(range(16))
+    conditions, drawn = pipe.draw_free(condition, seeds)
+    times = sampling.time_grid(settings.steps)
+    latents_s, decode_s = [], []
+    for _ in range(repeats + 1):
+        with torch.inference_mode():
+            start = time.perf_counter()
+            velocity = pipe._velocity(conditions, torch.zeros_like(conditions), settings, drawn=drawn)
+            with pipe.autocast():
+                latents = sampling.sample(velocity, pipe.noise(pipe.generators(seeds)), times, method=settings.method,
+                                          generators=pipe.generators(seeds), eta=settings.eta)
+            middle = time.perf_counter()
+            pipe.decode(latents)
+            end = time.perf_counter()
+        latents_s.append((middle - start) / 16)
+        decode_s.append((end - middle) / 16)
+    return statistics.median(latents_s[1:]), statistics.median(decode_s[1:])
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--teacher", default="faces")
+    parser.add_argument("--student", required=True)
+    parser.add_argument("--data", required=True, help="Labelled folder whose test split is the real side.")
+    parser.add_argument("--steps", type=int, nargs="+", default=[4])
+    parser.add_argument("--faces", type=int, default=200)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--precision", default="auto")
+    parser.add_argument("--out")
+    args = parser.parse_args()
+
+    teacher = FacegenPipeline.load(args.teacher, precision=args.precision)
+    student = FacegenPipeline.load(args.student, precision=args.precision)
+    classifier = teacher.load_classifier()
+    embedder = FaceEmbedder()
+    real = load_held_out_faces(args.data, teacher.attributes, teacher.info.image_size).images
+    n = args.faces
+    reference, boxes = aligned_embeddings(embedder, real[n:])
+    typical = tuple(np.median(boxes, axis=0))
+    reference_features = classifier.embed(to_tensor(real[n:])).cpu()
+    floor = {"classifier": frechet_distance(classifier.embed(to_tensor(real[:n])).cpu(), reference_features),
+             "dlib": frechet_distance(torch.from_numpy(aligned_embeddings(embedder, real[:n], fallback=typical)[0]),
+                                      torch.from_numpy(reference))}
+
+    def figures(faces):
+        return {"classifier": round(float(frechet_distance(classifier.embed(to_tensor(faces)).cpu(),
+                                                           reference_features)), 3),
+                "dlib": round(float(frechet_distance(torch.from_numpy(aligned_embeddings(
+                    embedder, faces, fallback=typical)[0]), torch.from_numpy(reference))), 4)}
+
+    male_beard = torch.zeros(len(teacher.attributes))
+    male_beard[[teacher.attributes.index("male"), teacher.attributes.index("beard")]] = 1
+    nothing = torch.zeros(len(teacher.attributes))
+    seeds = list(range(n))
+    conditions, drawn = teacher.draw_free(nothing, seeds)
+    runs = {"teacher": (teacher, teacher.sample)}
+    runs.update({f"student {k} steps": (student, dataclasses.replace(student.sample, steps=k)) for k in args.steps})
+    report = {"floor (real vs real)": {k: round(float(v), 4) for k, v in floor.items()}}
+    for name, (pipe, settings) in runs.items():
+        faces = to_uint8(pipe.generate(conditions, seeds, settings, drawn=drawn))
+        latent_s, decode_s = sample_seconds(pipe, settings, male_beard, args.repeats)
+        report[name] = {"nothing asked": figures(faces), "latents s/face (male, beard)": round(latent_s, 4),
+                        "decode s/face": round(decode_s, 4), "settings": dataclasses.asdict(settings)}
+        print(name, json.dumps(report[name]), flush=True)
+    teacher_s = report["teacher"]["latents s/face (male, beard)"] + report["teacher"]["decode s/face"]
+    for name in runs:
+        row = report[name]
+        row["time vs teacher"] = round((row["latents s/face (male, beard)"] + row["decode s/face"]) / teacher_s, 3)
+        row["latents time vs teacher"] = round(row["latents s/face (male, beard)"]
+                                               / report["teacher"]["latents s/face (male, beard)"], 3)
+    print(json.dumps(report, indent=1))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(report, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,231 @@
+"""Distillation: a student that samples in one model call per step and in a few steps.
+
+The teacher is a model folder (its DiT guided as `facegen generate` guides it, guidance.composed: two or
+three calls per step, 25 calls over 13 Heun steps). The student starts as a copy of the teacher's DiT with
+two embeddings more (model.LatentDiT distilled=True), both zero at the start:
+
+- the guidance (Meng et al. 2023; FLUX-dev's guidance embedding): the asked attributes' scale, the drawn
+  ones' scale and which attributes are asked. On the *base* rows of a batch the student, at step size 0,
+  regresses the teacher's guided velocity v_0 + drawn_scale (v_drawn - v_0) + scale (v_y - v_drawn), so that
+  guidance costs one call;
+- the step size d (shortcut models, Frans et al. 2024): on the *shortcut* rows it learns the average
+  velocity over a step of d from t to t - d, as two steps of d / 2 of its own (no gradient through them):
+  s(x_t, t, d) = (s(x_t, t, d/2) + s(x_t - d/2 s(x_t, t, d/2), t - d/2, d/2)) / 2,
+  for d = 1, 1/2, ..., 2^-(levels - 1) at times on the grid of d, the smallest d from two steps of the
+  guided velocity itself (d = 0). One network then serves 1, 2, 4, ... steps, and many.
+
+On the *plain* rows it is called without guidance or step and regresses the teacher's plain conditional
+velocity for a condition drawn as the teacher was trained (every attribute free with a probability of its
+own): so the student is still the model that edits, inversion and classifier-free guidance call.
+
+    RUN/checkpoints/step-NNNNNN/  model.safetensors, ema.pt, optimizer.pt, state.json (runs.py)
+    RUN/model/                    the student's model folder (EMA weights; sample.distilled, sample.steps)
+
+Every random choice of step s comes from a generator seeded by (seed, s), so `--resume` continues bit for bit.
+"""
+
+import dataclasses
+import logging
+import shutil
+import time
+from dataclasses import dataclass
+
+import torch
+from diffusers.training_utils import EMAModel
+
+from .cache import load_cache
+from .config import Provenance
+from .errors import FacegenError
+from .flow import interpolate, sample_timesteps
+from .model import LatentDiT
+from .pipeline import FacegenPipeline
+from .runs import STEP_STREAM, TrainingRun, scheduled_lr, seeded_generator
+from .train import balanced_batch_indices, drop_labels, rare_boosts, sampling_weights
+from .vae import vae_fingerprint, weights_fingerprint
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class DistillConfig:
+    batch_size: int = 64
+    learning_rate: float = 2e-4
+    warmup_steps: int = 100
+    max_steps: int = 5000
+    cooldown_steps: int = 1000
+    grad_clip: float = 1.0
+    ema_decay: float = 0.999
+    # the rows of each batch: plain (the teacher's conditional velocity), base (its guided velocity, d = 0);
+    # the rest learn steps of d > 0 from the student's own half steps
+    plain_share: float = 0.25
+    base_share: float = 0.25
+    levels: int = 6  # step sizes 1, 1/2, ..., 1/32
+    guidance: tuple = (1.0, 6.0)  # the asked attributes' scale, drawn uniformly from this range
+    drawn_guidance: tuple = (1.0, 2.0)  # the drawn ones'
+    rare_rate: float = 0.15  # as the teacher's fine-tune: the rare attributes on 15% of the rows
+    few_steps: int = 4  # the exported model's default number of steps
+    precision: str = "auto"
+    checkpoint_every: int = 250
+    keep_checkpoints: int = 2
+    log_every: int = 25
+    seed: int = 0
+
+    def __post_init__(self):
+        if not (0 <= self.plain_share and 0 <= self.base_share and self.plain_share + self.base_share <= 1):
+            raise FacegenError("plain_share and base_share must be shares of the batch that add up to at most 1")
+        if self.levels < 1 or self.few_steps < 1:
+            raise FacegenError("levels and few_steps must be at least 1")
+
+
+def teacher_guided(teacher, x, t, y, drawn, scales):
+    """The teacher's guided velocity per row: v_0 + drawn_scale (v_drawn - v_0) + scale (v_y - v_drawn)
+    (guidance.composed with per-row scales), one batched forward of three branches."""
+    n = len(x)
+    v = teacher(torch.cat([x] * 3), torch.cat([t] * 3), torch.cat([y, drawn, torch.zeros_like(y)])).float()
+    v_y, v_drawn, v_free = v.chunk(3)
+    scale, drawn_scale = (s.view(n, 1, 1, 1) for s in scales.unbind(1))
+    return v_free + drawn_scale * (v_drawn - v_free) + scale * (v_y - v_drawn)
+
+
+def guided_requests(labels, generator, cfg):
+    """(y, drawn, asked, scales) for rows of training labels, as generate asks: some attributes free (each
+    row with a dropout of its own), of the others each asked with a probability of the row's own, the rest
+    drawn; the asked scale and the drawn one uniform in their ranges."""
+    y = drop_labels(labels, generator, 0.0, 0.0, uniform=True)
+    n, device = len(y), y.device
+    asked = (y != 0) & (torch.rand(y.shape, generator=generator, device=device)
+                        < torch.rand(n, 1, generator=generator, device=device))
+    drawn = torch.where(asked, 0.0, y)
+    uniform = lambda lo_hi: lo_hi[0] + (lo_hi[1] - lo_hi[0]) * torch.rand(n, generator=generator, device=device)  # noqa: E731
+    return y, drawn, asked, torch.stack([uniform(cfg.guidance), uniform(cfg.drawn_guidance)], dim=1)
+
+
+def shortcut_times(n, levels, generator, device):
+    """(t, d, half) for n rows: a level k in 0..levels-1 each, d = 2^-k, t a multiple of d in (0, 1], and
+    the half step d / 2 that teaches it (0 for the smallest d: the guided velocity itself)."""
+    k = torch.randint(0, levels, (n,), generator=generator, device=device)
+    d = 0.5 ** k.float()
+    j = (torch.rand(n, generator=generator, device=device) * 2.0 ** k).floor() + 1  # 1 .. 2^k
+    half = torch.where(k == levels - 1, 0.0, d / 2)
+    return j * d, d, half
+
+
+def distillation_loss(student, teacher, x0, labels, generator, cfg, teacher_stream=None):
+    """The mean squared error of the student's velocities on one batch: plain, base and shortcut rows
+    (the module docstring)."""
+    n, device = len(x0), x0.device
+    n_plain, n_base = round(cfg.plain_share * n), round(cfg.base_share * n)
+    noise = torch.randn(x0.shape, generator=generator, device=device)
+    y, drawn, asked, scales = guided_requests(labels, generator, cfg)
+    t_flow = sample_timesteps(n, generator, device=device)
+    t_short, d, half = shortcut_times(n, cfg.levels, generator, device)
+    t = torch.cat([t_flow[:n_plain + n_base], t_short[n_plain + n_base:]])
+    step = torch.cat([torch.zeros(n_plain + n_base, device=device), d[n_plain + n_base:]])
+    x_t = interpolate(x0, noise, t)
+    plain, base, short = slice(0, n_plain), slice(n_plain, n_plain + n_base), slice(n_plain + n_base, n)
+    guided = slice(n_plain, n)
+
+    with torch.no_grad():
+        # the plain rows' condition as the teacher was trained: a row's attributes free with a probability of its own
+        y_plain = drop_labels(labels[plain], generator, 0.0, 0.1, uniform=True)
+        targets = [teacher(x_t[plain], t[plain], y_plain).float(),
+                   teacher_guided(teacher, x_t[base], t[base], y[base], drawn[base], scales[base])]
+        if short.start < n:
+            g = (scales[short], asked[short])
+            h, ts, xs = half[short], t[short], x_t[short]
+            v1 = student(xs, ts, y[short], guidance=g, step=h).float()
+            middle = xs - (d[short] / 2).view(-1, 1, 1, 1) * v1
+            v2 = student(middle, ts - d[short] / 2, y[short], guidance=g, step=h).float()
+            targets.append((v1 + v2) / 2)
+        target = torch.cat(targets)
+    predicted = torch.cat([student(x_t[plain], t[plain], y_plain).float(),
+                           student(x_t[guided], t[guided], y[guided], guidance=(scales[guided], asked[guided]),
+                                   step=step[guided]).float()])
+    per_row = ((predicted - target) ** 2).flatten(1).mean(1)
+    return per_row.mean(), {name: per_row[rows].mean().item() if rows.stop > rows.start else float("nan")
+                            for name, rows in (("plain", plain), ("base", base), ("shortcut", short))}
+
+
+def student_of(teacher: LatentDiT):
+    """A distilled LatentDiT of the teacher's shape whose every shared weight is the teacher's (the new
+    embeddings start at zero: it begins as the teacher's plain conditional model)."""
+    student = LatentDiT(**{**teacher.config, "distilled": True})
+    missing, unexpected = student.load_state_dict(teacher.state_dict(), strict=False)
+    if unexpected or any(not key.startswith(("guidance_embedder.", "step_embedder.")) for key in missing):
+        raise FacegenError("the teacher's DiT does not fit a student of its shape")
+    return student
+
+
+def distill(teacher_path, data, out, *, cfg: DistillConfig = DistillConfig(), resume=False, progress=None):
+    """Distil the model folder `teacher_path` on the latent cache `data` (its training faces, encoded by its
+    autoencoder) into the run folder `out`; returns out/model, the student's model folder."""
+    teacher_pipe = FacegenPipeline.load(teacher_path)
+    if teacher_pipe.dit.distilled:
+        raise FacegenError(f"{teacher_path} is already distilled; distil its teacher")
+    latents, labels, meta = load_cache(data)
+    if meta.vae_fingerprint != vae_fingerprint(teacher_pipe.vae):
+        raise FacegenError(f"{data} was not encoded by {teacher_path}'s autoencoder; encode its training faces "
+                           f"with `facegen encode --vae {teacher_path}/vae`")
+    if list(meta.attributes) != list(teacher_pipe.attributes):
+        raise FacegenError(f"{data}'s attributes are not {teacher_path}'s")
+    teacher_print = weights_fingerprint(teacher_pipe.dit)
+    identity = {"teacher": teacher_print, "config": {k: list(v) if isinstance(v, tuple) else v
+                                                     for k, v in dataclasses.asdict(cfg).items()
+                                                     if k not in ("max_steps", "checkpoint_every", "keep_checkpoints",
+                                                                  "log_every")}}
+    run = TrainingRun(out, networks=("model",), states=("ema", "optimizer"), precision=cfg.precision, resume=resume,
+                      keep=cfg.keep_checkpoints)
+    latents = teacher_pipe.normalize(latents.float())
+    teacher = teacher_pipe.dit.to(run.device)
+    torch.manual_seed(cfg.seed)
+    student = student_of(teacher).to(run.device).train()
+    ema = EMAModel(student.parameters(), decay=cfg.ema_decay, foreach=True)
+    optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.learning_rate, weight_decay=0.0, fused=True)
+    start_step = run.restore({"model": student, "ema": ema, "optimizer": optimizer}, identity)
+    weights = sampling_weights(labels, rare_boosts(labels, cfg.rare_rate)) if cfg.rare_rate else torch.ones(len(labels))
+    latents, labels = latents.to(run.device), labels.to(run.device)
+    log.info(f"distilling {teacher_path} ({sum(p.numel() for p in student.parameters()) / 1e6:.2f}M parameters) on "
+             f"{len(latents)} latents, batch {cfg.batch_size}, steps {start_step}..{cfg.max_steps}, "
+             f"device {run.device}, precision {run.precision}")
+    task = progress.add_task("distilling", total=cfg.max_steps, completed=start_step, loss=float("nan"), speed=0.0) \
+        if progress else None
+    tick = time.perf_counter()
+    for s in range(start_step, cfg.max_steps):
+        generator = seeded_generator(cfg.seed, STEP_STREAM, s, device=run.device)
+        index = balanced_batch_indices(weights, cfg.batch_size, s, cfg.seed).to(run.device)
+        for group in optimizer.param_groups:
+            group["lr"] = scheduled_lr(s, cfg.learning_rate, cfg.warmup_steps, cfg.max_steps, cfg.cooldown_steps)
+        with run.autocast():
+            loss, parts = distillation_loss(student, teacher, latents[index], labels[index].float(), generator, cfg)
+        run.step(loss, optimizer, student.parameters(), cfg.grad_clip)
+        ema.step(student.parameters())
+        done = s + 1
+        if done % cfg.log_every == 0 or done == cfg.max_steps:
+            now = time.perf_counter()
+            speed = cfg.log_every * cfg.batch_size / (now - tick)
+            tick = now
+            run.append_log({"step": done, "loss": round(loss.item(), 6), **{k: round(v, 6) for k, v in parts.items()},
+                            "lr": optimizer.param_groups[0]["lr"], "rows_per_s": round(speed, 1)})
+            if task is not None:
+                progress.update(task, completed=done, loss=loss.item(), speed=speed)
+        if done % cfg.checkpoint_every == 0 or done == cfg.max_steps:
+            run.save(done, {"model": student, "ema": ema, "optimizer": optimizer}, {**identity})
+            export(teacher_pipe, student, ema, out, cfg, done)
+    return out / "model"
+
+
+def export(teacher_pipe, student, ema, out, cfg, steps_done):
+    """RUN/model: the student's EMA weights in the teacher's folder layout (its autoencoder, label prior and
+    classifier-free settings), sampling `cfg.few_steps` distilled steps by default."""
+    averaged = LatentDiT.from_config(student.config)
+    ema.copy_to(averaged.parameters())
+    info = dataclasses.replace(
+        teacher_pipe.info, sample=dataclasses.replace(teacher_pipe.sample, steps=cfg.few_steps, method="euler",
+                                                      distilled=True),
+        init_from=Provenance.of(teacher_pipe.path, weights_fingerprint(teacher_pipe.dit)),
+        trained_steps=(teacher_pipe.info.trained_steps or 0) + steps_done)
+    student_pipe = teacher_pipe.replaced(dit=averaged.eval(), info=info)
+    student_pipe.save(out / "model", dtype=torch.float16)
+    classifier = teacher_pipe.classifier_path
+    if classifier is not None:
+        shutil.copytree(classifier, out / "model" / "classifier", dirs_exist_ok=True)

@@ -1,0 +1,168 @@
+import dataclasses
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from facegen_cli import guidance
+from facegen_cli.cli import app
+from facegen_cli.config import SampleConfig
+from facegen_cli.distill import (DistillConfig, distill, guided_requests, shortcut_times, student_of,
+                                 teacher_guided)
+from facegen_cli.edit_request import edit_sample
+from facegen_cli.errors import FacegenError
+from facegen_cli.model import LatentDiT
+from facegen_cli.pipeline import FacegenPipeline
+
+TINY = DistillConfig(max_steps=4, batch_size=8, cooldown_steps=0, checkpoint_every=2, log_every=1, precision="fp32")
+
+
+def tiny_dit(**extra):
+    torch.manual_seed(0)
+    dit = LatentDiT(attributes=("a", "b", "c"), latent_size=8, hidden_size=32, depth=2, num_heads=2, mlp_size=64,
+                    **extra)
+    for p in dit.parameters():  # a trained model's weights: nothing zero, so that every input matters
+        torch.nn.init.normal_(p, std=0.05)
+    return dit.eval()
+
+
+@pytest.fixture(scope="module")
+def distilled_run(tmp_path_factory, tiny_run):
+    out = tmp_path_factory.mktemp("distilled")
+    distill(tiny_run / "model", tiny_run / "latents", out, cfg=TINY)
+    return out
+
+
+def test_a_student_starts_as_its_teachers_plain_model_and_ignores_nothing_it_is_told():
+    teacher = tiny_dit()
+    student = student_of(teacher).eval()
+    x, t, y = torch.randn(3, 4, 8, 8), torch.rand(3), torch.tensor([[1.0, 0, -1], [0, 0, 0], [1, 1, 1]])
+    with torch.no_grad():
+        assert torch.equal(student(x, t, y), teacher(x, t, y))
+        # the new embeddings start at zero: told a guidance and a step, it still gives the plain velocity ...
+        told = dict(guidance=(torch.tensor([[3.0, 1.5]] * 3), y != 0), step=torch.full((3,), 0.25))
+        assert torch.allclose(student(x, t, y, **told), teacher(x, t, y), atol=1e-6)
+        for p in list(student.guidance_embedder.parameters()) + list(student.step_embedder.parameters()):
+            torch.nn.init.normal_(p, std=0.05)
+        # ... and once trained, every one of them moves it
+        base = student(x, t, y, **told)
+        for other in (dict(told, guidance=(torch.tensor([[5.0, 1.5]] * 3), y != 0)),
+                      dict(told, guidance=(torch.tensor([[3.0, 1.0]] * 3), y != 0)),
+                      dict(told, guidance=(told["guidance"][0], torch.zeros(3, 3, dtype=torch.bool))),
+                      dict(told, step=torch.full((3,), 0.5))):
+            assert not torch.allclose(student(x, t, y, **other), base)
+        assert torch.equal(student(x, t, y), teacher(x, t, y))  # the plain call never sees them
+    with pytest.raises(ValueError, match="together"):
+        student(x, t, y, guidance=told["guidance"])
+    with pytest.raises(ValueError, match="distilled is False"):
+        teacher(x, t, y, **told)
+
+
+def test_the_teachers_guided_target_is_what_generate_samples():
+    teacher = tiny_dit()
+    x, t = torch.randn(4, 4, 8, 8), torch.rand(1).expand(4)
+    y = torch.tensor([[1.0, -1, 1], [1, 0, 0], [0, 0, 0], [-1, 1, 0]])
+    drawn = torch.tensor([[0.0, -1, 1], [0, 0, 0], [0, 0, 0], [-1, 0, 0]])  # row 1: all asked; row 2: nothing
+    with torch.no_grad():
+        target = teacher_guided(teacher, x, t, y, drawn, torch.tensor([[3.0, 1.5]] * 4))
+        expected = guidance.composed(teacher, y, drawn, torch.zeros_like(y), 3.0, 1.5)(x, t[:1])
+        assert torch.allclose(target, expected, atol=1e-5)
+        # everything asked (no prior): classifier-free guidance from all-free at the asked scale
+        cfg = guidance.classifier_free(teacher, y[1:2], torch.zeros(1, 3), 3.0)(x[1:2], t[:1])
+        assert torch.allclose(target[1:2], cfg, atol=1e-5)
+
+
+def test_guided_requests_split_each_condition_into_asked_and_drawn():
+    labels = torch.where(torch.rand(4000, 3, generator=torch.Generator().manual_seed(0)) < 0.5, 1.0, -1.0)
+    y, drawn, asked, scales = guided_requests(labels, torch.Generator().manual_seed(1), TINY)
+    assert ((y == 0) | (y == labels)).all()  # attributes are only set free
+    assert torch.equal(torch.where(asked, y, drawn), y) and not (asked & (y == 0)).any()
+    assert ((drawn == 0) | ~asked).all() and ((drawn == 0) == (asked | (y == 0))).all()
+    sizes = asked.sum(1)
+    assert all((sizes == k).any() for k in range(4))  # requests of every size, none asked to all
+    assert (scales[:, 0] >= 1).all() and (scales[:, 0] <= 6).all() and (scales[:, 1] <= 2).all()
+
+
+def test_shortcut_steps_stay_on_their_grid_and_learn_from_half_steps():
+    t, d, half = shortcut_times(5000, 6, torch.Generator().manual_seed(0), "cpu")
+    assert set(d.unique().tolist()) == {0.5 ** k for k in range(6)}
+    assert (t > 0).all() and (t <= 1).all() and (t - d >= -1e-7).all()
+    assert torch.allclose(t / d, (t / d).round())  # t is a multiple of d: the grids a sampler of 1/d steps walks
+    assert torch.equal(half, torch.where(d == 1 / 32, 0.0, d / 2))  # the smallest step from the velocity itself
+    assert (t == 1).any() and ((d == 1) & (t == 1)).any()
+
+
+def test_a_distillation_exports_a_student_that_samples_in_few_steps_and_resumes_bit_for_bit(
+        tmp_path, tiny_run, distilled_run):
+    pipe = FacegenPipeline.load(distilled_run / "model")
+    teacher = FacegenPipeline.load(tiny_run / "model")
+    assert pipe.dit.distilled and pipe.sample.distilled and pipe.sample.steps == TINY.few_steps
+    assert pipe.info.init_from.fingerprint and pipe.info.latent_mean == teacher.info.latent_mean
+    log = [json.loads(line) for line in (distilled_run / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2, 3, 4] and all(r["loss"] >= 0 for r in log)
+    # the student moved away from the teacher where it was told a guidance and a step, and only there
+    weights = load_file(distilled_run / "checkpoints/step-000004/model.safetensors")
+    assert any(weights[k].abs().sum() > 0 for k in weights if k.startswith(("guidance_embedder.mlp.2",
+                                                                            "step_embedder.mlp.2")))
+    distill(tiny_run / "model", tiny_run / "latents", tmp_path / "split", cfg=dataclasses.replace(TINY, max_steps=2))
+    distill(tiny_run / "model", tiny_run / "latents", tmp_path / "split", cfg=TINY, resume=True)
+    again = load_file(tmp_path / "split/checkpoints/step-000004/model.safetensors")
+    assert all(torch.equal(weights[k], again[k]) for k in weights)
+    with pytest.raises(FacegenError, match="already holds checkpoints"):
+        distill(tiny_run / "model", tiny_run / "latents", tmp_path / "split", cfg=TINY)
+    with pytest.raises(FacegenError, match="already distilled"):
+        distill(distilled_run / "model", tiny_run / "latents", tmp_path / "again", cfg=TINY)
+
+
+def test_a_students_face_is_its_seeds_alone_and_steps_call_it_once_each(distilled_run):
+    pipe = FacegenPipeline.load(distilled_run / "model")
+    calls = []
+    pipe.dit.register_forward_hook(lambda module, args, kwargs, out: calls.append((len(args[0]), kwargs)),
+                                   with_kwargs=True)
+    y = torch.zeros(len(pipe.attributes))
+    y[0] = 1
+    conditions, drawn = pipe.draw_free(y, [0, 1, 2])
+    together = pipe.generate(conditions, [0, 1, 2], drawn=drawn)
+    assert len(calls) == TINY.few_steps and all(n == 3 for n, _ in calls)  # one call of the batch per step
+    assert all(float(kwargs["step"][0]) == 1 / TINY.few_steps for _, kwargs in calls)
+    alone = pipe.generate(conditions[1:2], [1], drawn=drawn[1:2])
+    assert torch.allclose(together[1:2], alone, atol=1e-4)
+    with pytest.raises(FacegenError, match="all-free reference"):
+        pipe.generate(y, [0], reference=-y)
+    plain = pipe.settings(distilled=False)
+    assert pipe.generate(y, [0], plain).shape == together[:1].shape
+    with pytest.raises(FacegenError, match="not distilled"):
+        FacegenPipeline.load(distilled_run / "model").replaced(dit=tiny_dit()).generate(y, [0])
+
+
+def test_edits_and_undistilled_sampling_take_the_many_step_path():
+    few = SampleConfig(steps=4, method="euler", distilled=True)
+    assert few.undistilled() == SampleConfig(steps=25, method="euler", distilled=False)
+    assert edit_sample(few) == few.undistilled()
+    heun = SampleConfig(steps=13, method="heun")
+    assert heun.undistilled() is heun and edit_sample(heun).steps == 25
+    with pytest.raises(FacegenError, match="distilled must be"):
+        SampleConfig(distilled="yes")
+
+
+def test_the_cli_distils_and_generates_with_or_without_the_students_few_steps(tmp_path, tiny_run, distilled_run):
+    from typer.testing import CliRunner
+
+    runner = CliRunner()
+    result = runner.invoke(app, ["generate", "--model", str(distilled_run / "model"), "-n", "2", "--seed", "3",
+                                 "--out", str(tmp_path / "few"), "--precision", "fp32"])
+    assert result.exit_code == 0, result.output
+    assert len(result.stdout.split()) == 2 and "distilled=True" in result.output
+    result = runner.invoke(app, ["generate", "--model", str(distilled_run / "model"), "-n", "1", "--no-distilled",
+                                 "--out", str(tmp_path / "many"), "--precision", "fp32"])
+    assert result.exit_code == 0 and "steps=25" in result.output and "distilled=False" in result.output
+    result = runner.invoke(app, ["generate", "--model", str(tiny_run / "model"), "-n", "1", "--distilled",
+                                 "--out", str(tmp_path / "no")])
+    assert result.exit_code != 0 and "not distilled" in result.output
+    result = runner.invoke(app, ["distill", "--model", str(tiny_run / "model"), "--data", str(tiny_run / "latents"),
+                                 "--out", str(tmp_path / "run"), "--steps", "1", "--batch-size", "4",
+                                 "--precision", "fp32"])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.strip() == str(tmp_path / "run" / "model")
+    assert FacegenPipeline.load(tmp_path / "run" / "model").sample.distilled
