@@ -24,6 +24,7 @@ own): so the student is still the model that edits, inversion and classifier-fre
 Every random choice of step s comes from a generator seeded by (seed, s), so `--resume` continues bit for bit.
 """
 
+import copy
 import dataclasses
 import logging
 import shutil
@@ -149,7 +150,10 @@ def distillation_loss(student, teacher, x0, labels, generator, cfg, teacher_stre
 def student_of(teacher: LatentDiT):
     """A distilled LatentDiT of the teacher's shape whose every shared weight is the teacher's (the new
     embeddings start at zero: it begins as the teacher's plain conditional model)."""
-    student = LatentDiT(**{**teacher.config, "distilled": True})
+    # not the config's private keys: "_use_default_values" (a config saved before `distilled` existed) would make
+    # diffusers drop the True below when the student is loaded again
+    shape = {key: value for key, value in teacher.config.items() if not key.startswith("_")}
+    student = LatentDiT(**{**shape, "distilled": True})
     missing, unexpected = student.load_state_dict(teacher.state_dict(), strict=False)
     if unexpected or any(not key.startswith(("guidance_embedder.", "step_embedder.")) for key in missing):
         raise FacegenError("the teacher's DiT does not fit a student of its shape")
@@ -217,7 +221,7 @@ def distill(teacher_path, data, out, *, cfg: DistillConfig = DistillConfig(), re
 def export(teacher_pipe, student, ema, out, cfg, steps_done):
     """RUN/model: the student's EMA weights in the teacher's folder layout (its autoencoder, label prior and
     classifier-free settings), sampling `cfg.few_steps` distilled steps by default."""
-    averaged = LatentDiT.from_config(student.config)
+    averaged = copy.deepcopy(student)
     ema.copy_to(averaged.parameters())
     info = dataclasses.replace(
         teacher_pipe.info, sample=dataclasses.replace(teacher_pipe.sample, steps=cfg.few_steps, method="euler",

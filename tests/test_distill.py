@@ -59,6 +59,15 @@ def test_a_student_starts_as_its_teachers_plain_model_and_ignores_nothing_it_is_
         teacher(x, t, y, **told)
 
 
+def test_a_student_of_a_model_saved_before_distillation_existed_loads_back_distilled(tmp_path):
+    teacher = FacegenPipeline.load("faces").dit  # its config.json has no "distilled": diffusers fills in the default
+    assert "distilled" in teacher.config.get("_use_default_values", [])
+    student = student_of(teacher)
+    student.save_pretrained(tmp_path / "dit")
+    again = LatentDiT.from_pretrained(tmp_path / "dit")
+    assert again.distilled and again.state_dict().keys() == student.state_dict().keys()
+
+
 def test_the_teachers_guided_target_is_what_generate_samples():
     teacher = tiny_dit()
     x, t = torch.randn(4, 4, 8, 8), torch.rand(1).expand(4)
