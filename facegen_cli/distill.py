@@ -89,13 +89,22 @@ def teacher_guided(teacher, x, t, y, drawn, scales):
 
 
 def guided_requests(labels, generator, cfg):
-    """(y, drawn, asked, scales) for rows of training labels, as generate asks: some attributes free (each
-    row with a dropout of its own), of the others each asked with a probability of the row's own, the rest
-    drawn; the asked scale and the drawn one uniform in their ranges."""
-    y = drop_labels(labels, generator, 0.0, 0.0, uniform=True)
-    n, device = len(y), y.device
-    asked = (y != 0) & (torch.rand(y.shape, generator=generator, device=device)
-                        < torch.rand(n, 1, generator=generator, device=device))
+    """(y, drawn, asked, scales) for rows of training labels, as the sampler is asked, a third of the rows each:
+    - 1 to 4 attributes asked, the rest free (`generate --no-prior`, and eval's control: one asked alone);
+    - nothing free, 0 to 4 attributes asked and the rest drawn (`generate` with the label prior; eval's held
+      flips: one flipped, the others held);
+    - each attribute free with a probability of the row's own, each kept one asked with another (any split).
+    The asked scale and the drawn one uniform in their ranges."""
+    n, a, device = labels.shape[0], labels.shape[1], labels.device
+    kind = torch.randint(0, 3, (n, 1), generator=generator, device=device)
+    rank = torch.rand(labels.shape, generator=generator, device=device).argsort(1).argsort(1)  # a random order
+    few = rank < torch.randint(1, 5, (n, 1), generator=generator, device=device)
+    some = rank < torch.randint(0, 5, (n, 1), generator=generator, device=device)
+    dropped = drop_labels(labels, generator, 0.0, 0.0, uniform=True)
+    y = torch.where(kind == 0, labels * few, torch.where(kind == 1, labels, dropped))
+    anywhere = torch.rand(labels.shape, generator=generator, device=device) < torch.rand(
+        n, 1, generator=generator, device=device)
+    asked = (y != 0) & torch.where(kind == 0, True, torch.where(kind == 1, some, anywhere))
     drawn = torch.where(asked, 0.0, y)
     uniform = lambda lo_hi: lo_hi[0] + (lo_hi[1] - lo_hi[0]) * torch.rand(n, generator=generator, device=device)  # noqa: E731
     return y, drawn, asked, torch.stack([uniform(cfg.guidance), uniform(cfg.drawn_guidance)], dim=1)

@@ -89,7 +89,12 @@ def test_guided_requests_split_each_condition_into_asked_and_drawn():
     assert torch.equal(torch.where(asked, y, drawn), y) and not (asked & (y == 0)).any()
     assert ((drawn == 0) | ~asked).all() and ((drawn == 0) == (asked | (y == 0))).all()
     sizes = asked.sum(1)
-    assert all((sizes == k).any() for k in range(4))  # requests of every size, none asked to all
+    assert all((sizes == k).any() for k in range(4))  # requests of every size
+    # as eval's control asks (one attribute alone, the rest free), as generate asks with the label prior
+    # (nothing free), and held flips (one asked, all the others drawn): each on a good share of the rows
+    assert ((sizes == 1) & (drawn == 0).all(1)).float().mean() > 0.08
+    assert ((y != 0).all(1) & (sizes <= 4)).float().mean() > 0.3
+    assert ((sizes == 1) & (y != 0).all(1)).float().mean() > 0.05
     assert (scales[:, 0] >= 1).all() and (scales[:, 0] <= 6).all() and (scales[:, 1] <= 2).all()
 
 
