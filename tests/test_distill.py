@@ -60,8 +60,12 @@ def test_a_student_starts_as_its_teachers_plain_model_and_ignores_nothing_it_is_
 
 
 def test_a_student_of_a_model_saved_before_distillation_existed_loads_back_distilled(tmp_path):
-    teacher = FacegenPipeline.load("faces").dit  # its config.json has no "distilled": diffusers fills in the default
-    assert "distilled" in teacher.config.get("_use_default_values", [])
+    tiny_dit().save_pretrained(tmp_path / "old")
+    config = json.loads((tmp_path / "old" / "config.json").read_text())
+    del config["distilled"]  # as the models saved before it were
+    (tmp_path / "old" / "config.json").write_text(json.dumps(config))
+    teacher = LatentDiT.from_pretrained(tmp_path / "old")
+    assert "distilled" in teacher.config.get("_use_default_values", [])  # diffusers fills in the default
     student = student_of(teacher)
     student.save_pretrained(tmp_path / "dit")
     again = LatentDiT.from_pretrained(tmp_path / "dit")
