@@ -334,10 +334,8 @@ def generate(
     sample = pipe.sample.undistilled() if distilled is False else pipe.sample
     if distilled and not pipe.dit.distilled:
         raise FacegenError(f"{pipe.path} is not distilled (facegen distill makes a student); leave out --distilled")
-    settings = dataclasses.replace(sample, distilled=bool(distilled or sample.distilled), **{
-        key: value for key, value in dict(steps=steps, guidance=guidance, method=sampler, eta=eta,
-                                          drawn_guidance=drawn_guidance, autoguidance=autoguidance or None).items()
-        if value is not None})
+    settings = sample.overridden(steps=steps, guidance=guidance, method=sampler, eta=eta, drawn_guidance=drawn_guidance,
+                                 autoguidance=autoguidance or None, distilled=distilled or None)
     if autoguidance == 0:
         settings = dataclasses.replace(settings, autoguidance=None)
     elif autoguidance is not None and pipe.guide is None:

@@ -110,6 +110,10 @@ class SampleConfig:
             if not -MAX_GUIDANCE <= value <= MAX_GUIDANCE:  # far past it a face is black or noise
                 raise FacegenError(f"guidance {value:g} is out of range; use -{MAX_GUIDANCE} to {MAX_GUIDANCE}")
 
+    def overridden(self, **overrides):
+        """These settings with the given ones (None: keep these) put in."""
+        return replace(self, **{key: value for key, value in overrides.items() if value is not None})
+
     def undistilled(self):
         """These settings as the plain velocity samples them, with classifier-free guidance: a distilled model's
         few steps become MANY_STEPS Euler steps (the calls its teacher took); other settings as they are."""

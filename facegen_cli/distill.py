@@ -37,6 +37,7 @@ from diffusers.training_utils import EMAModel
 from .cache import load_cache
 from .config import Provenance
 from .errors import FacegenError
+from .files import atomic_dir
 from .flow import interpolate, sample_timesteps
 from .model import LatentDiT
 from .pipeline import FacegenPipeline
@@ -95,7 +96,7 @@ def guided_requests(labels, generator, cfg):
       flips: one flipped, the others held);
     - each attribute free with a probability of the row's own, each kept one asked with another (any split).
     The asked scale and the drawn one uniform in their ranges."""
-    n, a, device = labels.shape[0], labels.shape[1], labels.device
+    n, device = labels.shape[0], labels.device
     kind = torch.randint(0, 3, (n, 1), generator=generator, device=device)
     rank = torch.rand(labels.shape, generator=generator, device=device).argsort(1).argsort(1)  # a random order
     few = rank < torch.randint(1, 5, (n, 1), generator=generator, device=device)
@@ -120,7 +121,7 @@ def shortcut_times(n, levels, generator, device):
     return j * d, d, half
 
 
-def distillation_loss(student, teacher, x0, labels, generator, cfg, teacher_stream=None):
+def distillation_loss(student, teacher, x0, labels, generator, cfg):
     """The mean squared error of the student's velocities on one batch: plain, base and shortcut rows
     (the module docstring)."""
     n, device = len(x0), x0.device
@@ -181,8 +182,8 @@ def distill(teacher_path, data, out, *, cfg: DistillConfig = DistillConfig(), re
                            f"with `facegen encode --vae {teacher_path}/vae`")
     if list(meta.attributes) != list(teacher_pipe.attributes):
         raise FacegenError(f"{data}'s attributes are not {teacher_path}'s")
-    teacher_print = weights_fingerprint(teacher_pipe.dit)
-    identity = {"teacher": teacher_print, "config": {k: list(v) if isinstance(v, tuple) else v
+    teacher_print = Provenance.of(teacher_pipe.path, weights_fingerprint(teacher_pipe.dit))
+    identity = {"teacher": teacher_print.fingerprint, "config": {k: list(v) if isinstance(v, tuple) else v
                                                      for k, v in dataclasses.asdict(cfg).items()
                                                      if k not in ("max_steps", "checkpoint_every", "keep_checkpoints",
                                                                   "log_every")}}
@@ -222,23 +223,23 @@ def distill(teacher_path, data, out, *, cfg: DistillConfig = DistillConfig(), re
             if task is not None:
                 progress.update(task, completed=done, loss=loss.item(), speed=speed)
         if done % cfg.checkpoint_every == 0 or done == cfg.max_steps:
-            run.save(done, {"model": student, "ema": ema, "optimizer": optimizer}, {**identity})
-            export(teacher_pipe, student, ema, out, cfg, done)
+            run.save(done, {"model": student, "ema": ema, "optimizer": optimizer}, identity)
+            export(teacher_pipe, teacher_print, student, ema, out / "model", cfg, done)
     return out / "model"
 
 
-def export(teacher_pipe, student, ema, out, cfg, steps_done):
-    """RUN/model: the student's EMA weights in the teacher's folder layout (its autoencoder, label prior and
-    classifier-free settings), sampling `cfg.few_steps` distilled steps by default."""
+def export(teacher_pipe, teacher_print, student, ema, folder, cfg, steps_done):
+    """The model folder of the student's EMA weights (float16), written at once: the teacher's (`teacher_print`
+    its Provenance) with its autoencoder, label prior, settings and classifier, sampling `cfg.few_steps`
+    distilled steps by default."""
     averaged = copy.deepcopy(student)
     ema.copy_to(averaged.parameters())
     info = dataclasses.replace(
         teacher_pipe.info, sample=dataclasses.replace(teacher_pipe.sample, steps=cfg.few_steps, method="euler",
                                                       distilled=True),
-        init_from=Provenance.of(teacher_pipe.path, weights_fingerprint(teacher_pipe.dit)),
+        init_from=teacher_print,
         trained_steps=(teacher_pipe.info.trained_steps or 0) + steps_done)
-    student_pipe = teacher_pipe.replaced(dit=averaged.eval(), info=info)
-    student_pipe.save(out / "model", dtype=torch.float16)
-    classifier = teacher_pipe.classifier_path
-    if classifier is not None:
-        shutil.copytree(classifier, out / "model" / "classifier", dirs_exist_ok=True)
+    with atomic_dir(folder) as tmp:
+        teacher_pipe.replaced(dit=averaged.eval(), info=info).write(tmp, torch.float16)
+        if teacher_pipe.classifier_path is not None:
+            shutil.copytree(teacher_pipe.classifier_path, tmp / "classifier")

@@ -103,7 +103,7 @@ class FacegenPipeline:
 
     def settings(self, **overrides) -> SampleConfig:
         """The model's sampler settings with the given ones (None: keep the model's) put in."""
-        return dataclasses.replace(self.sample, **{k: v for k, v in overrides.items() if v is not None})
+        return self.sample.overridden(**overrides)
 
     @property
     def device(self):
