@@ -59,8 +59,8 @@ class DistillConfig:
     ema_decay: float = 0.999
     # the rows of each batch: plain (the teacher's conditional velocity), base (its guided velocity, d = 0);
     # the rest learn steps of d > 0 from the student's own half steps
-    plain_share: float = 0.25
-    base_share: float = 0.25
+    plain_share: float = 0.2
+    base_share: float = 0.4
     levels: int = 6  # step sizes 1, 1/2, ..., 1/32
     guidance: tuple = (1.0, 6.0)  # the asked attributes' scale, drawn uniformly from this range
     drawn_guidance: tuple = (1.0, 2.0)  # the drawn ones'

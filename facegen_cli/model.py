@@ -21,9 +21,9 @@ zero too, and the whole face is the zero framing.
 
 A distilled model (distilled=True, distill.py) can also be told the guidance it is to give and the step it
 is to take, and then predicts in one call what its teacher's guided sampler would do: the guidance scales
-(the asked attributes' and the drawn ones', guidance.composed) with which attributes are asked, and the
-step size d (a shortcut model's, Frans et al. 2024: the average velocity over a step of size d; 0 = the
-velocity itself). Both embeddings are added to c and start at zero. Called without them it is the plain
+(the asked attributes' and the drawn ones', guidance.composed) with which attributes are asked and which
+way, and the step size d (a shortcut model's, Frans et al. 2024: the average velocity over a step of size d;
+0 = the velocity itself). Both embeddings are added to c and start at zero. Called without them it is the plain
 conditional model, the teacher's v(x, t, y), which edits and classifier-free guidance use as before.
 """
 
@@ -86,19 +86,25 @@ class FramingEmbedder(nn.Module):
 
 
 class GuidanceEmbedder(nn.Module):
-    """Embeds the guidance a distilled model gives: the asked attributes' scale and the drawn ones' (each with
-    sinusoidal features) and which attributes are asked (B, A), by an MLP whose last layer starts at zero."""
+    """Embeds the guidance a distilled model gives, by an MLP whose last layer starts at zero: the asked
+    attributes' scale and the drawn ones' (each with sinusoidal features), which way each asked and each drawn
+    attribute points (y where asked, y where drawn: the guidance pushes along them, away from the reference),
+    and those directions times their scale less 1, so that how hard each attribute is pushed reaches the
+    network in one linear layer, as classifier-free guidance's v_ref + s (v_y - v_ref) extrapolates it."""
 
     def __init__(self, num_attributes, hidden_size, frequency_size=64):
         super().__init__()
         self.frequency_size = frequency_size
-        self.mlp = nn.Sequential(nn.Linear(2 * frequency_size + num_attributes, hidden_size), nn.SiLU(),
+        self.mlp = nn.Sequential(nn.Linear(2 * frequency_size + 4 * num_attributes, hidden_size), nn.SiLU(),
                                  nn.Linear(hidden_size, hidden_size))
 
-    def forward(self, scales, asked):
+    def forward(self, scales, asked, y):
         # scales (B, 2): 1 is no guidance; sinusoidal() reads t in [0, 1], so a scale of 1 + 10 t
         features = [TimestepEmbedder.sinusoidal((s - 1) / 10, self.frequency_size) for s in scales.unbind(1)]
-        return self.mlp(torch.cat(features + [asked.float()], dim=1).to(self.mlp[0].weight.dtype))
+        asked = asked.to(y.dtype)
+        pushed = [y * asked, y * (1 - asked)]
+        pushed += [p * (s[:, None] - 1) / 5 for p, s in zip(pushed, scales.unbind(1))]
+        return self.mlp(torch.cat(features + pushed, dim=1).to(self.mlp[0].weight.dtype))
 
 
 class Attention(nn.Module):
@@ -283,7 +289,7 @@ class LatentDiT(ModelMixin, ConfigMixin):
         if guidance is not None:
             if self.guidance_embedder is None:
                 raise ValueError("this model takes no guidance or step (distilled is False)")
-            c = c + self.guidance_embedder(*guidance) + self.step_embedder(step)
+            c = c + self.guidance_embedder(*guidance, y) + self.step_embedder(step)
         for block in self.blocks:
             tokens = block(tokens, c)
         return self.unpatchify(self.final_layer(tokens, c))

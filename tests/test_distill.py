@@ -59,6 +59,20 @@ def test_a_student_starts_as_its_teachers_plain_model_and_ignores_nothing_it_is_
         teacher(x, t, y, **told)
 
 
+def test_the_guidance_embedding_reads_which_way_each_asked_and_drawn_attribute_points():
+    from facegen_cli.model import GuidanceEmbedder
+
+    embedder = GuidanceEmbedder(3, 16)
+    for p in embedder.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    scales = torch.tensor([[3.0, 1.5]])
+    y, asked = torch.tensor([[1.0, -1.0, 0.0]]), torch.tensor([[True, False, False]])
+    with torch.no_grad():
+        base = embedder(scales, asked, y)
+        assert not torch.allclose(embedder(scales, asked, torch.tensor([[-1.0, -1.0, 0.0]])), base)  # the asked flipped
+        assert not torch.allclose(embedder(scales, asked, torch.tensor([[1.0, 1.0, 0.0]])), base)  # the drawn flipped
+
+
 def test_a_student_of_a_model_saved_before_distillation_existed_loads_back_distilled(tmp_path):
     tiny_dit().save_pretrained(tmp_path / "old")
     config = json.loads((tmp_path / "old" / "config.json").read_text())
