@@ -127,7 +127,8 @@ def before_after(photo, pixels, points):
 def measure_photo_edits(pipe, classifier, photos, out, *, kinds=LOCAL_KINDS + WHOLE_FACE_KINDS, request=None,
                         progress=None):
     """Edit and measure every photo of `photos` (paths) for each of `kinds`, and the no-op floor; writes
-    OUT/report.json, OUT/report.md and OUT/crops/. Returns the PhotoEdits."""
+    OUT/report.json and OUT/report.md after each kind (a stopped run keeps the kinds it finished) and
+    OUT/crops/. Returns the PhotoEdits."""
     if classifier is None:
         raise FacegenError("measuring edits needs the model's attribute classifier (MODEL/classifier)")
     request = request or EditRequest(sample=edit_sample(pipe.sample))
@@ -148,13 +149,17 @@ def measure_photo_edits(pipe, classifier, photos, out, *, kinds=LOCAL_KINDS + WH
                     results.append(result)
                     if not noop:
                         save_image(before_after(photo, pixels, points), out / "crops" / kind / f"{Path(path).stem}.png")
+            write_report(out, results)
     finally:
         finder.close()
+    return results
+
+
+def write_report(out, results):
     summary = summarise(results)
     write_json(out / "report.json", {"edits": [asdict(r) for r in results], "summary": summary})
     with atomic_path(out / "report.md") as tmp:
         Path(tmp).write_text(report_markdown(summary))
-    return results
 
 
 def summarise(results):

@@ -761,3 +761,33 @@ def test_the_default_guidance_follows_the_change_unless_one_is_given():
     assert "9 for mustache;" in guidance_help() and "3.5 for smiling, male;" in guidance_help()  # --help shows the table
     with pytest.raises(FacegenError, match="out of range"):
         EditRequest(add=("mustache",), sample=sample, guidance=1e30).settings
+
+
+def test_a_stopped_edit_measurement_keeps_the_kinds_it_finished(tmp_path, tiny_model_dir, monkeypatch):
+    """eval edits writes its report after each kind: stopped in the second kind, the first is on disk."""
+    pytest.importorskip("mediapipe")
+    pytest.importorskip("dlib")
+    import json
+    import shutil
+
+    from facegen_cli import photo_eval
+    from facegen_cli.classifier import AttributeClassifier, save_classifier
+    from facegen_cli.pipeline import FacegenPipeline
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    save_classifier(AttributeClassifier(attributes=DEFAULT_ATTRIBUTES), model / "classifier", {})
+    measure_one = photo_eval.measure_one
+
+    def stopped_at_beard(pipe, classifier, embedder, finder, path, kind, *args):
+        if kind == "beard":
+            raise KeyboardInterrupt
+        return measure_one(pipe, classifier, embedder, finder, path, kind, *args)
+
+    monkeypatch.setattr(photo_eval, "measure_one", stopped_at_beard)
+    pipe = FacegenPipeline.load(str(model))
+    with pytest.raises(KeyboardInterrupt):
+        photo_eval.measure_photo_edits(pipe, pipe.load_classifier(), [write_face_photo(tmp_path / "face.png")],
+                                       tmp_path / "report", kinds=("mustache", "beard"))
+    report = json.loads((tmp_path / "report" / "report.json").read_text())
+    assert {e["kind"] for e in report["edits"]} == {"mustache"} and list(report["summary"]) == ["mustache"]
