@@ -18,7 +18,8 @@ import time
 import numpy as np
 import torch
 
-from facegen_cli.evaluate import frechet_distance, load_held_out_faces
+from facegen_cli.evaluate import (SIGNS, control_rates, frechet_distance, load_held_out_faces, rates_by_sign,
+                                  single_attribute_requests)
 from facegen_cli.identity import FaceEmbedder, aligned_embeddings
 from facegen_cli.images import to_tensor, to_uint8
 from facegen_cli.pipeline import FacegenPipeline
@@ -42,6 +43,14 @@ def sample_seconds(pipe, settings, condition, repeats):
         decoding.append((end - middle) / 16)
     decode_s = statistics.median(decoding[1:])
     return statistics.median(whole[1:]) - decode_s, decode_s
+
+
+def control(pipe, classifier, settings, seeds):
+    """{attribute: {"for": rate, "against": rate}}: each attribute asked alone, the others free."""
+    readings = torch.stack([classifier.predict(pipe.generate(y, seeds, settings))
+                            for y in single_attribute_requests(len(pipe.attributes))])
+    return rates_by_sign(control_rates(readings.view(len(pipe.attributes), len(SIGNS), len(seeds), -1)),
+                         pipe.attributes)
 
 
 @torch.inference_mode()
@@ -69,6 +78,7 @@ def main():
     parser.add_argument("--steps", type=int, nargs="+", default=[4])
     parser.add_argument("--faces", type=int, default=200)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--control-faces", type=int, default=0, help="Faces per condition for control (0: skip).")
     parser.add_argument("--precision", default="auto")
     parser.add_argument("--out")
     args = parser.parse_args()
@@ -115,6 +125,14 @@ def main():
         row["time vs teacher"] = round((row["latents s/face (male, beard)"] + row["decode s/face"]) / teacher_s, 3)
         row["latents time vs teacher"] = round(row["latents s/face (male, beard)"]
                                                / report["teacher"]["latents s/face (male, beard)"], 3)
+    if args.control_faces:
+        seeds = list(range(args.control_faces))
+        rates = {"teacher": control(teacher, classifier, teacher.sample, seeds),
+                 "student": control(student, classifier, student.sample, seeds)}
+        report["control"] = {"faces per condition": args.control_faces, **rates,
+                             "student minus teacher (points)": {
+                                 a: {sign: round(100 * (rates["student"][a][sign] - rates["teacher"][a][sign]), 1)
+                                     for sign in ("for", "against")} for a in teacher.attributes}}
     print(json.dumps(report, indent=1))
     if args.out:
         with open(args.out, "w") as f:
