@@ -18,8 +18,8 @@ import time
 import numpy as np
 import torch
 
-from facegen_cli.evaluate import (SIGNS, control_rates, frechet_distance, load_held_out_faces, rates_by_sign,
-                                  single_attribute_requests)
+from facegen_cli.evaluate import (control_rates, frechet_distance, load_held_out_faces, rates_by_sign,
+                                  read_single_attribute_faces)
 from facegen_cli.identity import FaceEmbedder, aligned_embeddings
 from facegen_cli.images import to_tensor, to_uint8
 from facegen_cli.pipeline import FacegenPipeline
@@ -47,10 +47,9 @@ def sample_seconds(pipe, settings, condition, repeats):
 
 def control(pipe, classifier, settings, seeds):
     """{attribute: {"for": rate, "against": rate}}: each attribute asked alone, the others free."""
-    readings = torch.stack([classifier.predict(pipe.generate(y, seeds, settings))
-                            for y in single_attribute_requests(len(pipe.attributes))])
-    return rates_by_sign(control_rates(readings.view(len(pipe.attributes), len(SIGNS), len(seeds), -1)),
-                         pipe.attributes)
+    readings = read_single_attribute_faces(lambda y, s: pipe.generate(y, s, settings), classifier.read,
+                                           len(pipe.attributes), seeds)[0]
+    return rates_by_sign(control_rates(readings), pipe.attributes)
 
 
 @torch.inference_mode()

@@ -598,19 +598,27 @@ def test_sixteen_bit_grey_photos_stay_sixteen_bit_and_exact_outside_the_mask(tmp
     assert np.array_equal(np.asarray(edited)[mask == 0], deep[mask == 0])  # every 16-bit value kept
 
 
-def test_edits_are_measured_at_the_photos_own_resolution(tmp_path, tiny_model_dir):
+@pytest.fixture
+def model_with_classifier(tmp_path, tiny_model_dir):
+    """The tiny model's folder with an (untrained) attribute classifier, as eval edits needs."""
+    import shutil
+
+    from facegen_cli.classifier import AttributeClassifier, save_classifier
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    save_classifier(AttributeClassifier(attributes=DEFAULT_ATTRIBUTES), model / "classifier", {})
+    return model
+
+
+def test_edits_are_measured_at_the_photos_own_resolution(tmp_path, model_with_classifier):
     """facegen eval edits: per kind the edit and the no-op floor, nothing changed outside the mask, and the
     before/after crops at the photo's own pixels (not the model's 128)."""
     pytest.importorskip("mediapipe")
     pytest.importorskip("dlib")
     import json
 
-    from facegen_cli.classifier import AttributeClassifier, save_classifier
-
-    model = tmp_path / "model"
-    import shutil
-    shutil.copytree(tiny_model_dir, model)
-    save_classifier(AttributeClassifier(attributes=DEFAULT_ATTRIBUTES), model / "classifier", {})
+    model = model_with_classifier
     photo = Image.open(write_face_photo(tmp_path / "face.png")).resize((720, 640), Image.Resampling.LANCZOS)
     photo.save(tmp_path / "big.png")
     result = runner.invoke(app, ["eval", "edits", str(tmp_path / "big.png"), "--kind", "mustache", "--model",
@@ -763,20 +771,15 @@ def test_the_default_guidance_follows_the_change_unless_one_is_given():
         EditRequest(add=("mustache",), sample=sample, guidance=1e30).settings
 
 
-def test_a_stopped_edit_measurement_keeps_the_kinds_it_finished(tmp_path, tiny_model_dir, monkeypatch):
+def test_a_stopped_edit_measurement_keeps_the_kinds_it_finished(tmp_path, model_with_classifier, monkeypatch):
     """eval edits writes its report after each kind: stopped in the second kind, the first is on disk."""
     pytest.importorskip("mediapipe")
     pytest.importorskip("dlib")
     import json
-    import shutil
 
     from facegen_cli import photo_eval
-    from facegen_cli.classifier import AttributeClassifier, save_classifier
     from facegen_cli.pipeline import FacegenPipeline
 
-    model = tmp_path / "model"
-    shutil.copytree(tiny_model_dir, model)
-    save_classifier(AttributeClassifier(attributes=DEFAULT_ATTRIBUTES), model / "classifier", {})
     measure_one = photo_eval.measure_one
 
     def stopped_at_beard(pipe, classifier, embedder, finder, path, kind, *args):
@@ -785,7 +788,7 @@ def test_a_stopped_edit_measurement_keeps_the_kinds_it_finished(tmp_path, tiny_m
         return measure_one(pipe, classifier, embedder, finder, path, kind, *args)
 
     monkeypatch.setattr(photo_eval, "measure_one", stopped_at_beard)
-    pipe = FacegenPipeline.load(str(model))
+    pipe = FacegenPipeline.load(str(model_with_classifier))
     with pytest.raises(KeyboardInterrupt):
         photo_eval.measure_photo_edits(pipe, pipe.load_classifier(), [write_face_photo(tmp_path / "face.png")],
                                        tmp_path / "report", kinds=("mustache", "beard"))
