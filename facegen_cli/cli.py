@@ -224,6 +224,9 @@ def distill(
     batch_size: Optional[int] = typer.Option(None, min=1, help="Batch size (default: 64)."),
     few_steps: Optional[int] = typer.Option(None, min=1, help="The student's default sampling steps (default: 4)."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the run's last checkpoint."),
+    init_student: Optional[Path] = typer.Option(None, help="A student of the same model (an earlier run's "
+                                                           "RUN/model) to go on distilling from, instead of the "
+                                                           "model's own DiT."),
     precision: Precision = "auto",
 ):
     """Distil a model into a student that samples in one call per step and in a few steps (guidance and step
@@ -234,7 +237,8 @@ def distill(
     given = {"max_steps": steps, "batch_size": batch_size, "few_steps": few_steps, "precision": precision}
     cfg = DistillConfig(**{key: value for key, value in given.items() if value is not None})
     with progress_bar(loss=".4f", speed=".1f") as progress:
-        print(run_distillation(model_path(model), data, out, cfg=cfg, resume=resume, progress=progress))
+        print(run_distillation(model_path(model), data, out, cfg=cfg, resume=resume, init_student=init_student,
+                               progress=progress))
 
 
 @app.command()

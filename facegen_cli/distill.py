@@ -65,6 +65,10 @@ class DistillConfig:
     guidance: tuple = (1.0, 6.0)  # the asked attributes' scale, drawn uniformly from this range
     drawn_guidance: tuple = (1.0, 2.0)  # the drawn ones'
     rare_rate: float = 0.15  # as the teacher's fine-tune: the rare attributes on 15% of the rows
+    # which attributes a guided row asks (guided_requests): one alone on this share of the rows that ask some
+    # and leave the rest free, and rare values first by (frequency)^-rarity_power
+    single_share: float = 0.5
+    rarity_power: float = 1.0
     few_steps: int = 4  # the exported model's default number of steps
     precision: str = "auto"
     checkpoint_every: int = 250
@@ -77,6 +81,8 @@ class DistillConfig:
             raise FacegenError("plain_share and base_share must be shares of the batch that add up to at most 1")
         if self.levels < 1 or self.few_steps < 1:
             raise FacegenError("levels and few_steps must be at least 1")
+        if not (0 <= self.single_share <= 1 and self.rarity_power >= 0):
+            raise FacegenError("single_share must be a share from 0 to 1 and rarity_power at least 0")
 
 
 def teacher_guided(teacher, x, t, y, drawn, scales):
@@ -89,17 +95,28 @@ def teacher_guided(teacher, x, t, y, drawn, scales):
     return v_free + drawn_scale * (v_drawn - v_free) + scale * (v_y - v_drawn)
 
 
-def guided_requests(labels, generator, cfg):
+def guided_requests(labels, generator, cfg, frequencies=None):
     """(y, drawn, asked, scales) for rows of training labels, as the sampler is asked, a third of the rows each:
-    - 1 to 4 attributes asked, the rest free (`generate --no-prior`, and eval's control: one asked alone);
+    - 1 to 4 attributes asked (one on a share cfg.single_share of these rows), the rest free (`generate
+      --no-prior`, and eval's control: one asked alone);
     - nothing free, 0 to 4 attributes asked and the rest drawn (`generate` with the label prior; eval's held
       flips: one flipped, the others held);
     - each attribute free with a probability of the row's own, each kept one asked with another (any split).
-    The asked scale and the drawn one uniform in their ranges."""
+    In the first two, a row asks its attributes in a random order that puts each one first with a weight of
+    (frequency of the row's value)^-cfg.rarity_power, `frequencies` (A,) those of the positive values (none,
+    or a power of 0: uniformly): a face with a mustache asks for it alone on most of the rows that ask one
+    attribute, not on one in A, as users ask for the rare ones and eval's control asks for every value. The
+    asked scale and the drawn one uniform in their ranges."""
     n, device = labels.shape[0], labels.device
     kind = torch.randint(0, 3, (n, 1), generator=generator, device=device)
-    rank = torch.rand(labels.shape, generator=generator, device=device).argsort(1).argsort(1)  # a random order
-    few = rank < torch.randint(1, 5, (n, 1), generator=generator, device=device)
+    rarity = torch.ones_like(labels) if frequencies is None else torch.where(
+        labels > 0, frequencies, 1 - frequencies).clamp(min=1e-6) ** -cfg.rarity_power
+    # a weighted order without replacement (Efraimidis and Spirakis): sort exponential draws of rate `rarity`
+    keys = -torch.rand(labels.shape, generator=generator, device=device).log() / rarity
+    rank = keys.argsort(1).argsort(1)
+    count = torch.where(torch.rand(n, 1, generator=generator, device=device) < cfg.single_share, 1,
+                        torch.randint(2, 5, (n, 1), generator=generator, device=device))
+    few = rank < count
     some = rank < torch.randint(0, 5, (n, 1), generator=generator, device=device)
     dropped = drop_labels(labels, generator, 0.0, 0.0, uniform=True)
     y = torch.where(kind == 0, labels * few, torch.where(kind == 1, labels, dropped))
@@ -121,13 +138,13 @@ def shortcut_times(n, levels, generator, device):
     return j * d, d, half
 
 
-def distillation_loss(student, teacher, x0, labels, generator, cfg):
+def distillation_loss(student, teacher, x0, labels, generator, cfg, frequencies=None):
     """The mean squared error of the student's velocities on one batch: plain, base and shortcut rows
-    (the module docstring)."""
+    (the module docstring); `frequencies` as guided_requests takes them."""
     n, device = len(x0), x0.device
     n_plain, n_base = round(cfg.plain_share * n), round(cfg.base_share * n)
     noise = torch.randn(x0.shape, generator=generator, device=device)
-    y, drawn, asked, scales = guided_requests(labels, generator, cfg)
+    y, drawn, asked, scales = guided_requests(labels, generator, cfg, frequencies)
     t_flow = sample_timesteps(n, generator, device=device)
     t_short, d, half = shortcut_times(n, cfg.levels, generator, device)
     t = torch.cat([t_flow[:n_plain + n_base], t_short[n_plain + n_base:]])
@@ -170,9 +187,23 @@ def student_of(teacher: LatentDiT):
     return student
 
 
-def distill(teacher_path, data, out, *, cfg: DistillConfig = DistillConfig(), resume=False, progress=None):
+def earlier_student(path, teacher_print):
+    """(the DiT, trained steps) of the student model folder `path`, distilled from the teacher `teacher_print`
+    (a Provenance), to go on distilling from."""
+    pipe = FacegenPipeline.load(path)
+    if not pipe.dit.distilled:
+        raise FacegenError(f"{path} is not a distilled model; --init-student takes a student of the teacher")
+    if pipe.info.init_from is None or pipe.info.init_from.fingerprint != teacher_print.fingerprint:
+        raise FacegenError(f"{path} was not distilled from this teacher ({teacher_print.name})")
+    return pipe.dit.float().requires_grad_(True), pipe.info.trained_steps or 0
+
+
+def distill(teacher_path, data, out, *, cfg: DistillConfig = DistillConfig(), resume=False, init_student=None,
+            progress=None):
     """Distil the model folder `teacher_path` on the latent cache `data` (its training faces, encoded by its
-    autoencoder) into the run folder `out`; returns out/model, the student's model folder."""
+    autoencoder) into the run folder `out`; returns out/model, the student's model folder. `init_student`: a
+    student model folder of the same teacher to start from (a new recipe continued from an earlier run's
+    student) instead of the teacher's DiT."""
     teacher_pipe = FacegenPipeline.load(teacher_path)
     if teacher_pipe.dit.distilled:
         raise FacegenError(f"{teacher_path} is already distilled; distil its teacher")
@@ -183,20 +214,28 @@ def distill(teacher_path, data, out, *, cfg: DistillConfig = DistillConfig(), re
     if list(meta.attributes) != list(teacher_pipe.attributes):
         raise FacegenError(f"{data}'s attributes are not {teacher_path}'s")
     teacher_print = Provenance.of(teacher_pipe.path, weights_fingerprint(teacher_pipe.dit))
+    torch.manual_seed(cfg.seed)
+    if init_student is None:
+        student, steps_before = student_of(teacher_pipe.dit), teacher_pipe.info.trained_steps or 0
+    else:
+        student, steps_before = earlier_student(init_student, teacher_print)
     identity = {"teacher": teacher_print.fingerprint, "config": {k: list(v) if isinstance(v, tuple) else v
                                                      for k, v in dataclasses.asdict(cfg).items()
                                                      if k not in ("max_steps", "checkpoint_every", "keep_checkpoints",
                                                                   "log_every")}}
+    if init_student is not None:
+        identity["init_student"] = weights_fingerprint(student)
     run = TrainingRun(out, networks=("model",), states=("ema", "optimizer"), precision=cfg.precision, resume=resume,
                       keep=cfg.keep_checkpoints)
     latents = teacher_pipe.normalize(latents.float())
     teacher = teacher_pipe.dit.to(run.device)
-    torch.manual_seed(cfg.seed)
-    student = student_of(teacher).to(run.device).train()
+    student = student.to(run.device).train()
     ema = EMAModel(student.parameters(), decay=cfg.ema_decay, foreach=True)
     optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.learning_rate, weight_decay=0.0, fused=True)
     start_step = run.restore({"model": student, "ema": ema, "optimizer": optimizer}, identity)
     weights = sampling_weights(labels, rare_boosts(labels, cfg.rare_rate)) if cfg.rare_rate else torch.ones(len(labels))
+    # each attribute's positive share in the batches as drawn (rare ones boosted)
+    frequencies = ((weights[:, None] * (labels > 0)).sum(0) / weights.sum()).to(run.device)
     latents, labels = latents.to(run.device), labels.to(run.device)
     log.info(f"distilling {teacher_path} ({sum(p.numel() for p in student.parameters()) / 1e6:.2f}M parameters) on "
              f"{len(latents)} latents, batch {cfg.batch_size}, steps {start_step}..{cfg.max_steps}, "
@@ -210,7 +249,8 @@ def distill(teacher_path, data, out, *, cfg: DistillConfig = DistillConfig(), re
         for group in optimizer.param_groups:
             group["lr"] = scheduled_lr(s, cfg.learning_rate, cfg.warmup_steps, cfg.max_steps, cfg.cooldown_steps)
         with run.autocast():
-            loss, parts = distillation_loss(student, teacher, latents[index], labels[index].float(), generator, cfg)
+            loss, parts = distillation_loss(student, teacher, latents[index], labels[index].float(), generator, cfg,
+                                            frequencies)
         run.step(loss, optimizer, student.parameters(), cfg.grad_clip)
         ema.step(student.parameters())
         done = s + 1
@@ -224,21 +264,21 @@ def distill(teacher_path, data, out, *, cfg: DistillConfig = DistillConfig(), re
                 progress.update(task, completed=done, loss=loss.item(), speed=speed)
         if done % cfg.checkpoint_every == 0 or done == cfg.max_steps:
             run.save(done, {"model": student, "ema": ema, "optimizer": optimizer}, identity)
-            export(teacher_pipe, teacher_print, student, ema, out / "model", cfg, done)
+            export(teacher_pipe, teacher_print, student, ema, out / "model", cfg, steps_before + done)
     return out / "model"
 
 
-def export(teacher_pipe, teacher_print, student, ema, folder, cfg, steps_done):
+def export(teacher_pipe, teacher_print, student, ema, folder, cfg, trained_steps):
     """The model folder of the student's EMA weights (float16), written at once: the teacher's (`teacher_print`
     its Provenance) with its autoencoder, label prior, settings and classifier, sampling `cfg.few_steps`
-    distilled steps by default."""
+    distilled steps by default; `trained_steps` all its training, the teacher's included."""
     averaged = copy.deepcopy(student)
     ema.copy_to(averaged.parameters())
     info = dataclasses.replace(
         teacher_pipe.info, sample=dataclasses.replace(teacher_pipe.sample, steps=cfg.few_steps, method="euler",
                                                       distilled=True),
         init_from=teacher_print,
-        trained_steps=(teacher_pipe.info.trained_steps or 0) + steps_done)
+        trained_steps=trained_steps)
     with atomic_dir(folder) as tmp:
         teacher_pipe.replaced(dit=averaged.eval(), info=info).write(tmp, torch.float16)
         if teacher_pipe.classifier_path is not None:

@@ -116,6 +116,29 @@ def test_guided_requests_split_each_condition_into_asked_and_drawn():
     assert (scales[:, 0] >= 1).all() and (scales[:, 0] <= 6).all() and (scales[:, 1] <= 2).all()
 
 
+def test_guided_requests_ask_a_rare_value_alone_on_most_of_the_rows_that_have_it():
+    generator = torch.Generator().manual_seed(0)
+    rare = torch.rand(20000, generator=generator) < 0.05  # a mustache: 5% of the faces, beside 7 common attributes
+    labels = torch.cat([torch.where(rare, 1.0, -1.0)[:, None],
+                        torch.where(torch.rand(20000, 7, generator=generator) < 0.5, 1.0, -1.0)], dim=1)
+    frequencies = (labels > 0).float().mean(0)
+
+    def asked_alone(cfg, frequencies):
+        """Of the faces with the mustache and of those without, the share whose row asks for that alone."""
+        y, drawn, asked, _ = guided_requests(labels, torch.Generator().manual_seed(1), cfg, frequencies)
+        single = (asked.sum(1) == 1) & (drawn == 0).all(1) & asked[:, 0]
+        return single[rare].float().mean().item(), single[~rare].float().mean().item()
+
+    most = 1 / 3 * TINY.single_share  # the rows that ask one attribute alone, the rest free
+    mustache, beardless = asked_alone(TINY, frequencies)
+    assert mustache > 0.5 * most and beardless < 0.2 * most
+    uniform = asked_alone(dataclasses.replace(TINY, rarity_power=0.0), frequencies)
+    assert uniform == pytest.approx((most / 8, most / 8), abs=0.01) and mustache > 3 * uniform[0]
+    assert asked_alone(TINY, None) == uniform  # no frequencies: uniformly
+    with pytest.raises(FacegenError, match="single_share"):
+        DistillConfig(single_share=1.5)
+
+
 def test_shortcut_steps_stay_on_their_grid_and_learn_from_half_steps():
     t, d, half = shortcut_times(5000, 6, torch.Generator().manual_seed(0), "cpu")
     assert set(d.unique().tolist()) == {0.5 ** k for k in range(6)}
@@ -145,6 +168,26 @@ def test_a_distillation_exports_a_student_that_samples_in_few_steps_and_resumes_
         distill(tiny_run / "model", tiny_run / "latents", tmp_path / "split", cfg=TINY)
     with pytest.raises(FacegenError, match="already distilled"):
         distill(distilled_run / "model", tiny_run / "latents", tmp_path / "again", cfg=TINY)
+
+
+def test_a_distillation_goes_on_from_an_earlier_student_of_the_same_teacher(tmp_path, tiny_run, distilled_run):
+    earlier = FacegenPipeline.load(distilled_run / "model", precision="fp32")
+    cfg = dataclasses.replace(TINY, max_steps=2, learning_rate=0.0, warmup_steps=0)  # no step moves the weights
+    later = FacegenPipeline.load(distill(tiny_run / "model", tiny_run / "latents", tmp_path / "on", cfg=cfg,
+                                         init_student=distilled_run / "model"), precision="fp32")
+    assert all(torch.equal(a, b) for a, b in zip(earlier.dit.state_dict().values(), later.dit.state_dict().values()))
+    assert later.info.trained_steps == earlier.info.trained_steps + 2
+    assert later.info.init_from == earlier.info.init_from  # still the teacher's student
+    with pytest.raises(FacegenError, match="not a distilled model"):
+        distill(tiny_run / "model", tiny_run / "latents", tmp_path / "no", cfg=cfg, init_student=tiny_run / "model")
+    teacher = FacegenPipeline.load(tiny_run / "model")
+    with torch.no_grad():
+        for p in teacher.dit.parameters():
+            p.add_(0.01)
+    teacher.write(tmp_path / "other")  # the same shape, other weights
+    with pytest.raises(FacegenError, match="not distilled from this teacher"):
+        distill(tmp_path / "other", tiny_run / "latents", tmp_path / "no2", cfg=cfg,
+                init_student=distilled_run / "model")
 
 
 def test_a_students_face_is_its_seeds_alone_and_steps_call_it_once_each(distilled_run):
