@@ -336,7 +336,7 @@ def generate(
     seeds = list(range(seed, seed + n))
     refuse_existing(face_paths(out, seeds), overwrite)
     sample = pipe.sample.undistilled() if distilled is False else pipe.sample
-    if distilled and not pipe.dit.distilled:
+    if distilled and pipe.student is None:
         raise FacegenError(f"{pipe.path} is not distilled (facegen distill makes a student); leave out --distilled")
     settings = sample.overridden(steps=steps, guidance=guidance, method=sampler, eta=eta, drawn_guidance=drawn_guidance,
                                  autoguidance=autoguidance or None, distilled=distilled or None)

@@ -265,6 +265,9 @@ class ModelInfo:
     sample: SampleConfig = field(default_factory=SampleConfig)
     init_from: Optional[Provenance] = None  # the model a fine-tuning run started from (its DiT's weights)
     trained_steps: Optional[int] = None
+    # the student's (MODEL/student, distill.py): its teacher (the DiT as it was distilled from) and its steps
+    distilled_from: Optional[Provenance] = None
+    distilled_steps: Optional[int] = None
     # the relative width of the post-hoc EMA (posthoc_ema.py) the DiT's weights were reconstructed at; None:
     # the training run's fixed-decay EMA
     ema_length: Optional[float] = None
@@ -290,7 +293,7 @@ class ModelInfo:
         known = {f.name for f in fields(cls)}
         values = {k: v for k, v in data.items() if k in known}
         values["sample"] = _section(SampleConfig, data.get("sample", {}), f"{where} [sample]")  # names itself
-        for key in ("vae", "decoder", "init_from"):
+        for key in ("vae", "decoder", "init_from", "distilled_from"):
             if isinstance(values.get(key), dict):
                 values[key] = _section(Provenance, values[key], f"{where} [{key}]")
             elif values.get(key) is not None:  # version 1 recorded a path here: no longer kept

@@ -7,6 +7,9 @@
     MODEL/labels.json    label_prior.LabelPrior: the training faces' label combinations (optional)
     MODEL/guide/         a smaller LatentDiT of the same latents and attributes, the autoguidance guide
                          (optional; used where sample.autoguidance is set)
+    MODEL/student/       the DiT distilled from MODEL/dit (distill.py; optional): one call per step and a few
+                         steps where sample.distilled is set. MODEL/dit stays the plain velocity that edits,
+                         inversion and classifier-free guidance call.
 """
 
 import copy
@@ -29,6 +32,7 @@ from .model import LatentDiT, inpainting_context
 
 MODEL_FILE = "facegen.json"
 GUIDE_FOLDER = "guide"
+STUDENT_FOLDER = "student"
 # The models inside the package, by name: real faces (CelebA) and the built-in drawn faces (exact labels).
 FACES_MODEL = Path(__file__).parent / "faces"
 DEMO_MODEL = Path(__file__).parent / "demo"
@@ -70,18 +74,33 @@ def load_guide(folder, dit):
     return guide
 
 
+def load_student(folder, dit):
+    """MODEL/student: the distilled LatentDiT, checked against the model's `dit` (its shape and attributes)."""
+    try:
+        student = LatentDiT.from_pretrained(folder)
+    except (OSError, ValueError, RuntimeError, KeyError, TypeError) as e:
+        raise FacegenError(f"{folder}: the student's checkpoint does not load: {first_line(e)}") from None
+    if not student.distilled:
+        raise FacegenError(f"{folder}: not a distilled DiT")
+    shape = lambda model: {k: v for k, v in model.config.items() if not k.startswith("_") and k != "distilled"}  # noqa: E731
+    if shape(student) != shape(dit):
+        raise FacegenError(f"{folder}: the student's shape or attributes are not the model's")
+    return student
+
+
 class FacegenPipeline:
     """A loaded model folder (the front door, as a diffusers pipeline is): its DiT, its VAE and its
     `ModelInfo`, whose `sample` settings every command starts from."""
 
     def __init__(self, dit, vae, info: ModelInfo, path=None, precision="fp32", prior: LabelPrior = None,
-                 guide: LatentDiT = None):
+                 guide: LatentDiT = None, student: LatentDiT = None):
         """precision: devices.PRECISIONS (auto: bf16 where the DiT's device does it natively, else fp32);
         prior: the training faces' label combinations, which free attributes are drawn from (draw_free);
-        guide: the weaker model autoguidance guides away from (guidance.autoguided)."""
+        guide: the weaker model autoguidance guides away from (guidance.autoguided);
+        student: the DiT distilled from `dit` (guidance.distilled), which settings with distilled = true sample."""
         precision = resolve_precision(precision, dit.device)
         self.dit, self.vae, self.info, self.path, self.precision = dit, vae, info, path, precision
-        self.prior, self.guide = prior, guide
+        self.prior, self.guide, self.student = prior, guide, student
         shape = (1, -1, 1, 1)
         self.latent_mean = torch.tensor(info.latent_mean).view(shape)
         self.latent_std = torch.tensor(info.latent_std).view(shape)
@@ -92,9 +111,11 @@ class FacegenPipeline:
 
     @functools.cached_property
     def fingerprint(self):
-        """A short hash of the weights that draw (the DiT's and the autoencoder's, vae.weights_fingerprint),
-        written into every face and edited photo: the same model gives the same one on every machine."""
-        parts = [vae_lib.weights_fingerprint(self.dit), vae_lib.weights_fingerprint(self.vae)]
+        """A short hash of the weights that draw (the DiT's, the student's if any, and the autoencoder's;
+        vae.weights_fingerprint), written into every face and edited photo: the same model gives the same one
+        on every machine."""
+        parts = [vae_lib.weights_fingerprint(network) for network in (self.dit, self.student, self.vae)
+                 if network is not None]
         return hashlib.sha256(" ".join(parts).encode()).hexdigest()[:16]
 
     @property
@@ -151,8 +172,11 @@ class FacegenPipeline:
         guide = load_guide(path / GUIDE_FOLDER, dit) if (path / GUIDE_FOLDER).is_dir() else None
         if info.sample.autoguidance is not None and guide is None:
             raise FacegenError(f"{path / MODEL_FILE}: sets autoguidance but the folder has no {GUIDE_FOLDER}/ model")
+        student = load_student(path / STUDENT_FOLDER, dit) if (path / STUDENT_FOLDER).is_dir() else None
+        if info.sample.distilled and student is None:
+            raise FacegenError(f"{path / MODEL_FILE}: samples distilled but the folder has no {STUDENT_FOLDER}/ model")
         ready = lambda network: network.to(device).eval().requires_grad_(False)  # noqa: E731
-        return cls(ready(dit), vae, info, path, precision, prior, guide and ready(guide))
+        return cls(ready(dit), vae, info, path, precision, prior, guide and ready(guide), student and ready(student))
 
     def replaced(self, **changes):
         """A copy of this pipeline with some of its parts replaced (the networks themselves are shared)."""
@@ -196,7 +220,8 @@ class FacegenPipeline:
 
     def write(self, folder, dtype=None):
         """Write the model's files into an empty `folder` (save: atomically)."""
-        for name, module in (("dit", self.dit), ("vae", self.vae), (GUIDE_FOLDER, self.guide)):
+        for name, module in (("dit", self.dit), ("vae", self.vae), (GUIDE_FOLDER, self.guide),
+                             (STUDENT_FOLDER, self.student)):
             if module is not None:
                 save_pretrained(module, Path(folder) / name, dtype)
         (Path(folder) / MODEL_FILE).write_text(json.dumps(self.info.to_dict(), indent=2) + "\n")
@@ -258,12 +283,12 @@ class FacegenPipeline:
 
     def _velocity(self, condition, reference, settings, inputs=None, drawn=None):
         if settings.distilled:
-            if not self.dit.distilled:
+            if self.student is None:
                 raise FacegenError("this model is not distilled: sample it with distilled = false")
             if inputs or reference.any():
                 raise FacegenError("a distilled model's one call per step guides from the all-free reference "
                                    "alone; sample other guidance with distilled = false")
-            return guidance.distilled(self.dit, condition, drawn, settings.guidance, settings.drawn_guidance,
+            return guidance.distilled(self.student, condition, drawn, settings.guidance, settings.drawn_guidance,
                                       1.0 / settings.steps)
         if drawn is not None and self.guide is not None and settings.autoguidance is not None:
             return guidance.autoguided(self.dit, self.guide, condition, drawn, settings.guidance, settings.autoguidance,

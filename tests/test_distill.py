@@ -152,8 +152,12 @@ def test_a_distillation_exports_a_student_that_samples_in_few_steps_and_resumes_
         tmp_path, tiny_run, distilled_run):
     pipe = FacegenPipeline.load(distilled_run / "model")
     teacher = FacegenPipeline.load(tiny_run / "model")
-    assert pipe.dit.distilled and pipe.sample.distilled and pipe.sample.steps == TINY.few_steps
-    assert pipe.info.init_from.fingerprint and pipe.info.latent_mean == teacher.info.latent_mean
+    assert pipe.student.distilled and pipe.sample.distilled and pipe.sample.steps == TINY.few_steps
+    assert not pipe.dit.distilled and pipe.info.init_from == teacher.info.init_from  # the folder's DiT is the teacher
+    assert all(torch.allclose(a, b.half().float()) for a, b in zip(pipe.dit.state_dict().values(),
+                                                                     teacher.dit.state_dict().values()))
+    assert pipe.info.distilled_from.fingerprint and pipe.info.distilled_steps == TINY.max_steps
+    assert pipe.info.latent_mean == teacher.info.latent_mean and pipe.fingerprint != teacher.fingerprint
     log = [json.loads(line) for line in (distilled_run / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [1, 2, 3, 4] and all(r["loss"] >= 0 for r in log)
     # the student moved away from the teacher where it was told a guidance and a step, and only there
@@ -166,8 +170,26 @@ def test_a_distillation_exports_a_student_that_samples_in_few_steps_and_resumes_
     assert all(torch.equal(weights[k], again[k]) for k in weights)
     with pytest.raises(FacegenError, match="already holds checkpoints"):
         distill(tiny_run / "model", tiny_run / "latents", tmp_path / "split", cfg=TINY)
+
+
+def test_a_model_folder_checks_its_student(tmp_path, tiny_run, distilled_run):
+    import shutil
+
+    shutil.copytree(distilled_run / "model", tmp_path / "no-student")
+    shutil.rmtree(tmp_path / "no-student" / "student")
+    with pytest.raises(FacegenError, match="no student/ model"):
+        FacegenPipeline.load(tmp_path / "no-student")
+    pipe = FacegenPipeline.load(distilled_run / "model")
+    pipe.replaced(student=tiny_dit(distilled=True)).write(tmp_path / "other-shape")
+    with pytest.raises(FacegenError, match="shape or attributes"):
+        FacegenPipeline.load(tmp_path / "other-shape")
+    pipe.replaced(student=pipe.dit).write(tmp_path / "plain-student")
+    with pytest.raises(FacegenError, match="not a distilled DiT"):
+        FacegenPipeline.load(tmp_path / "plain-student")
+    pipe.replaced(dit=pipe.student, student=None, info=FacegenPipeline.load(tiny_run / "model").info).write(
+        tmp_path / "student-as-dit")
     with pytest.raises(FacegenError, match="already distilled"):
-        distill(distilled_run / "model", tiny_run / "latents", tmp_path / "again", cfg=TINY)
+        distill(tmp_path / "student-as-dit", tiny_run / "latents", tmp_path / "again", cfg=TINY)
 
 
 def test_a_distillation_goes_on_from_an_earlier_student_of_the_same_teacher(tmp_path, tiny_run, distilled_run):
@@ -175,9 +197,10 @@ def test_a_distillation_goes_on_from_an_earlier_student_of_the_same_teacher(tmp_
     cfg = dataclasses.replace(TINY, max_steps=2, learning_rate=0.0, warmup_steps=0)  # no step moves the weights
     later = FacegenPipeline.load(distill(tiny_run / "model", tiny_run / "latents", tmp_path / "on", cfg=cfg,
                                          init_student=distilled_run / "model"), precision="fp32")
-    assert all(torch.equal(a, b) for a, b in zip(earlier.dit.state_dict().values(), later.dit.state_dict().values()))
-    assert later.info.trained_steps == earlier.info.trained_steps + 2
-    assert later.info.init_from == earlier.info.init_from  # still the teacher's student
+    assert all(torch.equal(a, b) for a, b in zip(earlier.student.state_dict().values(),
+                                                 later.student.state_dict().values()))
+    assert later.info.distilled_steps == earlier.info.distilled_steps + 2
+    assert later.info.distilled_from == earlier.info.distilled_from  # still the teacher's student
     with pytest.raises(FacegenError, match="not a distilled model"):
         distill(tiny_run / "model", tiny_run / "latents", tmp_path / "no", cfg=cfg, init_student=tiny_run / "model")
     teacher = FacegenPipeline.load(tiny_run / "model")
@@ -193,8 +216,8 @@ def test_a_distillation_goes_on_from_an_earlier_student_of_the_same_teacher(tmp_
 def test_a_students_face_is_its_seeds_alone_and_steps_call_it_once_each(distilled_run):
     pipe = FacegenPipeline.load(distilled_run / "model")
     calls = []
-    pipe.dit.register_forward_hook(lambda module, args, kwargs, out: calls.append((len(args[0]), kwargs)),
-                                   with_kwargs=True)
+    pipe.student.register_forward_hook(lambda module, args, kwargs, out: calls.append((len(args[0]), kwargs)),
+                                       with_kwargs=True)
     y = torch.zeros(len(pipe.attributes))
     y[0] = 1
     conditions, drawn = pipe.draw_free(y, [0, 1, 2])
@@ -205,10 +228,11 @@ def test_a_students_face_is_its_seeds_alone_and_steps_call_it_once_each(distille
     assert torch.allclose(together[1:2], alone, atol=1e-4)
     with pytest.raises(FacegenError, match="all-free reference"):
         pipe.generate(y, [0], reference=-y)
+    calls.clear()
     plain = pipe.settings(distilled=False)
-    assert pipe.generate(y, [0], plain).shape == together[:1].shape
+    assert pipe.generate(y, [0], plain).shape == together[:1].shape and not calls  # the teacher's many steps
     with pytest.raises(FacegenError, match="not distilled"):
-        FacegenPipeline.load(distilled_run / "model").replaced(dit=tiny_dit()).generate(y, [0])
+        FacegenPipeline.load(distilled_run / "model").replaced(student=None).generate(y, [0])
 
 
 def test_edits_and_undistilled_sampling_take_the_many_step_path():
