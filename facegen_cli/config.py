@@ -115,9 +115,10 @@ class SampleConfig:
         return replace(self, **{key: value for key, value in overrides.items() if value is not None})
 
     def undistilled(self):
-        """These settings as the plain velocity samples them, with classifier-free guidance: a distilled model's
-        few steps become MANY_STEPS Euler steps (the calls its teacher took); other settings as they are."""
-        return replace(self, distilled=False, steps=MANY_STEPS, method="euler") if self.distilled else self
+        """These settings as the teacher (the model folder's DiT) samples them, with classifier-free guidance: a
+        distilled model's few steps become the teacher's MANY_STEPS calls in Heun steps; other settings as they
+        are."""
+        return replace(self, distilled=False, steps=(MANY_STEPS + 1) // 2, method="heun") if self.distilled else self
 
 
 @dataclass(frozen=True)

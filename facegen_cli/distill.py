@@ -178,14 +178,15 @@ def distillation_loss(student, teacher, x0, labels, generator, cfg, frequencies=
                             for name, rows in (("plain", plain), ("base", base), ("shortcut", short))}
 
 
-def student_of(teacher: LatentDiT):
-    """A distilled LatentDiT of the teacher's shape whose every shared weight is the teacher's (the new
-    embeddings start at zero: it begins as the teacher's plain conditional model)."""
+def student_of(network: LatentDiT):
+    """A distilled LatentDiT of the network's shape, uncalibrated (guidance_gain 1), whose every weight is the
+    network's: a teacher's (the new embeddings start at zero: it begins as the teacher's plain conditional
+    model) or an earlier student's."""
     # not the config's private keys: "_use_default_values" (a config saved before `distilled` existed) would make
     # diffusers drop the True below when the student is loaded again
-    shape = {key: value for key, value in teacher.config.items() if not key.startswith("_")}
-    student = LatentDiT(**{**shape, "distilled": True})
-    missing, unexpected = student.load_state_dict(teacher.state_dict(), strict=False)
+    shape = {key: value for key, value in network.config.items() if not key.startswith("_")}
+    student = LatentDiT(**{**shape, "distilled": True, "guidance_gain": 1.0})
+    missing, unexpected = student.load_state_dict(network.state_dict(), strict=False)
     if unexpected or any(not key.startswith(("guidance_embedder.", "step_embedder.")) for key in missing):
         raise FacegenError("the teacher's DiT does not fit a student of its shape")
     return student
@@ -199,7 +200,7 @@ def earlier_student(path, teacher_print):
         raise FacegenError(f"{path} is not a distilled model; --init-student takes a student of the teacher")
     if pipe.info.distilled_from is None or pipe.info.distilled_from.fingerprint != teacher_print.fingerprint:
         raise FacegenError(f"{path} was not distilled from this teacher ({teacher_print.name})")
-    return pipe.student.float().requires_grad_(True), pipe.info.distilled_steps or 0
+    return student_of(pipe.student.float()), pipe.info.distilled_steps or 0  # trained uncalibrated
 
 
 def distill(teacher_path, data, out, *, cfg: DistillConfig = DistillConfig(), resume=False, init_student=None,

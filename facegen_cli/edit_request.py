@@ -37,9 +37,9 @@ def edit_sample(sample, steps=None):
     """The model's sampler settings as an edit takes them: Euler's steps (FlowEdit and an inversion step with
     their own integrators; fresh noise with RePaint's rounds takes Euler's), `steps` of them when given, else
     as many as the model's sampler makes model calls (a Heun step makes two, but the last): the edit figures
-    were measured at 25 Euler steps, when the model sampled faces with them too. A distilled model edits with
-    its plain velocity and classifier-free guidance (SampleConfig.undistilled): its few steps draw whole faces
-    from the all-free reference, and an edit steers between two conditions, which it was not distilled for."""
+    were measured at 25 Euler steps, when the model sampled faces with them too. A distilled model's folder edits
+    with its teacher (MODEL/dit) and classifier-free guidance (SampleConfig.undistilled): the student's few
+    steps draw whole faces from the all-free reference, and an edit steers between two conditions."""
     sample = sample.undistilled()
     calls = 2 * sample.steps - 1 if sample.method == "heun" else sample.steps
     return replace(sample, steps=steps or calls, method="euler")

@@ -24,7 +24,9 @@ is to take, and then predicts in one call what its teacher's guided sampler woul
 (the asked attributes' and the drawn ones', guidance.composed) with which attributes are asked and which
 way, and the step size d (a shortcut model's, Frans et al. 2024: the average velocity over a step of size d;
 0 = the velocity itself). Both embeddings are added to c and start at zero. Called without them it is the plain
-conditional model, the teacher's v(x, t, y), which edits and classifier-free guidance use as before.
+conditional model, close to the teacher's v(x, t, y). Its `guidance_gain`, measured after distillation and 1
+during it, calibrates the asked scale to the teacher's: told s, it gives 1 + gain (s - 1), so that a guidance
+shows an attribute as often with the student as with the teacher.
 """
 
 import math
@@ -185,6 +187,7 @@ class LatentDiT(ModelMixin, ConfigMixin):
         context_channels=0,
         framing=False,
         distilled=False,
+        guidance_gain=1.0,
     ):
         super().__init__()
         if hidden_size % num_heads or hidden_size % 4:
@@ -289,7 +292,9 @@ class LatentDiT(ModelMixin, ConfigMixin):
         if guidance is not None:
             if self.guidance_embedder is None:
                 raise ValueError("this model takes no guidance or step (distilled is False)")
-            c = c + self.guidance_embedder(*guidance, y) + self.step_embedder(step)
+            scales, asked = guidance
+            scales = torch.stack([1 + self.config.guidance_gain * (scales[:, 0] - 1), scales[:, 1]], dim=1)
+            c = c + self.guidance_embedder(scales, asked, y) + self.step_embedder(step)
         for block in self.blocks:
             tokens = block(tokens, c)
         return self.unpatchify(self.final_layer(tokens, c))

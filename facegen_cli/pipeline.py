@@ -82,7 +82,8 @@ def load_student(folder, dit):
         raise FacegenError(f"{folder}: the student's checkpoint does not load: {first_line(e)}") from None
     if not student.distilled:
         raise FacegenError(f"{folder}: not a distilled DiT")
-    shape = lambda model: {k: v for k, v in model.config.items() if not k.startswith("_") and k != "distilled"}  # noqa: E731
+    shape = lambda model: {k: v for k, v in model.config.items()  # noqa: E731
+                           if not k.startswith("_") and k not in ("distilled", "guidance_gain")}
     if shape(student) != shape(dit):
         raise FacegenError(f"{folder}: the student's shape or attributes are not the model's")
     return student
@@ -111,11 +112,13 @@ class FacegenPipeline:
 
     @functools.cached_property
     def fingerprint(self):
-        """A short hash of the weights that draw (the DiT's, the student's if any, and the autoencoder's;
-        vae.weights_fingerprint), written into every face and edited photo: the same model gives the same one
-        on every machine."""
+        """A short hash of the weights that draw (the DiT's, the student's and its guidance gain if any, and
+        the autoencoder's; vae.weights_fingerprint), written into every face and edited photo: the same model
+        gives the same one on every machine."""
         parts = [vae_lib.weights_fingerprint(network) for network in (self.dit, self.student, self.vae)
                  if network is not None]
+        if self.student is not None:
+            parts.append(repr(float(self.student.config.guidance_gain)))
         return hashlib.sha256(" ".join(parts).encode()).hexdigest()[:16]
 
     @property

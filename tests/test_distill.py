@@ -73,6 +73,21 @@ def test_the_guidance_embedding_reads_which_way_each_asked_and_drawn_attribute_p
         assert not torch.allclose(embedder(scales, asked, torch.tensor([[1.0, 1.0, 0.0]])), base)  # the drawn flipped
 
 
+def test_a_students_guidance_gain_calibrates_the_asked_scale_alone():
+    student = student_of(tiny_dit()).eval()
+    for p in student.guidance_embedder.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    calibrated = LatentDiT(**{**student.config, "guidance_gain": 1.25}).eval()
+    calibrated.load_state_dict(student.state_dict())
+    x, t, y = torch.randn(2, 4, 8, 8), torch.rand(2), torch.tensor([[1.0, 0, -1], [0, 1, 0]])
+    step, asked = torch.full((2,), 0.25), y != 0
+    with torch.no_grad():
+        told = calibrated(x, t, y, guidance=(torch.tensor([[3.0, 1.5]] * 2), asked), step=step)
+        assert torch.allclose(told, student(x, t, y, guidance=(torch.tensor([[3.5, 1.5]] * 2), asked), step=step))
+        assert torch.equal(calibrated(x, t, y), student(x, t, y))  # the plain call is untouched
+    assert student_of(calibrated).config.guidance_gain == 1.0  # distilled further, it trains uncalibrated
+
+
 def test_a_student_of_a_model_saved_before_distillation_existed_loads_back_distilled(tmp_path):
     tiny_dit().save_pretrained(tmp_path / "old")
     config = json.loads((tmp_path / "old" / "config.json").read_text())
@@ -237,8 +252,8 @@ def test_a_students_face_is_its_seeds_alone_and_steps_call_it_once_each(distille
 
 def test_edits_and_undistilled_sampling_take_the_many_step_path():
     few = SampleConfig(steps=4, method="euler", distilled=True)
-    assert few.undistilled() == SampleConfig(steps=25, method="euler", distilled=False)
-    assert edit_sample(few) == few.undistilled()
+    assert few.undistilled() == SampleConfig(steps=13, method="heun", distilled=False)  # the teacher's 25 calls
+    assert edit_sample(few) == SampleConfig(steps=25, method="euler", distilled=False)
     heun = SampleConfig(steps=13, method="heun")
     assert heun.undistilled() is heun and edit_sample(heun).steps == 25
     with pytest.raises(FacegenError, match="distilled must be"):
@@ -255,7 +270,7 @@ def test_the_cli_distils_and_generates_with_or_without_the_students_few_steps(tm
     assert len(result.stdout.split()) == 2 and "distilled=True" in result.output
     result = runner.invoke(app, ["generate", "--model", str(distilled_run / "model"), "-n", "1", "--no-distilled",
                                  "--out", str(tmp_path / "many"), "--precision", "fp32"])
-    assert result.exit_code == 0 and "steps=25" in result.output and "distilled=False" in result.output
+    assert result.exit_code == 0 and "steps=13" in result.output and "distilled=False" in result.output
     result = runner.invoke(app, ["generate", "--model", str(tiny_run / "model"), "-n", "1", "--distilled",
                                  "--out", str(tmp_path / "no")])
     assert result.exit_code != 0 and "not distilled" in result.output
