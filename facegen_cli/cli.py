@@ -301,9 +301,9 @@ def generate(
                                                                        "step's noise drawn afresh (default: the "
                                                                        "model's)."),
     distilled: Optional[bool] = typer.Option(None, "--distilled/--no-distilled",
-                                             help="A distilled model's one call per step, guidance and step size "
-                                                  "its inputs, or classifier-free guidance of its plain velocity "
-                                                  "(25 steps unless --steps); default: the model's."),
+                                             help="A distilled model's student, one call per step, guidance and "
+                                                  "step size its inputs, or its teacher with classifier-free "
+                                                  "guidance (13 Heun steps unless --steps); default: the model's."),
     grid: bool = typer.Option(False, "--grid", help="Also write all faces as one grid image."),
     upscale: Optional[float] = typer.Option(None, "--upscale", min=1.0, max=8.0,
                                             help="Super-resolve the faces (e.g. 4: 128 -> 512 px)."),

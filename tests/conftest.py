@@ -72,10 +72,10 @@ def tiny_model_dir(tiny_run):
     return tiny_run / "model"
 
 
-def assert_shipped_in_float16(folder, max_mib):
-    """A shipped model folder: dit/, vae/ and classifier/ weights, all floats in float16, within max_mib."""
+def assert_shipped_in_float16(folder, max_mib, parts=("dit", "vae", "classifier")):
+    """A shipped model folder: the `parts`' weights, all floats in float16, within max_mib."""
     files = sorted(folder.rglob("*.safetensors"))
-    assert {f.parent.name for f in files} == {"dit", "vae", "classifier"}
+    assert {f.parent.name for f in files} == set(parts)
     assert sum(f.stat().st_size for f in files) <= max_mib * 2**20
     for f in files:
         with safe_open(f, "pt") as weights:
