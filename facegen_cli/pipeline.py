@@ -64,22 +64,25 @@ def check_guide(guide, dit, where):
         raise FacegenError(f"{where}: the guide's attributes are not the model's")
 
 
+def read_dit(folder, what, where=None):
+    """The LatentDiT saved in `folder`; one that does not load is named in a one-line error as `what` ("the
+    DiT") of `where` (default: the folder)."""
+    try:
+        return LatentDiT.from_pretrained(folder)
+    except (OSError, ValueError, RuntimeError, KeyError, TypeError) as e:
+        raise FacegenError(f"{where or folder}: {what} checkpoint does not load: {first_line(e)}") from None
+
+
 def load_guide(folder, dit):
     """MODEL/guide: the autoguidance guide's LatentDiT, checked against the model's `dit`."""
-    try:
-        guide = LatentDiT.from_pretrained(folder)
-    except (OSError, ValueError, RuntimeError, KeyError, TypeError) as e:
-        raise FacegenError(f"{folder}: the guide's checkpoint does not load: {first_line(e)}") from None
+    guide = read_dit(folder, "the guide's")
     check_guide(guide, dit, folder)
     return guide
 
 
 def load_student(folder, dit):
     """MODEL/student: the distilled LatentDiT, checked against the model's `dit` (its shape and attributes)."""
-    try:
-        student = LatentDiT.from_pretrained(folder)
-    except (OSError, ValueError, RuntimeError, KeyError, TypeError) as e:
-        raise FacegenError(f"{folder}: the student's checkpoint does not load: {first_line(e)}") from None
+    student = read_dit(folder, "the student's")
     if not student.distilled:
         raise FacegenError(f"{folder}: not a distilled DiT")
     shape = lambda model: {k: v for k, v in model.config.items()  # noqa: E731
@@ -163,10 +166,7 @@ class FacegenPipeline:
             info = ModelInfo.from_dict(json.loads((path / MODEL_FILE).read_text()), path / MODEL_FILE)
         except (OSError, ValueError) as e:
             raise FacegenError(f"{path / MODEL_FILE}: not readable JSON ({first_line(e)})") from None
-        try:
-            dit = LatentDiT.from_pretrained(path / "dit")
-        except (OSError, ValueError, RuntimeError, KeyError, TypeError) as e:
-            raise FacegenError(f"{path}: the DiT checkpoint does not load: {first_line(e)}") from None
+        dit = read_dit(path / "dit", "the DiT", where=path)
         if len(info.latent_mean) != dit.config.latent_channels:
             raise FacegenError(f"{path / MODEL_FILE}: latent_mean has {len(info.latent_mean)} values, but the DiT "
                                f"has {dit.config.latent_channels} latent channels")
