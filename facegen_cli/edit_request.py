@@ -24,8 +24,10 @@ STRENGTHS = {"black_hair": 1.0, "blond_hair": 1.0, "bald": 1.0, "pale_skin": 0.7
 # (0.23 / 0.29). On the 38 photos of docs/faces-edit/photo-eval.md, pale skin showed on 38 / 76 / 85 / 85% at
 # 3 / 5 / 6 / 7 (0.18 / 0.27 / 0.30 / 0.33), male on 74 / 95 / 95% at 3 / 3.5 / 4 (0.33 / 0.38 / 0.41), and
 # with the lips kept (edit.REGIONS) a mustache on 16 of 17 men at 9, against 15 at 7 (0.23 against 0.18); a
-# smile on 94 / 100 / 100% at 3.5 / 4 / 5 (0.26 / 0.28 / 0.30).
-GUIDANCES = {"mustache": 9.0, "beard": 5.0, "smiling": 3.5, "wearing_hat": 5.0, "pale_skin": 6.0, "male": 3.5}
+# smile on 94 / 100 / 100% at 3.5 / 4 / 5 (0.26 / 0.28 / 0.30). Glasses kept as frames alone (edit.thin_overlay)
+# showed on 76 / 92 / 95% at 3 / 4 / 5 by need (0.28 / 0.31 / 0.32).
+GUIDANCES = {"mustache": 9.0, "beard": 5.0, "eyeglasses": 4.0, "smiling": 3.5, "wearing_hat": 5.0, "pale_skin": 6.0,
+             "male": 3.5}
 # Guidance by need: with no guidance given, each face is edited at these fractions of its change's guidance
 # in turn and keeps the first whose change the classifier reads on the edited face as surely as on most real
 # faces with it (the full guidance where none is): a face that takes the change easily is changed no more

@@ -10,7 +10,8 @@ from typer.testing import CliRunner
 from facegen_cli.attributes import DEFAULT_ATTRIBUTES
 from facegen_cli.cli import app
 from facegen_cli.config import SampleConfig
-from facegen_cli.edit import REGIONS, edit_crops, edit_until_shown, paste_back, reconstruct_crops, region_mask
+from facegen_cli.edit import (OVERLAY_WIDTH, REGIONS, edit_crops, edit_until_shown, overlay_mask, paste_back,
+                              reconstruct_crops, region_mask, thin_overlay, thin_structure)
 from facegen_cli.edit_request import EditRequest
 from facegen_cli.errors import FacegenError
 from facegen_cli.landmarks import (CANONICAL_POINTS, align_face, alignment, invert, similarity_transform,
@@ -318,6 +319,39 @@ def test_paste_back_changes_only_the_masked_pixels_of_the_photo(face):
     inside = photo_mask == 255
     assert (result[inside].astype(int) - original[inside]).mean() < -10
     assert np.corrcoef(result[inside].ravel(), original[inside].ravel())[0, 1] > 0.9
+
+
+def test_an_overlay_keeps_the_thin_lines_of_a_change_and_drops_its_broad_shading():
+    """Glasses: a frame drawn over a tinted lens reaches the photo as the frame alone, at its full contrast."""
+    change = np.zeros((1, 64, 64, 3), dtype=np.float32)
+    change[0, 10:40, 10:40] = -30  # a tinted lens, 30 px wide
+    change[0, 10:40, 24:26] -= 50  # a frame's bar across it, 2 px wide
+    change[0, 50:52, 5:60] = 40  # a light line, 2 px high, on nothing
+    thin = thin_structure(change)
+    assert np.allclose(thin[0, 10:40, 24:26], -50) and np.allclose(thin[0, 50:52, 5:60], 40)
+    assert np.allclose(thin[0, 12:38, 12:22], 0) and np.allclose(thin[0, 12:38, 28:38], 0)  # the tint is gone
+    assert np.allclose(thin_structure(np.zeros_like(change)), 0)
+    # Where the overlay is 0 the change is kept whole; where the edit changed nothing, the reconstruction is exact.
+    rng = np.random.default_rng(0)
+    reconstructed = rng.integers(90, 200, (2, 64, 64, 3)).astype(np.uint8)  # no change clipped
+    edited = np.clip(reconstructed + change.astype(int), 0, 255).astype(np.uint8)
+    overlays = np.zeros((2, 64, 64), dtype=np.float32)
+    overlays[1] = 1
+    out = thin_overlay(edited, reconstructed, overlays)
+    assert np.array_equal(out[0], edited[0])
+    assert np.array_equal(out[1, 12:38, 12:22], reconstructed[1, 12:38, 12:22])
+    assert (out[1, 10:40, 24:26].astype(int) - reconstructed[1, 10:40, 24:26] < -45).all()
+    # A crop's result is the same alone or in a batch.
+    assert np.array_equal(thin_overlay(edited[1:], reconstructed[1:], overlays[1:]), out[1:])
+    assert OVERLAY_WIDTH % 2 == 1
+
+
+def test_only_glasses_are_overlays(face):
+    _, p = face
+    assert [name for name, region in REGIONS.items() if region.overlay] == ["eyeglasses"]
+    glasses = overlay_mask(["eyeglasses", "mustache"], p, 128)
+    assert np.array_equal(glasses, region_mask(["eyeglasses"], p, 128))
+    assert not overlay_mask(["mustache", "beard"], p, 128).any()
 
 
 def write_face_photo(path, seed=3):
@@ -761,7 +795,7 @@ def test_the_default_guidance_follows_the_change_unless_one_is_given():
 
     sample = SampleConfig(steps=4, guidance=3.0)
     assert EditRequest(add=("mustache",), sample=sample).settings.guidance == GUIDANCES["mustache"] == 9.0
-    assert EditRequest(add=("eyeglasses",), sample=sample).settings.guidance == 3.0  # the model's
+    assert EditRequest(add=("bangs",), sample=sample).settings.guidance == 3.0  # the model's
     assert EditRequest(add=("beard", "male"), sample=sample).settings.guidance == 5.0  # the largest of the changes'
     assert EditRequest(add=("mustache",), sample=sample, guidance=2.0).settings.guidance == 2.0
     assert EditRequest(repaint=("mustache",), sample=sample).settings.guidance == 3.0  # nothing asked: the no-op
