@@ -56,11 +56,18 @@ def _beard(p):
                                         (left[0] - pad, p["upper_lip"][1])]]
 
 
+GLASSES_BELOW_BROWS = 0.25  # how far from the brows down to the eyes the glasses' region starts
+
+
 def _eyeglasses(p):
-    brow = min(p["left_brow_inner"][1], p["right_brow_inner"][1], p["left_brow_outer"][1], p["right_brow_outer"][1])
+    """The band over both eyes, from GLASSES_BELOW_BROWS of the way below the brows (grown and feathered, the
+    region then fades out over the brows instead of redrawing them whole: redrawn, they came out greyer under the
+    frames; 38 photos: dlib identity 0.313 -> 0.289) to 0.9 of the brows' height above the eyes below them."""
+    brows = [p[name][1] for name in ("left_brow_inner", "right_brow_inner", "left_brow_outer", "right_brow_outer")]
     eye = (p["left_eye"][1] + p["right_eye"][1]) / 2
-    bottom = eye + 0.9 * (eye - brow)
-    return [[(p["jaw_0"][0], brow), (p["jaw_8"][0], brow), (p["jaw_8"][0], bottom), (p["jaw_0"][0], bottom)]]
+    top = max(brows) + GLASSES_BELOW_BROWS * (eye - max(brows))
+    bottom = eye + 0.9 * (eye - min(brows))
+    return [[(p["jaw_0"][0], top), (p["jaw_8"][0], top), (p["jaw_8"][0], bottom), (p["jaw_0"][0], bottom)]]
 
 
 def _lips(p):
