@@ -341,6 +341,11 @@ def test_an_overlay_keeps_the_thin_lines_of_a_change_and_drops_its_broad_shading
     assert np.array_equal(out[0], edited[0])
     assert np.array_equal(out[1, 12:38, 12:22], reconstructed[1, 12:38, 12:22])
     assert (out[1, 10:40, 24:26].astype(int) - reconstructed[1, 10:40, 24:26] < -45).all()
+    # A frame takes the change's brightness alone: a coloured line comes out neutral, as dark on every channel.
+    tinted = edited.copy()
+    tinted[1, 50:52, 5:60] = np.clip(reconstructed[1, 50:52, 5:60].astype(int) + [60, 0, 0], 0, 255)
+    line = thin_overlay(tinted, reconstructed, overlays)[1, 50:52, 5:60].astype(int) - reconstructed[1, 50:52, 5:60]
+    assert (np.abs(line - 20) <= 1).all()
     # A crop's result is the same alone or in a batch.
     assert np.array_equal(thin_overlay(edited[1:], reconstructed[1:], overlays[1:]), out[1:])
     assert OVERLAY_WIDTH % 2 == 1
