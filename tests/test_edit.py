@@ -243,14 +243,14 @@ def test_each_face_takes_the_least_guidance_that_shows_its_change(face):
     masks = np.stack([region_mask(["mustache"], points, 128)] * 2)
     current = -torch.ones(2, len(DEFAULT_ATTRIBUTES), dtype=torch.long)
     request = EditRequest(add=("mustache",), sample=SampleConfig(steps=3, guidance=3.0), seed=2)
-    assert request.rungs == (4.5, 6.75, 9.0)  # RUNGS of the mustache's 9
+    assert request.rungs == (3.15, 4.5, 6.75, 9.0)  # RUNGS of the mustache's 9
     reader = CornerReader()
     edited, taken = edit_until_shown(pipe, crops, masks, request, current, reader, reconstruct_crops(pipe, crops, masks))
-    assert taken.tolist() == [4.5, 9.0] and reader.seen == [2, 1]  # the last rung is kept without a reading
+    assert taken.tolist() == [3.15, 9.0] and reader.seen == [2, 1, 1]  # the last rung is kept without a reading
     for i, guidance in enumerate(taken):
         alone = edit_crops(pipe, crops[i:i + 1], masks[i:i + 1], request, current[i:i + 1], guidance=guidance)
         assert np.abs(alone[0].astype(int) - edited[i]).max() <= 2
-    weaker = edit_crops(pipe, crops[1:], masks[1:], request, current[1:], guidance=4.5)
+    weaker = edit_crops(pipe, crops[1:], masks[1:], request, current[1:], guidance=3.15)
     assert np.abs(weaker[0].astype(int) - edited[1]).max() > 2  # the second face's edit is the full guidance's
     assert EditRequest(add=("mustache",), sample=request.sample, guidance=2.0).rungs == (2.0,)  # given: that alone
 
