@@ -10,8 +10,8 @@ from typer.testing import CliRunner
 from facegen_cli.attributes import DEFAULT_ATTRIBUTES
 from facegen_cli.cli import app
 from facegen_cli.config import SampleConfig
-from facegen_cli.edit import (OVERLAY_WIDTH, REGIONS, edit_crops, edit_until_shown, overlay_mask, paste_back,
-                              reconstruct_crops, region_mask, thin_overlay, thin_structure)
+from facegen_cli.edit import (OVERLAY_WIDTH, REGIONS, edit_crops, edit_until_shown, overlay_mask, overlay_width,
+                              paste_back, reconstruct_crops, region_mask, thin_overlay, thin_structure)
 from facegen_cli.edit_request import EditRequest
 from facegen_cli.errors import FacegenError
 from facegen_cli.landmarks import (CANONICAL_POINTS, align_face, alignment, invert, similarity_transform,
@@ -348,7 +348,8 @@ def test_an_overlay_keeps_the_thin_lines_of_a_change_and_drops_its_broad_shading
     assert (np.abs(line - 20) <= 1).all()
     # A crop's result is the same alone or in a batch.
     assert np.array_equal(thin_overlay(edited[1:], reconstructed[1:], overlays[1:]), out[1:])
-    assert OVERLAY_WIDTH % 2 == 1
+    # In a zoomed view a frame is more pixels wide: the width grows with the zoom and stays odd (a centred square).
+    assert overlay_width() == OVERLAY_WIDTH == 7 and overlay_width(1.5) == 11 and overlay_width(2.0) == 15
 
 
 def test_only_glasses_are_overlays(face):
