@@ -554,9 +554,11 @@ def edit_prepared(pipe, prepared, request, classifier=None, upscaler=None):
         edited, guidance = edit_until_shown(pipe, crops, masks, request, current, classifier, reconstructed, overlays)
     else:
         edited, guidance = edit_crops(pipe, crops, masks, request, current, views), [request.rungs[-1]] * len(crops)
-        zooms = [1.0] * len(crops) if views is None else [view.zoom for view in views]
-        edited = np.concatenate([thin_overlay(edited[k:k + 1], reconstructed[k:k + 1], overlays[k:k + 1],
-                                              overlay_width(zoom)) for k, zoom in enumerate(zooms)])
+        if views is None:
+            edited = thin_overlay(edited, reconstructed, overlays)
+        else:  # in a zoomed view a frame is more pixels wide
+            edited = np.concatenate([thin_overlay(edited[k:k + 1], reconstructed[k:k + 1], overlays[k:k + 1],
+                                                  overlay_width(view.zoom)) for k, view in enumerate(views)])
     results, start = [], 0
     for p in prepared:
         photo, total_mask = p.photo, np.zeros(p.photo.size[::-1], dtype=np.uint8)

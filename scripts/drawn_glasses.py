@@ -1,7 +1,7 @@
 """What a plain pair of glasses costs in dlib's identity distance: thin dark frames drawn on each photo's largest
 face with PIL, nothing else changed, measured as `facegen eval edits` measures an edit.
 
-    python scripts/drawn_glasses.py PHOTOS_FOLDER --out drawn-glasses [--line 70]
+    python scripts/drawn_glasses.py PHOTOS... --out drawn-glasses [--line 70]
 
 Frames: a rounded rectangle around each eye (1.9 eye widths wide, 1.15 high) and a bridge, lines of a
 1/LINE of the face's width (temple to temple), dark grey. Prints the identity median and largest (original vs
@@ -15,10 +15,12 @@ import json
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import ImageDraw
 
-from facegen_cli.files import save_image
+from facegen_cli.edit import without_masks
+from facegen_cli.files import collect_inputs, save_image
 from facegen_cli.identity import FaceEmbedder
+from facegen_cli.images import read_photo, to_rgb
 from facegen_cli.landmarks import FaceFinder
 from facegen_cli.photo_eval import read_face
 from facegen_cli.pipeline import FacegenPipeline
@@ -46,7 +48,7 @@ def draw_frames(photo, points, line):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("photos", type=Path)
+    parser.add_argument("photos", nargs="+", help="photos or folders of photos, as facegen eval edits takes them")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--line", type=float, default=70, help="frame lines 1/LINE of the face's width")
     parser.add_argument("--model", default="faces", help="whose attribute classifier reads the glasses")
@@ -55,10 +57,13 @@ def main():
     pipe = FacegenPipeline.load(args.model, "cpu", "fp32")
     classifier, embedder, finder = pipe.load_classifier(), FaceEmbedder(), FaceFinder()
     glasses = pipe.attributes.index("eyeglasses")
+    files, problems = collect_inputs(args.photos)
+    for problem in problems:
+        print(problem)
     rows = []
     try:
-        for path in sorted(p for p in args.photos.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png")):
-            photo = Image.open(path).convert("RGB")
+        for path in sorted(path for path, _ in without_masks(files)[0]):
+            photo = to_rgb(read_photo(path)[0])  # EXIF orientation applied, as the edits see the photo
             pixels = np.asarray(photo)
             before, points, _ = read_face(finder, classifier, pixels, pipe.info.image_size)
             if points is None:
