@@ -182,10 +182,7 @@ def student_of(network: LatentDiT):
     """A distilled LatentDiT of the network's shape, uncalibrated (guidance_gain 1), whose every weight is the
     network's: a teacher's (the new embeddings start at zero: it begins as the teacher's plain conditional
     model) or an earlier student's."""
-    # not the config's private keys: "_use_default_values" (a config saved before `distilled` existed) would make
-    # diffusers drop the True below when the student is loaded again
-    shape = {key: value for key, value in network.config.items() if not key.startswith("_")}
-    student = LatentDiT(**{**shape, "distilled": True, "guidance_gain": 1.0})
+    student = LatentDiT(**network.architecture(), distilled=True, guidance_gain=1.0)
     missing, unexpected = student.load_state_dict(network.state_dict(), strict=False)
     if unexpected or any(not key.startswith(("guidance_embedder.", "step_embedder.")) for key in missing):
         raise FacegenError("the teacher's DiT does not fit a student of its shape")

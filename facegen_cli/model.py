@@ -258,6 +258,13 @@ class LatentDiT(ModelMixin, ConfigMixin):
     def distilled(self):
         return self.guidance_embedder is not None
 
+    def architecture(self):
+        """The config a teacher and its distilled students share: shape and attributes, without `distilled`
+        and `guidance_gain`, and without the config's private keys ("_use_default_values" of a config saved
+        before `distilled` existed would make diffusers drop a student's distilled=True when it is loaded)."""
+        return {key: value for key, value in self.config.items()
+                if not key.startswith("_") and key not in ("distilled", "guidance_gain")}
+
     def unpatchify(self, x):
         """(B, N, p*p*C) tokens -> (B, C, H, W) latents."""
         p, c, g = self.patch_size, self.latent_channels, self.grid_size

@@ -85,9 +85,7 @@ def load_student(folder, dit):
     student = read_dit(folder, "the student's")
     if not student.distilled:
         raise FacegenError(f"{folder}: not a distilled DiT")
-    shape = lambda model: {k: v for k, v in model.config.items()  # noqa: E731
-                           if not k.startswith("_") and k not in ("distilled", "guidance_gain")}
-    if shape(student) != shape(dit):
+    if student.architecture() != dit.architecture():
         raise FacegenError(f"{folder}: the student's shape or attributes are not the model's")
     return student
 
