@@ -111,6 +111,9 @@ def measure_one(pipe, classifier, embedder, finder, path, kind, noop, request, u
     return result, photo, pixels, points
 
 
+BEFORE_AFTER_GAP = 4  # white pixels between before and after
+
+
 def before_after(photo, pixels, points):
     """The face at the photo's own pixels, before | after."""
     left, top, right, bottom = face_box(points)
@@ -118,9 +121,9 @@ def before_after(photo, pixels, points):
     cx, cy = (left + right) / 2, (top + bottom) / 2
     box = tuple(int(round(v)) for v in (cx - half, cy - 1.2 * half, cx + half, cy + 0.9 * half))
     a, b = Image.fromarray(photo).crop(box), Image.fromarray(pixels).crop(box)
-    both = Image.new("RGB", (a.width * 2 + 4, a.height), (255, 255, 255))
+    both = Image.new("RGB", (a.width * 2 + BEFORE_AFTER_GAP, a.height), (255, 255, 255))
     both.paste(a, (0, 0))
-    both.paste(b, (a.width + 4, 0))
+    both.paste(b, (a.width + BEFORE_AFTER_GAP, 0))
     return both
 
 

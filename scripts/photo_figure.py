@@ -14,9 +14,9 @@ from pathlib import Path
 from PIL import Image
 
 from facegen_cli.files import save_image
+from facegen_cli.photo_eval import BEFORE_AFTER_GAP as GAP  # rows and columns as far apart as a crop's halves
 
 PHOTOS = ("0-f1-su-ph", "0-f15-hao-ph", "15-f13-anc-ph", "45-m7-di-ph", "multi_face", "single_face", "184041", "183854")
-GAP = 4
 
 
 def main():
