@@ -219,6 +219,33 @@ def combination_control(readings, requests):
         asked.sum().item() * readings.shape[1])
 
 
+def all_shown_where(readings, requests, which):
+    """combination_control's share of faces showing every asked attribute, over the requests (R, A) where
+    `which` (R,) holds; readings: one (K, A) per request."""
+    kept = torch.stack([r for r, ok in zip(readings, which) if ok])
+    return round(combination_control(kept, requests[which])[0], 4)
+
+
+# Fewer held-out real faces labelled with a request than this, and how the classifier reads them says
+# little: such a request is left out where the model's combinations are compared with real faces'
+MIN_REAL_FACES = 20
+
+
+def real_combination_control(readings, labels, requests):
+    """How the classifier reads the held-out real faces labelled with each request: ((R,) the fraction of the
+    faces whose labels agree with every asked attribute that it reads as every asked attribute, NaN where no
+    face does; (R,) how many faces those are). What the model's combinations can be held to: where the
+    classifier does not read real faces labelled so as asked (a beard without a mustache), it will not read
+    the model's either. readings, labels (N, A) in {-1, +1} (labels 0: unknown, never agreeing)."""
+    rates, faces = [], []
+    for y in requests:
+        asked = y != 0
+        rows = ((labels == y.sign().long()) | ~asked).all(-1)
+        faces.append(int(rows.sum()))
+        rates.append(combination_control(readings[rows][None], y[None])[0] if rows.any() else float("nan"))
+    return torch.tensor(rates), torch.tensor(faces)
+
+
 def mean_pairwise_distance(features):
     """Mean L2 distance between the feature vectors (N, D) of different faces: diversity within a condition."""
     distances = torch.cdist(features.double(), features.double())
@@ -304,7 +331,7 @@ def attribute_grid(images, columns=8):
 class HeldOutFaces:
     """A labelled folder's test faces as the evaluation reads them, labels in the model's attribute order."""
     images: np.ndarray  # uint8 (N, S, S, 3)
-    labels: torch.Tensor  # (N, A)
+    labels: Optional[torch.Tensor]  # (N, A); None where the folder does not label every attribute
     points: Optional[list] = None  # named landmarks per face in the S x S frame (built-in faces: edits measurable)
     train_labels: Optional[torch.Tensor] = None  # the train split's labels, for the free-flip ceiling
 
@@ -315,8 +342,8 @@ def load_held_out_faces(data, attributes, size):
     if len(images) < 2:  # found now, not after the whole evaluation was sampled
         raise FacegenError(f"{data}: its test split holds {len(images)} readable face(s); the Fréchet distances "
                            "against real faces need at least 2")
-    if set(attributes) <= set(data_attributes):
-        labels = labels[:, [data_attributes.index(a) for a in attributes]]
+    labels = torch.as_tensor(labels[:, [data_attributes.index(a) for a in attributes]]).long() \
+        if set(attributes) <= set(data_attributes) else None
     train = read_dataset(data, "train")
     train_labels = train.labels[:, [train.attributes.index(a) for a in attributes]] \
         if set(attributes) <= set(train.attributes) else None
@@ -340,7 +367,8 @@ class GuidanceResult:
     leakage_matrix: list  # (A, A)
     leakage_off_diagonal_mean: float
     # {"requests": [...], "all_asked_shown": rate, "each_asked_shown": rate, "all_asked_shown_per_request":
-    # [...]}; with a label prior, "supported" (per request) and "all_asked_shown_supported"
+    # [...]}; with a label prior, "supported" (per request) and "all_asked_shown_supported"; with labelled
+    # held-out faces, "all_asked_shown_compared" (over EvalReport.combinations_real's compared requests)
     combinations: dict
     diversity: float
     frechet_classifier_features: Optional[float] = None  # with held-out faces
@@ -360,6 +388,9 @@ class EvalReport:
     free_flip_ceiling: Optional[dict] = None
     free_faces: Optional[dict] = None  # free_face_figures at the model's own guidance
     unsupported_pairs: Optional[list] = None  # with a label prior: the pairs a held flip cannot count on
+    # with labelled held-out faces: {"faces_per_request": [...], "all_asked_shown_per_request": [...] (None
+    # where no face), "compared": [...] (supported, where a prior says, and at least MIN_REAL_FACES faces)}
+    combinations_real: Optional[dict] = None
     edit_locality: Optional[dict] = None
 
     def to_dict(self):
@@ -369,8 +400,10 @@ class EvalReport:
         return {**measured(self), "guidance": {g: measured(r) for g, r in self.guidance.items()}}
 
 
-def measure_guidance(pipe, classifier, settings, *, seeds, combos, real_features, fid, fid_unavailable, advance):
-    """(GuidanceResult, single-attribute images (A, 2, K, 3, H, W), held-flip images) at settings.guidance."""
+def measure_guidance(pipe, classifier, settings, *, seeds, combos, real_features, fid, fid_unavailable, advance,
+                     beside_real=None):
+    """(GuidanceResult, single-attribute images (A, 2, K, 3, H, W), held-flip images) at settings.guidance.
+    beside_real: (R,) bool, the combinations compared with their real faces (combinations_real's "compared")."""
     attributes = pipe.attributes
     generate = lambda y, s, drawn=None: pipe.generate(y, s, settings, drawn=drawn)  # noqa: E731
     readings, features, images = read_single_attribute_faces(generate, classifier.read, len(attributes), seeds, advance)
@@ -402,9 +435,9 @@ def measure_guidance(pipe, classifier, settings, *, seeds, combos, real_features
         supported = supported_requests(pipe.prior.pair_frequency(), combos)
         combinations["supported"] = supported.tolist()
         if supported.any():
-            kept = [r for r, ok in zip(combo_readings, supported) if ok]
-            combinations["all_asked_shown_supported"] = round(
-                combination_control(torch.stack(kept), combos[supported])[0], 4)
+            combinations["all_asked_shown_supported"] = all_shown_where(combo_readings, combos, supported)
+    if beside_real is not None and beside_real.any():
+        combinations["all_asked_shown_compared"] = all_shown_where(combo_readings, combos, beside_real)
     result = GuidanceResult(
         control=rates_by_sign(control, attributes),
         others_agree_when_flipped=dict(zip(attributes, [round(1 - v, 4) for v in off_diagonal_mean(leakage).tolist()])),
@@ -492,7 +525,7 @@ def evaluate_model(pipe, classifier, classifier_report, out, *, num_seeds=32, gu
     task = progress.add_task("evaluating", total=len(guidances) * (4 * len(attributes) + combinations)) \
         if progress else None
     advance = (lambda: progress.advance(task)) if progress else None
-    real_features = classifier.embed(to_tensor(held_out.images)) if held_out is not None else None
+    real_readings, real_features = classifier.read(to_tensor(held_out.images)) if held_out is not None else (None, None)
     fid, fid_unavailable = None, None  # fid(generated images), or why there is none
     if fid_to is not None and held_out is not None:
         try:
@@ -507,17 +540,28 @@ def evaluate_model(pipe, classifier, classifier_report, out, *, num_seeds=32, gu
     if held_out is not None and held_out.train_labels is not None:
         ceiling = free_flip_ceiling(held_out.train_labels).tolist()
         report.free_flip_ceiling = {a: None if math.isnan(v) else round(v, 4) for a, v in zip(attributes, ceiling)}
+    compared = None
+    if held_out is not None and held_out.labels is not None and len(combos):
+        rates, faces = real_combination_control(real_readings, held_out.labels, combos)
+        compared = faces >= MIN_REAL_FACES
+        if pipe.prior is not None:
+            compared &= supported_requests(pipe.prior.pair_frequency(), combos)
+        report.combinations_real = {"faces_per_request": faces.tolist(), "compared": compared.tolist(),
+                                    "all_asked_shown_per_request": [None if math.isnan(v) else round(v, 4)
+                                                                    for v in rates.tolist()]}
+        if compared.any():
+            report.combinations_real["all_asked_shown_compared"] = round(rates[compared].mean().item(), 4)
     for guidance in guidances:
         result, images, flipped_images = measure_guidance(
             pipe, classifier, dataclasses.replace(settings, guidance=guidance), seeds=seeds, combos=combos,
             real_features=real_features, fid=fid,
-            fid_unavailable=fid_unavailable, advance=advance)
+            fid_unavailable=fid_unavailable, advance=advance, beside_real=compared)
         report.guidance[str(guidance)] = result
         save_grids(out / "grids", attributes, guidance, images, flipped_images)
     if held_out is not None and free_faces and len(held_out.images) >= 2 * free_faces:
         report.free_faces = free_face_figures(pipe, classifier, held_out.images, settings=settings,
                                               seeds=list(range(first_seed, first_seed + free_faces)), identity=identity)
-    if held_out is not None and held_out.points is not None:
+    if held_out is not None and held_out.points is not None and held_out.labels is not None:
         report.edit_locality = edit_locality(pipe, classifier, held_out, EditRequest(sample=edit_sample(settings)))
     written = report.to_dict()  # the plots and the markdown read what report.json holds
     save_plots(written, attributes, out / "plots")
@@ -584,7 +628,7 @@ def report_markdown(report, attributes):
                 "many those are" if "unsupported_pairs" in report else "")
              + "; others agree (held): how often the other readings stay the same. Combinations: the attributes not "
              "asked drawn from the label prior, as `facegen generate` does.", ""]
-    ceiling = report.get("free_flip_ceiling")
+    ceiling, real = report.get("free_flip_ceiling"), report.get("combinations_real")
     for guidance, result in report["guidance"].items():
         held = result["flip_others_held"]
         supported = "control_supported" in held
@@ -613,7 +657,11 @@ def report_markdown(report, attributes):
                   f"{100 * combos['each_asked_shown']:.1f}% of the time"
                   + (f"; over the {sum(combos['supported'])} requests whose pairs the data supports, every asked "
                      f"attribute shown on {100 * combos['all_asked_shown_supported']:.1f}%"
-                     if combos.get("all_asked_shown_supported") is not None else "") + ".",
+                     if combos.get("all_asked_shown_supported") is not None else "")
+                  + (f"; over the {sum(real['compared'])} of those with at least {MIN_REAL_FACES} held-out real faces "
+                     f"labelled so, {100 * combos['all_asked_shown_compared']:.1f}% (the real faces themselves: "
+                     f"{100 * real['all_asked_shown_compared']:.1f}%)" if "all_asked_shown_compared" in combos else "")
+                  + ".",
                   f"Diversity (mean pairwise distance in the classifier's feature space, within a condition): "
                   f"{result['diversity']:.3f}" + (f" (real faces: {result['diversity_real']:.3f})"
                                                   if "diversity_real" in result else ""), ""]
@@ -624,6 +672,22 @@ def report_markdown(report, attributes):
             lines += [f"Inception FID (torchmetrics) to held-out real faces: {result['inception_fid']:.3f}", ""]
         elif "inception_fid_unavailable" in result:
             lines += [f"Inception FID: not measured ({result['inception_fid_unavailable']}).", ""]
+    if real:
+        results = report["guidance"]
+        lines += ["## Combinations beside real faces", "",
+                  "Each request: the share of the model's faces that show every asked attribute, at each guidance, "
+                  "and of the held-out real faces labelled with it, the share the classifier reads as asked (how many "
+                  "those are): where the classifier does not read real faces labelled so as asked, it will not read "
+                  "the model's either. Compared: the data supports the request's pairs and has at least "
+                  f"{MIN_REAL_FACES} real faces of it.", "",
+                  "| request | " + " | ".join(f"guidance {g}" for g in results) + " | real faces | compared |",
+                  "|---|" + "---|" * (len(results) + 2)]
+        requests = next(iter(results.values()))["combinations"]["requests"]
+        for k, request in enumerate(requests):
+            shown = [percent(r["combinations"]["all_asked_shown_per_request"][k]) for r in results.values()]
+            lines.append(f"| {request} | " + " | ".join(shown) + f" | {percent(real['all_asked_shown_per_request'][k])}"
+                         f" ({real['faces_per_request'][k]}) | {'yes' if real['compared'][k] else 'no'} |")
+        lines.append("")
     if report.get("unsupported_pairs"):
         lines += ["## Pairs the data hardly supports", "",
                   f"Under {100 * MIN_PAIR_SUPPORT:g}% of the training faces with the first attribute so also show the "

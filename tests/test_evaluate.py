@@ -203,6 +203,11 @@ def test_eval_report_through_the_cli(tmp_path, tiny_model_dir, tiny_data):
     combos = result_g3["combinations"]
     assert len(combos["supported"]) == len(combos["all_asked_shown_per_request"]) == 2
     assert set(report["free_flip_ceiling"]) == set(DEFAULT_ATTRIBUTES)  # from --data's train labels
+    real = report["combinations_real"]  # the held-out faces labelled with each request, as the classifier reads them
+    assert len(real["faces_per_request"]) == len(real["compared"]) == len(real["all_asked_shown_per_request"]) == 2
+    assert all(not ok or n >= 20 for ok, n in zip(real["compared"], real["faces_per_request"]))
+    assert all(r is None or 0 <= r <= 1 for r in real["all_asked_shown_per_request"])
+    assert "## Combinations beside real faces" in (tmp_path / "report" / "report.md").read_text()
     assert (tmp_path / "report" / "grids" / "beard-g3.png").is_file()
     assert (tmp_path / "report" / "grids" / "beard-held-g3.png").is_file()
     assert (tmp_path / "report" / "plots" / "leakage.png").is_file() and "frechet_classifier_features" in result_g3
@@ -259,6 +264,17 @@ def test_combination_requests_are_2_to_4_attributes_and_never_contradictory():
     for y in requests:
         wanted = {DEFAULT_ATTRIBUTES[i] for i in torch.nonzero(y > 0).flatten().tolist()}
         assert not any(pair <= wanted for pair in EXCLUSIVE)
+
+
+def test_real_combination_control_reads_the_real_faces_labelled_with_each_request():
+    from facegen_cli.evaluate import real_combination_control
+
+    labels = torch.tensor([[1, -1], [1, -1], [1, 1], [-1, -1], [1, 0]])  # 0: unknown, never agrees
+    readings = torch.tensor([[1, -1], [1, 1], [1, 1], [-1, -1], [1, -1]])
+    requests = torch.tensor([[1.0, -1.0], [-1.0, 0.0], [-1.0, 1.0]])
+    rates, faces = real_combination_control(readings, labels, requests)
+    assert faces.tolist() == [2, 1, 0]
+    assert rates[:2].tolist() == [0.5, 1.0] and rates[2].isnan()  # faces 0, 1: the second read with it
 
 
 def test_combination_control_of_faithful_and_careless_generators():
