@@ -20,6 +20,9 @@
 # Back here: `cat FILES/faces-gpu/vae/*.part-* > vae/diffusion_pytorch_model.safetensors` (the VAE, 28 MB,
 # comes back in two parts), copy facegen_cli/faces/classifier and labels.json in, then measure it with
 # `facegen vae eval --identity`, `facegen eval --data ... --identity` and `facegen eval edits` before shipping.
+# The folder comes back without a student: the shipped one samples in 4 steps with the student distilled from
+# its DiT, so distil the new DiT here before shipping it (`facegen distill`, README; the shipped student's 6,000
+# steps took about 70 minutes on 2 cores).
 #
 # The device tool carries at most 64 MiB of the working tree; this repository is about 100 MB (docs/ 41 MB,
 # facegen_cli/demo 20 MB). Move those two folders out of the checkout for the run and back afterwards.
