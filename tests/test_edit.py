@@ -10,8 +10,9 @@ from typer.testing import CliRunner
 from facegen_cli.attributes import DEFAULT_ATTRIBUTES
 from facegen_cli.cli import app
 from facegen_cli.config import SampleConfig
-from facegen_cli.edit import (OVERLAY_WIDTH, REGIONS, edit_crops, edit_until_shown, overlay_mask, overlay_width,
-                              paste_back, reconstruct_crops, region_mask, thin_overlay, thin_structure)
+from facegen_cli.edit import (OVERLAY_WIDTH, REGIONS, darker_only, darkening_mask, edit_crops, edit_until_shown,
+                              overlay_mask, overlay_width, paste_back, photo_change, reconstruct_crops, region_mask,
+                              thin_overlay, thin_structure)
 from facegen_cli.edit_request import EditRequest
 from facegen_cli.errors import FacegenError
 from facegen_cli.landmarks import (CANONICAL_POINTS, align_face, alignment, invert, similarity_transform,
@@ -358,6 +359,34 @@ def test_only_glasses_are_overlays(face):
     glasses = overlay_mask(["eyeglasses", "mustache"], p, 128)
     assert np.array_equal(glasses, region_mask(["eyeglasses"], p, 128))
     assert not overlay_mask(["mustache", "beard"], p, 128).any()
+
+
+def test_an_added_mustache_only_darkens_the_face(face):
+    """A mustache's change reaches the photo where it darkens: its lighter halo is dropped, its dark band kept
+    exactly; elsewhere, and for other kinds, the change is whole; nothing changed gives the reconstruction."""
+    _, p = face
+    assert [name for name, region in REGIONS.items() if region.darkens] == ["mustache"]
+    assert np.array_equal(darkening_mask(["mustache", "beard"], p, 128), region_mask(["mustache"], p, 128))
+    assert not darkening_mask(["beard", "eyeglasses"], p, 128).any()
+    rng = np.random.default_rng(0)
+    reconstructed = rng.integers(90, 200, (2, 32, 32, 3)).astype(np.uint8)  # no change clipped
+    change = np.zeros((2, 32, 32, 3), dtype=int)
+    change[:, 12:16] = -40  # the band
+    change[:, 8:12] = 25  # the halo above it
+    change[:, 20:24] = [30, -12, -18]  # a tint, no brighter nor darker: half of it kept
+    edited = (reconstructed + change).astype(np.uint8)
+    darkening = np.zeros((2, 32, 32), dtype=np.float32)
+    darkening[1] = 1
+    out = darker_only(edited, reconstructed, darkening)
+    assert np.array_equal(out[0], edited[0])
+    assert np.array_equal(out[1, 12:16], edited[1, 12:16]) and np.array_equal(out[1, 8:12], reconstructed[1, 8:12])
+    assert np.abs(out[1, 20:24].astype(int) - reconstructed[1, 20:24] - np.array([15, -6, -9])).max() <= 1
+    assert np.array_equal(darker_only(reconstructed, reconstructed, darkening), reconstructed)
+    assert np.array_equal(darker_only(edited[1:], reconstructed[1:], darkening[1:]), out[1:])  # alone or batched
+    # photo_change: the frames of an overlay, then darker only; neither where both masks are 0
+    none = np.zeros_like(darkening)
+    assert np.array_equal(photo_change(edited, reconstructed, none, none), edited)
+    assert np.array_equal(photo_change(edited, reconstructed, none, darkening), out)
 
 
 def write_face_photo(path, seed=3):
