@@ -401,9 +401,11 @@ class EvalReport:
 
 
 def measure_guidance(pipe, classifier, settings, *, seeds, combos, real_features, fid, fid_unavailable, advance,
-                     beside_real=None):
+                     combos_supported=None, beside_real=None):
     """(GuidanceResult, single-attribute images (A, 2, K, 3, H, W), held-flip images) at settings.guidance.
-    beside_real: (R,) bool, the combinations compared with their real faces (combinations_real's "compared")."""
+    combos_supported: (R,) bool, the combinations whose pairs the label prior supports (supported_requests; None
+    without a prior); beside_real: (R,) bool, those compared with their real faces (combinations_real's
+    "compared")."""
     attributes = pipe.attributes
     generate = lambda y, s, drawn=None: pipe.generate(y, s, settings, drawn=drawn)  # noqa: E731
     readings, features, images = read_single_attribute_faces(generate, classifier.read, len(attributes), seeds, advance)
@@ -431,11 +433,10 @@ def measure_guidance(pipe, classifier, settings, *, seeds, combos, real_features
                     "all_asked_shown": round(all_asked, 4), "each_asked_shown": round(each_asked, 4),
                     "all_asked_shown_per_request": [round(combination_control(r[None], y[None])[0], 4)
                                                     for r, y in zip(combo_readings, combos)]}
-    if pipe.prior is not None and combo_readings:
-        supported = supported_requests(pipe.prior.pair_frequency(), combos)
-        combinations["supported"] = supported.tolist()
-        if supported.any():
-            combinations["all_asked_shown_supported"] = all_shown_where(combo_readings, combos, supported)
+    if combos_supported is not None and combo_readings:
+        combinations["supported"] = combos_supported.tolist()
+        if combos_supported.any():
+            combinations["all_asked_shown_supported"] = all_shown_where(combo_readings, combos, combos_supported)
     if beside_real is not None and beside_real.any():
         combinations["all_asked_shown_compared"] = all_shown_where(combo_readings, combos, beside_real)
     result = GuidanceResult(
@@ -540,12 +541,13 @@ def evaluate_model(pipe, classifier, classifier_report, out, *, num_seeds=32, gu
     if held_out is not None and held_out.train_labels is not None:
         ceiling = free_flip_ceiling(held_out.train_labels).tolist()
         report.free_flip_ceiling = {a: None if math.isnan(v) else round(v, 4) for a, v in zip(attributes, ceiling)}
+    supported = supported_requests(pipe.prior.pair_frequency(), combos) if pipe.prior is not None else None
     compared = None
     if held_out is not None and held_out.labels is not None and len(combos):
         rates, faces = real_combination_control(real_readings, held_out.labels, combos)
         compared = faces >= MIN_REAL_FACES
-        if pipe.prior is not None:
-            compared &= supported_requests(pipe.prior.pair_frequency(), combos)
+        if supported is not None:
+            compared &= supported
         report.combinations_real = {"faces_per_request": faces.tolist(), "compared": compared.tolist(),
                                     "all_asked_shown_per_request": [None if math.isnan(v) else round(v, 4)
                                                                     for v in rates.tolist()]}
@@ -555,7 +557,8 @@ def evaluate_model(pipe, classifier, classifier_report, out, *, num_seeds=32, gu
         result, images, flipped_images = measure_guidance(
             pipe, classifier, dataclasses.replace(settings, guidance=guidance), seeds=seeds, combos=combos,
             real_features=real_features, fid=fid,
-            fid_unavailable=fid_unavailable, advance=advance, beside_real=compared)
+            fid_unavailable=fid_unavailable, advance=advance, combos_supported=supported,
+            beside_real=compared)
         report.guidance[str(guidance)] = result
         save_grids(out / "grids", attributes, guidance, images, flipped_images)
     if held_out is not None and free_faces and len(held_out.images) >= 2 * free_faces:
